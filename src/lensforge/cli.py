@@ -1,0 +1,344 @@
+"""The ``lensforge`` command. Thin: parse, call the library, show the result.
+
+Every :class:`LensforgeError` becomes one red line and exit code 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lensforge import __version__
+from lensforge.errors import LensforgeError
+from lensforge.ui import Reporter
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class ConsoleReporter(Reporter):
+    """Progress bars, one line per stage, and a per-epoch table on the console."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._epoch_header = False
+
+    def step(self, message: str) -> None:
+        if not self.quiet:
+            console.print(f"[bold cyan]›[/] {message}")
+
+    def warn(self, message: str) -> None:
+        err_console.print(f"[yellow]warning:[/] {message}")
+
+    @contextlib.contextmanager
+    def track(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self.quiet or total <= 0 or not err_console.is_terminal:  # no bars in logs and CI
+            yield lambda n=1: None
+            return
+        cols = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*cols, console=err_console, transient=True) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(task, n)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        keys = [k for k in ("train_loss", "val_loss", "val_acc", "val_f1", "val_map") if k in row]
+        if not self._epoch_header:
+            console.print("  " + "epoch".ljust(8) + "".join(k.rjust(12) for k in keys))
+            self._epoch_header = True
+        cells = "".join(f"{row[k]:12.4f}" for k in keys)
+        mark = "  [green]★ best[/]" if row.get("best") else ""
+        console.print(f"  {str(row['epoch']) + '/' + str(row['epochs']):8}{cells}{mark}")
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lensforge.data.formats import read_dataset
+    from lensforge.data.inspect import inspect_dataset, print_inspection
+
+    ds = read_dataset(args.data, fmt=args.format, task=args.task)
+    ui = ConsoleReporter(quiet=args.json)
+    with ui.track("Checking images", len(ds.records)) as advance:
+        report = inspect_dataset(ds, verify=not args.fast, progress=lambda done, total: advance(1))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_inspection(report, console)
+    return 0
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from lensforge.config import TrainConfig
+
+    overrides = {
+        "data": args.data, "task": args.task, "format": args.format, "out": args.out, "backbone": args.backbone,
+        "weights": args.weights, "head": args.head, "probe": args.probe or None, "image_size": args.image_size,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "label_smoothing": args.label_smoothing,
+        "beta": args.beta, "seed": args.seed, "workers": args.workers, "precision": args.precision,
+        "max_steps": args.max_steps, "patience": args.patience,
+        "overwrite": args.overwrite or None, "resume": args.resume or None,
+        "pretrained": False if args.no_pretrained else None,
+    }
+    if args.split is not None:
+        overrides["test_fraction"], overrides["val_fraction"] = _parse_split(args.split)
+    if args.config:
+        return TrainConfig.load(args.config, **overrides)
+    return TrainConfig().override(**overrides)
+
+
+def _parse_split(text: str) -> tuple[float, float]:
+    from lensforge.errors import ConfigError
+
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--split takes TEST[,VAL] fractions like 0.2,0.2; got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise ConfigError(f"--split takes TEST[,VAL] fractions like 0.2,0.2; got {text!r}")
+    return parts[0], parts[1] if len(parts) == 2 else 0.2
+
+
+def quiet_lightning() -> None:
+    """Lightning sets its own loggers to INFO when imported; its start-up chatter ("GPU
+    available: False", "`Trainer.fit` stopped") is noise next to our own summary."""
+    import warnings
+
+    import lightning  # noqa: F401  (the import is what installs Lightning's handlers)
+
+    warnings.filterwarnings("ignore", module=r"lightning(\.|$)")  # internal deprecations, not actionable by users
+
+    if not logging.getLogger("lensforge").isEnabledFor(logging.INFO):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lensforge.metrics.classification import print_report
+    from lensforge.training import train
+
+    quiet_lightning()
+    cfg = _train_config(args)
+    result = train(cfg, reporter=ConsoleReporter())
+    test = result.metrics.get("test") or result.metrics.get("val")
+    if test:
+        console.print()
+        print_report(test, cfg.task or "classify", console)
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result: Any) -> None:
+    t = Table(title="Done", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    t.add_row("bundle", str(result.bundle_dir))
+    t.add_row("run directory", str(result.run_dir))
+    t.add_row("ONNX vs torch", f"max |Δscore| {result.parity:.2e}")
+    for split, m in result.metrics.items():
+        headline = {k: m[k] for k in ("accuracy", "f1_macro", "mAP", "f1_micro", "exact_match") if m.get(k) is not None}
+        t.add_row(f"{split} metrics", "  ".join(f"{k} {v:.3f}" for k, v in headline.items()))
+    if result.skipped_images:
+        t.add_row("skipped images", str(result.skipped_images))
+    t.add_row("time", f"{result.seconds:.0f} s")
+    t.add_row("next", f"lensforge predict {result.bundle_dir} IMAGE_OR_DIR")
+    console.print(t)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lensforge.evaluation import evaluate
+    from lensforge.metrics.classification import print_report
+
+    res = evaluate(args.bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json))
+    if args.json:
+        print(json.dumps(res.metrics, indent=2))
+        return 0
+    print_report(res.metrics, "multilabel" if "mAP" in res.metrics else "classify", console)
+    console.print(f"[bold cyan]›[/] Report, predictions.csv and plots in {res.out_dir}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lensforge.runtime.predictor import Predictor, image_paths
+
+    predictor = Predictor(args.bundle, threads=args.threads)
+    paths = image_paths(args.inputs)
+    if not paths:
+        from lensforge.errors import DataError
+
+        raise DataError(f"no images found in {', '.join(args.inputs)}")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        from lensforge.errors import DataError
+
+        raise DataError(f"{len(missing)} input(s) not found, e.g. {missing[0]}")
+    ui = ConsoleReporter(quiet=args.json)
+    rows = []
+    failed = 0
+    t0 = time.perf_counter()
+    out = open(args.output, "w") if args.output else None
+    try:
+        with ui.track("Predicting", len(paths)) as advance:
+            for src, res in predictor.predict_many(paths, batch_size=args.batch_size):
+                advance(1)
+                if isinstance(res, Exception):
+                    failed += 1
+                    doc = {"path": str(src), "error": str(res)}
+                else:
+                    doc = {"path": str(src), **res.to_dict(k=args.top)}
+                if args.json or out:
+                    line = json.dumps(doc)
+                    print(line, file=out or sys.stdout)
+                rows.append(doc)
+    finally:
+        if out:
+            out.close()
+    dt = time.perf_counter() - t0
+    if not args.json:
+        t = Table(show_lines=False)
+        t.add_column("image", overflow="fold")
+        t.add_column("prediction")
+        t.add_column(f"top {args.top}", overflow="fold")
+        for doc in rows[: args.show]:
+            if "error" in doc:
+                t.add_row(doc["path"], "[red]error[/]", doc["error"])
+            else:
+                t.add_row(doc["path"], ", ".join(doc["labels"]) or "[dim](none)[/]",
+                          "  ".join(f"{d['label']} {d['score']:.3f}" for d in doc["top"]))
+        console.print(t)
+        if len(rows) > args.show:
+            console.print(f"[dim]… {len(rows) - args.show} more (use --json or --output for all)[/]")
+        console.print(f"[bold cyan]›[/] {len(rows)} images in {dt:.2f} s ({len(rows) / max(dt, 1e-9):.1f} img/s)"
+                      + (f", [red]{failed} unreadable[/]" if failed else ""))
+    return 1 if failed and failed == len(rows) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lensforge.demo import run_demo
+
+    quiet_lightning()
+    return run_demo(Path(args.dir), task=args.task, epochs=args.epochs, reporter=ConsoleReporter(), console=console)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+EPILOG = """examples:
+  lensforge demo                              train and check a model on generated data (≈2 min)
+  lensforge data inspect photos/              what lensforge sees in your folder
+  lensforge train photos/ --epochs 10         fine-tune EfficientNet-Lite0 (offline weights)
+  lensforge train labels.csv --task multilabel --backbone resnet50 --weights r50.safetensors
+  lensforge train photos/ --probe             logistic regression on frozen features (fast baseline)
+  lensforge evaluate runs/photos-classify/bundle photos/
+  lensforge predict runs/photos-classify/bundle new_photos/ --json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lensforge", description="From a folder of labelled images to a fast, safe, served vision model.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"lensforge {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="generate a small dataset, train, evaluate and predict on it",
+                       description="Generate a synthetic shapes dataset, then run inspect → train → evaluate → predict.")
+    d.add_argument("--dir", default="lensforge-demo", help="where data and runs go (default: ./lensforge-demo)")
+    d.add_argument("--task", choices=("classify", "multilabel"), default="classify")
+    d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="look at a dataset").add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    i = data.add_parser("inspect", help="formats, classes, counts, broken/duplicate/odd images",
+                        description="Report what lensforge sees in a dataset: format, classes, counts per split, image "
+                                    "sizes, unreadable and duplicate files (also across splits), and odd images.")
+    i.add_argument("data", help="dataset directory or CSV file")
+    i.add_argument("--format", choices=("folders", "split-folders", "csv"), help="skip auto-detection")
+    i.add_argument("--task", choices=("classify", "multilabel"), help="read a path,label CSV as multi-label")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--fast", action="store_true", help="read image headers only (no full decode: misses truncation)")
+    i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("train", help="fine-tune a classifier (or fit a linear probe) and write a bundle",
+                       description="Train on DATA (class folders, train/val/test folders, or a CSV) and write a run "
+                                   "directory with a bundle: model.onnx, weights.safetensors, lensforge.json. "
+                                   "Options override --config; the resolved config is saved in the run.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("data", help="dataset directory or CSV file")
+    t.add_argument("--config", help="YAML file with any TrainConfig keys (command-line options win)")
+    t.add_argument("--task", choices=("classify", "multilabel"), help="default: what the data says")
+    t.add_argument("--format", choices=("folders", "split-folders", "csv"), help="default: auto-detect")
+    t.add_argument("--out", help="run directory (default: runs/<data>-<task>)")
+    t.add_argument("--backbone", help="efficientnet_lite0 (default, offline), resnet50, vit_b16, dino_vits16, or any timm name")
+    t.add_argument("--weights", help="backbone weights file (.safetensors, or a state dict read with weights_only=True)")
+    t.add_argument("--no-pretrained", action="store_true", help="random init (tests, or training from scratch)")
+    t.add_argument("--head", choices=("linear", "mlp"))
+    t.add_argument("--probe", action="store_true", help="logistic regression on frozen features instead of fine-tuning")
+    t.add_argument("--image-size", type=int, help="model input side in pixels (default 224)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float, help="backbone learning rate (the head uses 10x)")
+    t.add_argument("--label-smoothing", type=float)
+    t.add_argument("--beta", type=float, help="multi-label thresholds maximise F-beta on validation (1 = F1, 2 = F2)")
+    t.add_argument("--split", help="TEST[,VAL] fractions for data that is not pre-split (default 0.2,0.2)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--patience", type=int, help="early stopping patience in epochs (0 = off)")
+    t.add_argument("--workers", type=int, help="data-loader processes")
+    t.add_argument("--precision", choices=("auto", "32", "bf16"), help="auto = bf16 only where the CPU/GPU has it natively")
+    t.add_argument("--max-steps", type=int, help="stop after N optimiser steps (smoke tests)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="metrics, plots and per-image predictions of a bundle on data",
+                       description="Evaluate BUNDLE on DATA with ONNX Runtime. On the training data it uses the test "
+                                   "split saved at training time, so test images never leak into training.")
+    e.add_argument("bundle")
+    e.add_argument("data")
+    e.add_argument("--split", choices=("train", "val", "test", "all"), help="which saved split (default test)")
+    e.add_argument("--out", help="output directory (default: <run>/eval)")
+    e.add_argument("--json", action="store_true", help="print metrics as JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="predict images or folders with a bundle (ONNX Runtime)",
+                        description="Predict every image given (folders are searched recursively).")
+    pr.add_argument("bundle")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    pr.add_argument("--json", action="store_true", help="JSON lines on stdout, one per image")
+    pr.add_argument("--output", help="also write JSON lines to this file")
+    pr.add_argument("--top", type=int, default=3, help="labels to show per image (default 3)")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    pr.add_argument("--show", type=int, default=20, help="rows in the console table (default 20)")
+    pr.set_defaults(func=cmd_predict)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except LensforgeError as e:
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return 130 if type(e).__name__ == "TrainingInterrupted" else 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

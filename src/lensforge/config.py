@@ -1,0 +1,107 @@
+"""The run configuration: one typed dataclass, loadable from YAML, overridable from the CLI,
+saved resolved next to the run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lensforge.errors import ConfigError
+
+TASKS = ("classify", "multilabel")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # dataset directory or CSV file
+    task: str | None = None  # classify | multilabel; None = what the data says
+    format: str | None = None  # folders | split-folders | csv; None = auto-detect
+    out: str | None = None  # run directory; default runs/<data name>-<task>
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = None  # local weights file for the backbone (safetensors / state dict)
+    head: str = "linear"  # linear | mlp
+    probe: bool = False  # logistic regression on frozen features instead of fine-tuning
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 5e-4  # backbone learning rate; the new head learns 10x faster
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    patience: int = 5  # early stopping: epochs without a better validation metric
+    beta: float = 1.0  # multi-label thresholds maximise F-beta on validation
+    test_fraction: float = 0.2  # of all images, when the data is not pre-split
+    val_fraction: float = 0.2  # of the rest
+    seed: int = 0
+    workers: int = 0  # data-loader processes; 0 decodes in the training process
+    precision: str = "auto"  # auto | 32 | bf16 (auto: bf16 only on CPUs with native bf16)
+    max_steps: int = -1  # stop after this many optimiser steps (-1: no limit); for smoke tests
+    probe_c: float = 1.0  # inverse regularisation strength of the probe's logistic regression
+    max_parity: float = 1e-3  # export fails if ONNX and torch scores differ more than this
+    overwrite: bool = False
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
+
+    def validate(self) -> "TrainConfig":
+        if not self.data:
+            raise ConfigError("no data given: pass a dataset directory or CSV file")
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.head not in ("linear", "mlp"):
+            raise ConfigError(f"head must be 'linear' or 'mlp', got {self.head!r}")
+        if self.precision not in ("auto", "32", "bf16"):
+            raise ConfigError(f"precision must be auto, 32 or bf16, got {self.precision!r}")
+        for name in ("test_fraction", "val_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {v}")
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path, **meta: Any) -> None:
+        doc = {"config": self.to_dict(), **meta}
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = d.get("config", d)  # accept a saved run config as well as a plain one
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}; valid keys: {', '.join(known)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Read a YAML file, then apply the overrides that are not None."""
+        p = Path(path)
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p} must hold a mapping of config keys")
+        return cls.from_dict(d).override(**overrides)
+
+    def override(self, **overrides: Any) -> "TrainConfig":
+        known = {f.name for f in fields(self)}
+        for k, v in overrides.items():
+            if k not in known:
+                raise ConfigError(f"unknown config key {k!r}")
+            if v is not None:
+                setattr(self, k, v)
+        return self

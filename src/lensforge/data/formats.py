@@ -1,0 +1,543 @@
+"""Dataset readers: class folders, pre-split folders and label CSVs, all producing a ``Dataset``.
+
+Layouts recognised by :func:`read_dataset` (auto-detected, or forced with ``fmt``):
+
+- ``folders``:        ``root/<class>/*.jpg``                       (single-label)
+- ``split-folders``:  ``root/{train,val|valid|validation,test}/<class>/*.jpg``
+- ``csv``:            a CSV file (or a directory holding ``labels.csv`` or exactly one
+  ``*.csv``) with an image path column and either ``label`` (one class per row),
+  ``labels`` (``;``-separated, multi-label, empty = no labels) or one 0/1 column per class
+  (multi-label); an optional ``split`` column makes it pre-split.
+
+Readers only list and label files; they never open images (``inspect`` does that).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from lensforge.data.records import Dataset, Record
+from lensforge.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Lower-case suffixes of the files we list as candidate images; matching is case-insensitive.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+FORMATS = ("folders", "split-folders", "csv")
+TASKS = ("classify", "multilabel")
+# Accepted names of the image path column, in order of preference (compared lower-cased).
+PATH_COLUMNS = ("path", "image", "file", "filename", "image_path")
+SINGLE_LABEL_COLUMNS = ("label", "class", "category")
+MULTI_LABEL_COLUMNS = ("labels", "tags")
+SPLIT_COLUMN = "split"
+SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+LABEL_SEPARATOR = ";"
+_ONE_HOT = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}  # 0.0/1.0: what pandas writes for floats
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_dir() and _visible(p))
+
+
+def _walk_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(images, other files) below ``directory``, recursively, sorted; hidden entries skipped."""
+    images: list[Path] = []
+    others: list[Path] = []
+    stack = [directory]
+    while stack:
+        current = stack.pop()
+        for entry in current.iterdir():
+            if not _visible(entry):
+                continue
+            if entry.is_dir():
+                stack.append(entry)
+            elif is_image_file(entry):
+                images.append(entry)
+            elif entry.is_file():
+                others.append(entry)
+    return sorted(images), sorted(others)
+
+
+def _extensions_text() -> str:
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _first(items: Iterable[str], n: int = 3) -> str:
+    items = list(items)
+    text = ", ".join(items[:n])
+    return text + (", ..." if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _find_csv(directory: Path) -> Path | None:
+    """The labels CSV of a directory: ``labels.csv``, else the only top-level ``*.csv``."""
+    csvs = sorted(
+        p for p in directory.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() == ".csv"
+    )
+    for p in csvs:
+        if p.name.lower() == "labels.csv":
+            return p
+    if len(csvs) == 1:
+        return csvs[0]
+    if len(csvs) > 1:
+        raise DataError(
+            f"found {len(csvs)} CSV files in {directory} ({_first(p.name for p in csvs)}) and "
+            "none is named labels.csv; pass the CSV that holds the labels as DATA, or rename "
+            "it to labels.csv"
+        )
+    return None
+
+
+def _is_split_layout(directory: Path) -> bool:
+    """True when every sub-folder is a split name and at least one holds class folders."""
+    subdirs = _subdirs(directory)
+    if not subdirs or any(d.name.lower() not in SPLIT_ALIASES for d in subdirs):
+        return False
+    return any(_subdirs(d) for d in subdirs)
+
+
+def detect_format(path: Path) -> str:
+    """The layout of ``path``: one of :data:`FORMATS`. Raises DataError when none fits."""
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return "csv"
+        raise DataError(
+            f"{path} is a file but not a CSV; pass a folder of class folders, a split folder "
+            "(train/val/test) or a labels CSV"
+        )
+    if _find_csv(path) is not None:
+        return "csv"
+    if _is_split_layout(path):
+        return "split-folders"
+    return "folders"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = None) -> Dataset:
+    """Read a labelled image dataset into records.
+
+    path: a directory (class folders, split folders, or holding a labels CSV) or a CSV file.
+    fmt: force a layout, one of "folders", "split-folders", "csv"; None auto-detects.
+    task: "classify" or "multilabel"; None takes what the layout implies ("classify" for
+        folders and ``path,label`` CSVs, "multilabel" for ``labels`` / 0-1 column CSVs).
+        Folders and ``path,label`` CSVs may be forced to "multilabel" (one label per image;
+        a ``label`` cell may then hold ``;``-separated labels). Forcing "classify" on
+        multi-label data works only if every image has exactly one label.
+
+    Returns a :class:`Dataset` whose record paths are absolute and whose classes are sorted
+    by name (0/1-column CSVs keep the column order). Raises :class:`DataError` with a
+    one-line message for anything a user has to fix.
+    """
+    path = Path(path).expanduser()
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"unknown dataset format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if task is not None and task not in TASKS:
+        raise DataError(
+            f"unknown task {task!r} for a classification dataset; use one of {', '.join(TASKS)}"
+        )
+    if not path.exists():
+        raise DataError(f"dataset path {path} does not exist; check the path and try again")
+    path = path.absolute()
+    if path.is_dir() and not any(_visible(p) for p in path.iterdir()):
+        raise DataError(
+            f"dataset folder {path} is empty; put one sub-folder of images per class in it "
+            f"(image extensions: {_extensions_text()})"
+        )
+
+    fmt = fmt or detect_format(path)
+    if fmt == "csv":
+        csv_path = path if path.is_file() else _find_csv(path)
+        if csv_path is None:
+            raise DataError(f"no CSV file found in {path}; put a labels.csv there or pass the CSV")
+        return _read_csv(csv_path, task)
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder; the {fmt} layout needs a folder")
+    if fmt == "split-folders":
+        return _read_split_folders(path, task)
+    return _read_folders(path, task)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _no_images_error(root: Path) -> DataError:
+    return DataError(
+        f"no images found in {root} (looked for class folders root/<class>/, split folders "
+        f"root/train|val|test/<class>/ and a labels CSV; image extensions: "
+        f"{_extensions_text()}); point DATA at the folder that holds one sub-folder per class"
+    )
+
+
+def _check_class_count(root: Path, classes: list[str], empty: list[str]) -> None:
+    if len(classes) >= 2:
+        return
+    if not classes:
+        raise _no_images_error(root)
+    hint = (
+        f" (empty class folders: {_first(empty)}) — add images to them"
+        if empty
+        else " — add a folder per class"
+    )
+    raise DataError(
+        f"found 1 class {classes[0]!r} in {root}; a classifier needs at least 2{hint}"
+    )
+
+
+def _class_images(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    images, others = _walk_files(class_dir)
+    for other in others:
+        skipped.append((_rel(other, root), f"not an image (extension {other.suffix or 'none'})"))
+    return images
+
+
+def _read_folders(root: Path, task: str | None) -> Dataset:
+    class_dirs = _subdirs(root)
+    loose, _ = _walk_files_top(root)
+    if not class_dirs:
+        if loose:
+            raise DataError(
+                f"found {len(loose)} images directly in {root} but no class folders; move "
+                "each class into its own folder root/<class>/, or add a labels CSV"
+            )
+        raise _no_images_error(root)
+    skipped: list[tuple[str, str]] = []
+    for image in loose:
+        skipped.append((_rel(image, root), "not in a class folder"))
+    if loose:
+        log.warning("%d images directly in %s are not in a class folder; ignored", len(loose), root)
+
+    classes: list[str] = []
+    empty: list[str] = []
+    per_class: list[list[Path]] = []
+    for class_dir in class_dirs:
+        images = _class_images(class_dir, root, skipped)
+        if images:
+            classes.append(class_dir.name)
+            per_class.append(images)
+        else:
+            empty.append(class_dir.name)
+    if empty:
+        log.warning("class folders with no images in %s are skipped: %s", root, ", ".join(empty))
+    _check_class_count(root, classes, empty)
+    records = [
+        Record(path=image, labels=(index,))
+        for index, images in enumerate(per_class)
+        for image in images
+    ]
+    return Dataset(
+        root=root,
+        classes=classes,
+        records=records,
+        task=task or "classify",
+        fmt="folders",
+        skipped=skipped,
+    )
+
+
+def _walk_files_top(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(images, other files) directly in ``directory`` (not recursive)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and _visible(p))
+    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)]
+
+
+def _read_split_folders(root: Path, task: str | None) -> Dataset:
+    split_dirs: dict[str, Path] = {}
+    for d in _subdirs(root):
+        name = SPLIT_ALIASES.get(d.name.lower())
+        if name is None:
+            raise DataError(
+                f"folder {d} is not a split name; a split layout has only "
+                f"{', '.join(SPLIT_ALIASES)} folders in {root} — move or remove it"
+            )
+        if name in split_dirs:
+            raise DataError(
+                f"{root} has two folders for the {name!r} split ({split_dirs[name].name}, "
+                f"{d.name}); keep one"
+            )
+        split_dirs[name] = d
+    if not split_dirs:
+        raise _no_images_error(root)
+
+    skipped: list[tuple[str, str]] = []
+    found: dict[str, list[tuple[Path, str]]] = {}  # class -> [(image, split)]
+    seen_dirs: set[str] = set()
+    for split, split_dir in split_dirs.items():
+        loose, _ = _walk_files_top(split_dir)
+        for image in loose:
+            skipped.append((_rel(image, root), "not in a class folder"))
+        for class_dir in _subdirs(split_dir):
+            seen_dirs.add(class_dir.name)
+            for image in _class_images(class_dir, root, skipped):
+                found.setdefault(class_dir.name, []).append((image, split))
+    classes = sorted(found)
+    empty = sorted(seen_dirs - set(found))
+    if empty:
+        log.warning("class folders with no images in %s are skipped: %s", root, ", ".join(empty))
+    _check_class_count(root, classes, empty)
+    index = {name: i for i, name in enumerate(classes)}
+    records = [
+        Record(path=image, labels=(index[name],), split=split)
+        for name in classes
+        for image, split in found[name]
+    ]
+    records.sort(key=lambda r: r.path)
+    return Dataset(
+        root=root,
+        classes=classes,
+        records=records,
+        task=task or "classify",
+        fmt="split-folders",
+        skipped=skipped,
+    )
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _decode_csv(csv_path: Path) -> str:
+    data = csv_path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{csv_path} line {line} is not valid UTF-8; save the CSV as UTF-8 and try again"
+        ) from exc
+
+
+def _parse_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header (stripped) and (line number, cells) for every non-blank row."""
+    text = _decode_csv(csv_path)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
+    try:
+        for cells in reader:
+            if not any(c.strip() for c in cells):
+                continue
+            if header is None:
+                header = [c.strip() for c in cells]
+            else:
+                rows.append((reader.line_num, cells))
+    except csv.Error as exc:
+        raise DataError(
+            f"{csv_path} line {reader.line_num} could not be parsed as CSV ({exc}); check the "
+            "quoting on that line"
+        ) from exc
+    if header is None:
+        raise DataError(f"{csv_path} is empty; it needs a header row such as 'path,label'")
+    return header, rows
+
+
+class _Layout:
+    """Which CSV columns hold what."""
+
+    def __init__(self, csv_path: Path, header: list[str]) -> None:
+        lower = [h.lower() for h in header]
+        expected = (
+            f"expected a path column ({' / '.join(PATH_COLUMNS)}) and either 'label', "
+            "'labels' (';'-separated) or one 0/1 column per class"
+        )
+        path_col = next((lower.index(name) for name in PATH_COLUMNS if name in lower), None)
+        if path_col is None:
+            raise DataError(
+                f"{csv_path} has no image path column (found columns: {', '.join(header)}); "
+                f"{expected}"
+            )
+        self.path_col = path_col
+        self.split_col = lower.index(SPLIT_COLUMN) if SPLIT_COLUMN in lower else None
+        used = {path_col, self.split_col}
+        single = [i for i, h in enumerate(lower) if h in SINGLE_LABEL_COLUMNS and i not in used]
+        multi = [i for i, h in enumerate(lower) if h in MULTI_LABEL_COLUMNS and i not in used]
+        self.label_col = -1  # the label / labels column; -1 for the one-hot layout
+        self.one_hot_cols: list[int] = []
+        if single:
+            self.kind = "single"
+            self.label_col = single[0]
+        elif multi:
+            self.kind = "multi"
+            self.label_col = multi[0]
+        else:
+            self.kind = "one-hot"
+            self.one_hot_cols = [i for i in range(len(header)) if i not in used]
+            if not self.one_hot_cols:
+                raise DataError(
+                    f"{csv_path} has no label columns (found columns: {', '.join(header)}); "
+                    f"{expected}"
+                )
+        self.header = header
+
+
+def _normalise_split(value: str, csv_path: Path, line: int) -> str:
+    split = SPLIT_ALIASES.get(value.strip().lower())
+    if split is None:
+        raise DataError(
+            f"{csv_path} line {line}: split {value!r} is not one of "
+            f"{', '.join(SPLIT_ALIASES)}; fix the split column"
+        )
+    return split
+
+
+def _row_labels(
+    layout: _Layout, cells: list[str], csv_path: Path, line: int, split_single: bool
+) -> list[str]:
+    """The label names of one row."""
+    if layout.kind == "one-hot":
+        names = []
+        for col in layout.one_hot_cols:
+            value = cells[col].strip()
+            if value not in _ONE_HOT:
+                raise DataError(
+                    f"{csv_path} line {line}: column {layout.header[col]!r} has {value!r}; "
+                    "one-hot label columns must hold 0 or 1"
+                )
+            if _ONE_HOT[value]:
+                names.append(layout.header[col])
+        return names
+    cell = cells[layout.label_col].strip()
+    if layout.kind == "single" and not split_single:
+        if not cell:
+            raise DataError(
+                f"{csv_path} line {line}: empty {layout.header[layout.label_col]!r} cell; "
+                "every row of a single-label CSV needs a class name"
+            )
+        return [cell]
+    return [piece.strip() for piece in cell.split(LABEL_SEPARATOR) if piece.strip()]
+
+
+def _resolve_image(value: str, base: Path) -> Path:
+    value = value.strip()
+    if "\\" in value and not Path(value).is_absolute():
+        value = value.replace("\\", "/")  # paths written on Windows
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _read_csv(csv_path: Path, task: str | None) -> Dataset:
+    header, rows = _parse_csv(csv_path)
+    layout = _Layout(csv_path, header)
+    base = csv_path.parent
+    multilabel = layout.kind != "single" or task == "multilabel"
+
+    entries: dict[Path, tuple[list[str], str | None, int]] = {}  # path -> labels, split, line
+    order: list[Path] = []
+    for line, cells in rows:
+        if len(cells) > len(header):
+            raise DataError(
+                f"{csv_path} line {line} has {len(cells)} cells but the header has "
+                f"{len(header)}; quote values that contain commas"
+            )
+        cells = cells + [""] * (len(header) - len(cells))
+        raw_path = cells[layout.path_col].strip()
+        if not raw_path:
+            raise DataError(f"{csv_path} line {line}: empty image path; fill it in or drop the row")
+        image = _resolve_image(raw_path, base)
+        labels = _row_labels(layout, cells, csv_path, line, split_single=multilabel)
+        split = (
+            _normalise_split(cells[layout.split_col], csv_path, line)
+            if layout.split_col is not None
+            else None
+        )
+        if image in entries:
+            # One row per (image, label) is a common way to write multi-label data.
+            old_labels, old_split, old_line = entries[image]
+            if old_split != split:
+                raise DataError(
+                    f"{csv_path}: {raw_path} is in split {old_split!r} on line {old_line} and "
+                    f"{split!r} on line {line}; keep one"
+                )
+            if sorted(old_labels) != sorted(labels) and not multilabel:
+                raise DataError(
+                    f"{csv_path}: {raw_path} has label {old_labels[0]!r} on line {old_line} and "
+                    f"{labels[0]!r} on line {line}; a single-label CSV needs one row per image "
+                    "(for multi-label data use a 'labels' column or task 'multilabel')"
+                )
+            merged = old_labels + [x for x in labels if x not in old_labels]
+            entries[image] = (merged, split, old_line)
+            continue
+        entries[image] = (labels, split, line)
+        order.append(image)
+
+    if not order:
+        raise DataError(f"{csv_path} has a header but no rows; add one row per image")
+
+    missing = {p for p in order if not p.is_file()}
+    skipped = [(_rel(p, base), "missing file") for p in order if p in missing]
+    if missing:
+        n, total = len(missing), len(order)
+        first = _first((s for s, _ in skipped), 3)
+        if n == total or n * 2 > total:
+            raise DataError(
+                f"{n} of {total} images listed in {csv_path} do not exist (first: {first}); "
+                f"paths are read relative to {base} — check them"
+            )
+        log.warning(
+            "%d of %d images listed in %s do not exist; skipped (%s)", n, total, csv_path, first
+        )
+
+    if layout.kind == "one-hot":
+        classes = [header[c] for c in layout.one_hot_cols]
+    else:
+        classes = sorted({name for p in order for name in entries[p][0]})
+    task = task or ("multilabel" if multilabel else "classify")
+    if task == "classify":
+        bad = [(p, entries[p]) for p in order if len(entries[p][0]) != 1]
+        if bad:
+            p, (labels, _, line) = bad[0]
+            raise DataError(
+                f"{csv_path} line {line}: {_rel(p, base)} has {len(labels)} labels but task "
+                f"'classify' needs exactly one per image; use task 'multilabel'"
+            )
+        if len(classes) < 2:
+            raise DataError(
+                f"found {len(classes)} class {_first(repr(c) for c in classes)} in {csv_path}; "
+                "a classifier needs at least 2 — add rows for other classes"
+            )
+    elif not classes:
+        raise DataError(f"{csv_path} has no labels at all; a multi-label dataset needs some")
+
+    index = {name: i for i, name in enumerate(classes)}
+    records = [
+        Record(
+            path=p,
+            labels=tuple(sorted(index[name] for name in entries[p][0])),
+            split=entries[p][1],
+        )
+        for p in order
+        if p not in missing
+    ]
+    return Dataset(
+        root=base, classes=classes, records=records, task=task, fmt="csv", skipped=skipped
+    )

@@ -1,0 +1,44 @@
+"""The errors lensforge raises for things a user can fix.
+
+The CLI prints any ``LensforgeError`` as one line and exits with code 2; the server (later)
+maps them to 4xx. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LensforgeError(Exception):
+    """Base class: a problem the user can fix. The message says what, where and what to do."""
+
+
+class DataError(LensforgeError):
+    """The dataset (folder, CSV, labels) is missing, empty or malformed."""
+
+
+class ImageError(DataError):
+    """One image could not be decoded safely.
+
+    ``code`` is a stable, machine-readable reason that the server maps to an HTTP status:
+    ``empty`` (400), ``unsupported_format`` (415), ``corrupt`` (400), ``too_large`` (413),
+    ``too_small`` (400), ``unreadable`` (400).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ModelError(LensforgeError):
+    """A backbone name, weights file or head does not fit."""
+
+
+class ExportError(LensforgeError):
+    """ONNX export failed or the exported model disagrees with the torch model."""
+
+
+class BundleError(LensforgeError):
+    """A bundle directory is missing files, corrupt, or from a newer lensforge."""
+
+
+class ConfigError(LensforgeError):
+    """A run configuration value or YAML file is invalid."""

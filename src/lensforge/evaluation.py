@@ -1,0 +1,170 @@
+"""``evaluate(bundle, data)``: the bundle's Predictor over a held-out split → metrics, plots
+and per-image predictions. No torch: an exported model is evaluated as it will be served."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from lensforge.data.records import Dataset, Record
+from lensforge.errors import DataError
+from lensforge.runtime.bundle import SPLIT_FILE, Bundle, load_bundle
+from lensforge.runtime.predictor import Predictor
+from lensforge.ui import Reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    out_dir: Path | None
+    split: str  # which images were evaluated, in words
+    failed: int  # images that could not be decoded
+    plots: list[Path]
+
+
+def score_records(
+    predictor: Predictor, records: Sequence[Record], num_classes: int, multilabel: bool,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Record], np.ndarray, np.ndarray, list[tuple[Record, str]]]:
+    """Run the Predictor over records. Returns (scored records, targets, scores (N, C), failures).
+
+    targets: (N,) class indices, or (N, C) 0/1 for multi-label.
+    """
+    by_path = {str(r.path): r for r in records}
+    done: list[Record] = []
+    scores: list[np.ndarray] = []
+    failed: list[tuple[Record, str]] = []
+    for src, res in predictor.predict_many([str(r.path) for r in records], batch_size=32):
+        r = by_path[str(src)]
+        if progress:
+            progress(1)
+        if isinstance(res, Exception):
+            failed.append((r, str(res)))
+            continue
+        done.append(r)
+        scores.append(res.scores)
+    s = np.stack(scores) if scores else np.zeros((0, num_classes), np.float32)
+    if multilabel:
+        y = np.zeros((len(done), num_classes), np.int64)
+        for i, r in enumerate(done):
+            y[i, list(r.labels)] = 1
+    else:
+        y = np.array([r.labels[0] for r in done], np.int64)
+    return done, y, s, failed
+
+
+def compute_metrics(
+    y: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool, thresholds: Sequence[float] | None
+) -> dict[str, Any]:
+    from lensforge.metrics.classification import multilabel_metrics, single_label_metrics
+
+    if multilabel:
+        th = np.asarray(thresholds if thresholds is not None else [0.5] * len(classes), np.float32)
+        return multilabel_metrics(y, scores, th, classes)
+    return single_label_metrics(y, scores, classes)
+
+
+def choose_records(bundle: Bundle, ds: Dataset, split: str | None) -> tuple[list[Record], str]:
+    """Which images to evaluate on, and how to describe the choice.
+
+    The training data itself → its saved held-out split (never the training images);
+    another pre-split dataset → its test (else val) split; anything else → every image.
+    """
+    same_data = Path(bundle.meta.get("data", {}).get("root", "")).resolve() == ds.root.resolve()
+    if split == "all":
+        return list(ds.records), "all images"
+    if same_data and (bundle.path / SPLIT_FILE).is_file():
+        from lensforge.data.split import load_split
+
+        saved = load_split(bundle.path / SPLIT_FILE, ds)
+        name = split or ("test" if saved["test"] else "val")
+        if not saved.get(name):
+            raise DataError(f"the saved split has no {name!r} images; choose --split val/test/all")
+        return saved[name], f"the {name} split saved at training time"
+    if ds.presplit:
+        name = split or ("test" if any(r.split == "test" for r in ds.records) else "val")
+        recs = [r for r in ds.records if r.split == name]
+        if not recs:
+            raise DataError(f"{ds.root} has no {name!r} split")
+        return recs, f"the {name} folder"
+    return list(ds.records), "all images (this data was not used for training)"
+
+
+def align_classes(bundle: Bundle, ds: Dataset, records: list[Record]) -> list[Record]:
+    """Re-index labels from the dataset's class list to the bundle's."""
+    index = {c: i for i, c in enumerate(bundle.classes)}
+    unknown = sorted(set(ds.classes) - set(index))
+    used = {ds.classes[i] for r in records for i in r.labels}
+    if unknown and used & set(unknown):
+        raise DataError(
+            f"the data has classes the model does not know: {', '.join(sorted(used & set(unknown))[:5])}; "
+            f"the model knows {', '.join(bundle.classes[:10])}"
+        )
+    return [Record(r.path, tuple(index[ds.classes[i]] for i in r.labels), r.split) for r in records]
+
+
+def evaluate(
+    bundle: str | Path | Bundle,
+    data: str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    split: str | None = None,
+    reporter: Reporter | None = None,
+    predictor: Predictor | None = None,
+) -> EvalResult:
+    """Evaluate a bundle on a dataset; writes metrics.json, predictions.csv and PNG plots to
+    ``out_dir`` (default: ``<run dir>/eval`` beside the bundle, or ``<bundle>/eval``)."""
+    from lensforge.data.formats import read_dataset
+    from lensforge.metrics import plots
+
+    ui = reporter or Reporter()
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    multilabel = b.task == "multilabel"
+    ds = read_dataset(data, task=b.task if multilabel else None)
+    records, described = choose_records(b, ds, split)
+    records = align_classes(b, ds, records)
+    pred = predictor or Predictor(b)
+    ui.step(f"Evaluating {b.path} on {len(records)} images: {described}")
+    with ui.track("Predicting", len(records)) as advance:
+        done, y, s, failed = score_records(pred, records, len(b.classes), multilabel, advance)
+    if failed:
+        ui.warn(f"{len(failed)} image(s) could not be read and were left out, e.g. {failed[0][0].path}: {failed[0][1]}")
+    if not done:
+        raise DataError("no image could be evaluated")
+    metrics = compute_metrics(y, s, b.classes, multilabel, None if b.thresholds is None else list(b.thresholds))
+    metrics["evaluated_on"] = described
+    out = Path(out_dir) if out_dir else (b.path.parent / "eval" if (b.path.parent / "config.yaml").is_file() else b.path / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_predictions(out / "predictions.csv", done, y, s, b, multilabel)
+    if multilabel:
+        written = [plots.plot_pr_curves(y, s, b.classes, out / "pr_curves.png", thresholds=b.thresholds)]
+    else:
+        written = [plots.plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), b.classes, out / "confusion_matrix.png")]
+    written.append(plots.plot_per_class_bars(metrics["per_class"], out / "per_class.png", metric="f1"))
+    return EvalResult(metrics, out, described, len(failed), [Path(p) for p in written])
+
+
+def _write_predictions(path: Path, records: list[Record], y: np.ndarray, s: np.ndarray, b: Bundle, multilabel: bool) -> None:
+    classes = b.classes
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        if multilabel:
+            th = b.thresholds if b.thresholds is not None else np.full(len(classes), 0.5)
+            w.writerow(["path", "true", "predicted", *classes])
+            for r, yt, sc in zip(records, y, s):
+                w.writerow([str(r.path), ";".join(classes[j] for j in np.flatnonzero(yt)),
+                            ";".join(classes[j] for j in np.flatnonzero(sc >= th)), *[f"{v:.5f}" for v in sc]])
+        else:
+            w.writerow(["path", "true", "predicted", "score", "correct"])
+            for r, yt, sc in zip(records, y, s):
+                k = int(sc.argmax())
+                w.writerow([str(r.path), classes[int(yt)], classes[k], f"{sc[k]:.5f}", int(k == int(yt))])

@@ -1,0 +1,6 @@
+"""Backbones and task heads (torch)."""
+
+from lensforge.models.backbones import BACKBONES, create_backbone
+from lensforge.models.classifier import Classifier, ScoresModel
+
+__all__ = ["BACKBONES", "Classifier", "ScoresModel", "create_backbone"]

@@ -1,0 +1,91 @@
+"""Image → model input, in numpy: the eval transform every consumer shares.
+
+Training (validation batches and feature extraction), the Predictor and the server all call
+:func:`preprocess`, so the pixels a model sees at serving time are the pixels it was
+validated on. The facts it needs travel in the bundle as an :class:`InputSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How to turn a decoded RGB image into the model's input tensor.
+
+    size: side of the square crop the model sees (pixels).
+    resize: the shorter image side is resized to this before the centre crop
+        (``size / resize`` is timm's ``crop_pct``).
+    mean, std: per-channel normalisation of values scaled to [0, 1].
+    interpolation: "bilinear" or "bicubic".
+    """
+
+    size: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.size < 8 or self.resize < self.size:
+            raise ValueError(f"need 8 <= size <= resize, got size={self.size}, resize={self.resize}")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+
+    @classmethod
+    def for_size(cls, size: int, crop_pct: float = 0.875, **kw: Any) -> "InputSpec":
+        return cls(size=size, resize=int(round(size / crop_pct)), **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+        return cls(
+            size=int(d["size"]),
+            resize=int(d["resize"]),
+            mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+
+def resize_shorter(img: Image.Image, spec: InputSpec) -> Image.Image:
+    """Resize so the shorter side is ``spec.resize`` (aspect kept); a no-op when it already is."""
+    w, h = img.size
+    scale = spec.resize / min(w, h)
+    nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    if (nw, nh) == (w, h):
+        return img
+    # reducing_gap lets Pillow shrink by whole factors first (much faster on big photos)
+    # while the final pass still filters properly.
+    return img.resize((nw, nh), _RESAMPLE[spec.interpolation], reducing_gap=3.0)
+
+
+def resize_and_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
+    """Resize the shorter side to ``spec.resize``, then centre-crop ``spec.size``²."""
+    img = resize_shorter(img, spec)
+    w, h = img.size
+    left, top = (w - spec.size) // 2, (h - spec.size) // 2
+    return img.crop((left, top, left + spec.size, top + spec.size))
+
+
+def normalize(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """RGB image of ``spec.size``² → float32 (3, size, size), normalised."""
+    x = np.asarray(img, dtype=np.float32)
+    scale = 1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))
+    offset = -np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)
+    x = x * scale + offset
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Decoded RGB image (any size) → float32 (3, size, size) model input."""
+    return normalize(resize_and_crop(img, spec), spec)

@@ -1,0 +1,239 @@
+"""Fine-tuning with Lightning: the module, its schedule, and ``fit``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lensforge.config import TrainConfig
+from lensforge.errors import LensforgeError
+from lensforge.hardware import has_native_bf16
+from lensforge.ui import Reporter
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(LensforgeError):
+    """Ctrl-C during training; a checkpoint to resume from was saved."""
+
+
+def choose_precision(requested: str) -> str:
+    """Lightning precision string. "auto": bf16 autocast only where it is native (GPU with
+    bf16, or CPU with AMX/AVX512-BF16); emulated bf16 on AVX2 is ~10x slower than fp32."""
+    if requested == "32":
+        return "32-true"
+    if requested == "bf16":
+        return "bf16-mixed"
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if has_native_bf16() else "32-true"
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy (single-label) or BCE (multi-label) on a :class:`Classifier`; AdamW with
+    linear warmup then cosine decay, stepped per batch; the head learns 10x faster than the
+    pretrained backbone."""
+
+    def __init__(self, model: nn.Module, multilabel: bool, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        super().__init__()
+        self.model = model
+        self.multilabel = multilabel
+        self.cfg = cfg
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.loss_fn: nn.Module = (
+            nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        )
+        self._val_scores: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
+        self.history: list[dict[str, Any]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self.model(x.contiguous(memory_format=torch.channels_last)), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        x, y = batch
+        logits = self.model(x.contiguous(memory_format=torch.channels_last)).float()
+        self.log("val_loss", self.loss_fn(logits, y), on_step=False, on_epoch=True, batch_size=len(x))
+        scores = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, -1)
+        self._val_scores.append(scores.cpu())
+        self._val_targets.append(y.cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_scores:
+            return
+        scores = torch.cat(self._val_scores).numpy()
+        y = torch.cat(self._val_targets).numpy()
+        self._val_scores.clear()
+        self._val_targets.clear()
+        for k, v in quick_metrics(y, scores, self.multilabel).items():
+            self.log(k, v, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        head = list(self.model.head.parameters())
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        opt = torch.optim.AdamW(
+            [{"params": backbone, "lr": self.cfg.lr}, {"params": head, "lr": self.cfg.lr * 10}],
+            weight_decay=self.cfg.weight_decay,
+        )
+        total = self.cfg.epochs * self.steps_per_epoch
+        if self.cfg.max_steps > 0:
+            total = min(total, self.cfg.max_steps)
+        warmup = min(int(self.cfg.warmup_epochs * self.steps_per_epoch), total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def quick_metrics(y: np.ndarray, scores: np.ndarray, multilabel: bool) -> dict[str, float]:
+    """The per-epoch validation numbers (the full report comes from evaluate)."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    if multilabel:
+        has_pos = y.sum(0) > 0
+        ap = [average_precision_score(y[:, j], scores[:, j]) for j in np.flatnonzero(has_pos)]
+        return {
+            "val_map": float(np.mean(ap)) if ap else 0.0,
+            "val_f1": float(f1_score(y, scores >= 0.5, average="micro", zero_division=0)),
+        }
+    pred = scores.argmax(1)
+    return {
+        "val_acc": float((pred == y).mean()),
+        "val_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+    }
+
+
+class EpochReport(Callback):
+    """Drives the reporter: a progress bar per training epoch, then ``epoch(row)`` with the
+    epoch's numbers. Lightning calls ``on_train_epoch_end`` after that epoch's validation,
+    so the row holds this epoch's validation metrics."""
+
+    def __init__(self, reporter: Reporter, monitor: str) -> None:
+        self.reporter = reporter
+        self.monitor = monitor
+        self.best: float | None = None
+        self._bar: contextlib.ExitStack | None = None
+        self._advance: Callable[[int], None] = lambda n=1: None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._bar = contextlib.ExitStack()
+        total = int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else 0
+        self._advance = self._bar.enter_context(
+            self.reporter.track(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", total)
+        )
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self._advance(1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "epochs": trainer.max_epochs, **m}
+        cur = m.get(self.monitor)
+        row["best"] = cur is not None and (self.best is None or cur > self.best)
+        if row["best"]:
+            self.best = cur
+        module.history.append(row)  # type: ignore[union-attr]
+        self.reporter.epoch(row)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class SaveOnInterrupt(Callback):
+    """Ctrl-C leaves ``last.ckpt`` to resume from."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            trainer.save_checkpoint(str(self.path))
+
+
+@dataclass
+class FitResult:
+    best_checkpoint: Path | None
+    history: list[dict[str, Any]]
+    precision: str
+    epochs_run: int
+
+
+def fit(
+    model: nn.Module,
+    train_loader: torch.utils.data.DataLoader,
+    val_loader: torch.utils.data.DataLoader | None,
+    cfg: TrainConfig,
+    run_dir: Path,
+    multilabel: bool,
+    reporter: Reporter | None = None,
+    resume_from: Path | None = None,
+) -> tuple[ClassifierModule, FitResult]:
+    """Fine-tune ``model`` in place; returns the module holding the *best* weights."""
+    model = model.to(memory_format=torch.channels_last)  # measured faster on AVX2 too (37 vs 31 img/s at 128 px)
+    module = ClassifierModule(model, multilabel, cfg, steps_per_epoch=len(train_loader))
+    monitor = "val_map" if multilabel else "val_acc"
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
+                                 enable_version_counter=False)
+    callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), EpochReport(reporter or Reporter(), monitor)]
+    if val_loader is not None and cfg.patience > 0:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience))
+    precision = choose_precision(cfg.precision)
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        precision=precision,  # type: ignore[arg-type]
+        callbacks=callbacks,
+        logger=CSVLogger(str(run_dir), name="", version="logs"),  # run_dir/logs/metrics.csv
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+        enable_progress_bar=False,  # EpochReport draws progress through the reporter
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(train_loader))),
+        limit_val_batches=1.0 if val_loader is not None else 0,
+    )
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
+    except SystemExit:
+        # Lightning turns Ctrl-C into a graceful shutdown then exit(1); SaveOnInterrupt kept a checkpoint
+        if trainer.interrupted:
+            raise TrainingInterrupted(
+                f"training interrupted at epoch {trainer.current_epoch + 1}; checkpoint saved to "
+                f"{ckpt_dir / 'last.ckpt'}. Resume with: lensforge train {cfg.data} --out {run_dir} --resume"
+            ) from None
+        raise
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    if best is not None and best.is_file():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    model.to(memory_format=torch.contiguous_format)
+    return module, FitResult(best, module.history, precision, trainer.current_epoch)

@@ -1,0 +1,269 @@
+"""``train(config)``: data → split → model → fit (or probe) → ONNX → verified bundle."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lensforge import __version__
+from lensforge.config import TrainConfig
+from lensforge.data.formats import read_dataset
+from lensforge.data.records import Dataset, Record
+from lensforge.data.split import load_split, save_split, split_records
+from lensforge.errors import ConfigError, DataError
+from lensforge.export.onnx import export_onnx, verify_onnx
+from lensforge.hardware import cpu_count, describe
+from lensforge.models import Classifier, ScoresModel, create_backbone
+from lensforge.runtime.bundle import MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, atomic_directory, write_meta
+from lensforge.runtime.preprocess import InputSpec
+from lensforge.training.dataset import RecordDataset, eval_transform, load_images, targets_array, train_transform
+from lensforge.ui import Reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    task: str  # "classify" or "multilabel"
+    run_dir: Path
+    bundle_dir: Path
+    metrics: dict[str, Any]  # {"val": {...}, "test": {...}}
+    parity: float  # max |ONNX - torch| on real validation images
+    skipped_images: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_run_dir(ds_path: Path, task: str, probe: bool) -> Path:
+    name = (ds_path.stem if ds_path.is_file() else ds_path.name) or "data"
+    return Path("runs") / f"{name}-{task}{'-probe' if probe else ''}"
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import onnxruntime
+    import timm
+
+    return {
+        "lensforge": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+        "timm": str(timm.__version__), "lightning": str(lightning.__version__), "onnxruntime": str(onnxruntime.__version__),
+    }
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    if cfg.resume:
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise ConfigError(f"nothing to resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise ConfigError(f"run directory {run_dir} already exists; pass --overwrite to replace it, --resume to continue it, or --out DIR")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def make_split(ds: Dataset, cfg: TrainConfig, run_dir: Path) -> dict[str, list[Record]]:
+    split_file = run_dir / SPLIT_FILE
+    if cfg.resume and split_file.is_file():
+        return load_split(split_file, ds)
+    splits = split_records(ds, test=cfg.test_fraction, val=cfg.val_fraction, seed=cfg.seed)
+    if not splits["train"]:
+        raise DataError(f"no training images left after splitting {ds.root}; add images or lower --split")
+    save_split(splits, ds, split_file, seed=cfg.seed)
+    return splits
+
+
+def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **overrides: Any) -> TrainResult:
+    """Train a classifier and write its run directory and bundle.
+
+    ``lensforge.train(data="images/", epochs=5)`` works as well as passing a TrainConfig.
+    Returns where everything went and the validation/test metrics.
+    """
+    t0 = time.perf_counter()
+    cfg = (cfg or TrainConfig()).override(**overrides).validate()
+    ui = reporter or Reporter()
+    torch.set_num_threads(cpu_count())
+
+    ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task)
+    task = ds.task
+    multilabel = task == "multilabel"
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(Path(cfg.data), task, cfg.probe)
+    prepare_run_dir(cfg, run_dir)
+    cfg.task = task
+    cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe())
+    splits = make_split(ds, cfg, run_dir)
+    ui.step(
+        f"{ds.fmt} data, {task}: {len(ds.classes)} classes, {len(ds.records)} images → "
+        f"train {len(splits['train'])} / val {len(splits['val'])} / test {len(splits['test'])} (seed {cfg.seed})"
+    )
+
+    import lightning as L
+
+    L.seed_everything(cfg.seed, verbose=False)
+    backbone, bb_cfg = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
+    spec = InputSpec.for_size(
+        cfg.image_size, crop_pct=float(bb_cfg.get("crop_pct", 0.875)),
+        mean=tuple(bb_cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(bb_cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+    model = Classifier(backbone, len(ds.classes), head=cfg.head, dropout=cfg.dropout)
+
+    loaded: dict[str, tuple[list[Record], list | None]] = {}
+    skipped = 0
+    for name in ("train", "val"):
+        with ui.track(f"Decoding {name} images", len(splits[name])) as advance:
+            good, images, bad = load_images(splits[name], spec, advance)
+        loaded[name] = (good, images)
+        skipped += len(bad)
+    if skipped:
+        ui.warn(f"skipped {skipped} unreadable image(s); `lensforge data inspect {cfg.data}` lists them")
+    if not loaded["train"][0]:
+        raise DataError("no readable training images")
+
+    def dataset(name: str, transform: Any) -> RecordDataset:
+        recs, imgs = loaded[name]
+        return RecordDataset(recs, len(ds.classes), multilabel, transform, spec, imgs)
+
+    def loader(d: RecordDataset, shuffle: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            d, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.workers,
+            drop_last=shuffle and len(d) > cfg.batch_size, persistent_workers=cfg.workers > 0,
+            generator=torch.Generator().manual_seed(cfg.seed) if shuffle else None,
+        )
+
+    val_set = dataset("val", eval_transform(spec))
+    history: list[dict[str, Any]] = []
+    if cfg.probe:
+        fit_linear_probe(model, dataset("train", eval_transform(spec)), val_set, ds, cfg, spec, run_dir, multilabel, ui)
+    else:
+        from lensforge.training.finetune import fit
+
+        ui.step(f"Fine-tuning {cfg.backbone} at {spec.size}px for up to {cfg.epochs} epochs")
+        module, result = fit(
+            model, loader(dataset("train", train_transform(spec)), True), loader(val_set, False) if len(val_set) else None,
+            cfg, run_dir, multilabel, reporter=ui,
+            resume_from=run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None,
+        )
+        history = result.history
+        _write_history(history, run_dir)
+
+    bundle_dir = run_dir / "bundle"
+    parity, metrics = write_bundle(model, ds, splits, val_set, cfg, spec, bundle_dir, multilabel, ui, history)
+    return TrainResult(task, run_dir, bundle_dir, metrics, parity, skipped, history, time.perf_counter() - t0)
+
+
+def fit_linear_probe(
+    model: Classifier, train_set: RecordDataset, val_set: RecordDataset, ds: Dataset, cfg: TrainConfig,
+    spec: InputSpec, run_dir: Path, multilabel: bool, ui: Reporter,
+) -> None:
+    from lensforge.training.probe import cached_features, extract_features, fit_probe, set_linear_head
+
+    loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=False, num_workers=cfg.workers)
+    key = [cfg.backbone, str(cfg.weights), str(cfg.pretrained), repr(spec)] + [ds.relpath(r) for r in train_set.records]
+
+    def compute() -> np.ndarray:
+        with ui.track("Extracting features", len(train_set)) as advance:
+            return extract_features(model.backbone, loader, advance)
+
+    feats = cached_features(run_dir / "cache", key, compute)
+    y = targets_array(train_set.records, len(ds.classes), multilabel)
+    ui.step(f"Fitting logistic regression on {feats.shape[0]} × {feats.shape[1]} features")
+    weight, bias = fit_probe(feats, y, len(ds.classes), multilabel, cfg.probe_c, cfg.seed)
+    set_linear_head(model, weight, bias)
+
+
+def _write_history(history: list[dict[str, Any]], run_dir: Path) -> None:
+    if not history:
+        return
+    from lensforge.metrics.plots import plot_training_curves
+
+    plot_training_curves(history, run_dir / "training_curves.png")
+
+
+def write_bundle(
+    model: Classifier, ds: Dataset, splits: dict[str, list[Record]], val_set: RecordDataset, cfg: TrainConfig,
+    spec: InputSpec, bundle_dir: Path, multilabel: bool, ui: Reporter, history: list[dict[str, Any]],
+) -> tuple[float, dict[str, Any]]:
+    """Export, verify, tune thresholds, measure, and write the bundle atomically."""
+    from safetensors.torch import save_file
+
+    from lensforge.evaluation import score_records
+    from lensforge.metrics.classification import tune_thresholds
+    from lensforge.runtime.predictor import Predictor
+
+    model = model.eval()
+    scores_model = ScoresModel(model, multilabel).eval()
+    n_check = min(16, len(val_set)) or 0
+    if n_check:
+        batch = torch.stack([val_set[i][0] for i in range(n_check)])
+    else:  # no validation images: check on training images through the same eval transform
+        batch = torch.stack([eval_transform(spec)(_first_image(splits["train"], spec))])
+    with atomic_directory(bundle_dir, overwrite=True) as tmp:
+        ui.step("Exporting to ONNX and checking it against torch")
+        export_onnx(scores_model, batch[:1], tmp / MODEL_FILE)
+        parity = verify_onnx(scores_model, tmp / MODEL_FILE, batch, cfg.max_parity)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        save_split(splits, ds, tmp / SPLIT_FILE, seed=cfg.seed)
+        meta: dict[str, Any] = {
+            "task": "multilabel" if multilabel else "classify",
+            "classes": ds.classes,
+            "input": spec.to_dict(),
+            "model": {"file": MODEL_FILE, "input": "images", "output": "scores", "backbone": cfg.backbone,
+                      "head": cfg.head, "probe": cfg.probe, "num_classes": len(ds.classes)},
+            "thresholds": None,
+            "parity": {"max_abs_diff": parity, "images": int(len(batch)), "compared": "scores, ONNX Runtime vs torch fp32"},
+            "data": {"root": str(ds.root.resolve()), "format": ds.fmt, "split_file": SPLIT_FILE,
+                     "counts": {k: len(v) for k, v in splits.items()}},
+            "training": {"epochs_run": len(history), "history": history},
+            "versions": versions(),
+            "config": cfg.to_dict(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_meta(tmp, meta)
+        predictor = Predictor(tmp)
+        metrics: dict[str, Any] = {}
+        evaluated: dict[str, Any] = {}
+        for name in ("val", "test"):
+            if splits[name]:
+                with ui.track(f"Scoring {name} split with ONNX Runtime", len(splits[name])) as advance:
+                    evaluated[name] = score_records(predictor, splits[name], len(ds.classes), multilabel, advance)
+        if multilabel:
+            if "val" in evaluated:
+                y, s = evaluated["val"][1], evaluated["val"][2]
+                thresholds = tune_thresholds(y, s, beta=cfg.beta)
+            else:
+                ui.warn("no validation images: multi-label thresholds stay at 0.5")
+                thresholds = np.full(len(ds.classes), 0.5, np.float32)
+            meta["thresholds"] = [float(t) for t in thresholds]
+            meta["threshold_beta"] = cfg.beta
+        from lensforge.evaluation import compute_metrics
+
+        for name, (_, y, s, _failed) in evaluated.items():
+            metrics[name] = compute_metrics(y, s, ds.classes, multilabel, meta["thresholds"])
+        meta["metrics"] = {k: _headline(v) for k, v in metrics.items()}
+        write_meta(tmp, meta)
+    return parity, metrics
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    """The numbers worth keeping in lensforge.json (tables go to the eval directory)."""
+    return {k: v for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def _first_image(records: list[Record], spec: InputSpec) -> Any:
+    from lensforge.data.image import decode_image
+
+    for r in records:
+        try:
+            return decode_image(r.path, min_size=spec.resize)
+        except Exception:  # any unreadable image: try the next one
+            continue
+    raise DataError("no readable image to verify the export with")

@@ -1,0 +1,269 @@
+"""Dataset readers: class folders, split folders, CSV layouts, and their error messages."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lensforge.data.formats import IMAGE_EXTENSIONS, detect_format, is_image_file, read_dataset
+from lensforge.errors import DataError
+
+MakeImage = Callable[..., Path]
+
+
+def _folders(root: Path, make_image: MakeImage, layout: dict[str, int]) -> Path:
+    for cls, n in layout.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            make_image(root / cls / f"{i}.png")
+    return root
+
+
+def _csv(root: Path, make_image: MakeImage, text: str, images: tuple[str, ...] = ()) -> Path:
+    for name in images:
+        make_image(root / name)
+    path = root / "labels.csv"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_is_image_file_is_case_insensitive() -> None:
+    assert ".jpg" in IMAGE_EXTENSIONS and ".tiff" in IMAGE_EXTENSIONS
+    assert is_image_file(Path("a/B.JPG")) and is_image_file(Path("x.Png"))
+    assert not is_image_file(Path("notes.txt"))
+
+
+def test_class_folders(tmp_path: Path, make_image: MakeImage) -> None:
+    _folders(tmp_path, make_image, {"dogs": 2, "cats": 3})
+    make_image(tmp_path / "cats" / "nested" / "deep.JPG")  # nested, upper-case suffix
+    make_image(tmp_path / "cats" / ".hidden.png")
+    make_image(tmp_path / ".cache" / "x.png")  # hidden dir is not a class
+    (tmp_path / "dogs" / "notes.txt").write_text("hi")
+
+    ds = read_dataset(tmp_path)
+    assert (ds.fmt, ds.task, ds.classes) == ("folders", "classify", ["cats", "dogs"])
+    assert len(ds.records) == 6
+    assert sum(r.labels == (0,) for r in ds.records) == 4
+    assert all(r.path.is_absolute() and r.split is None for r in ds.records)
+    assert ("dogs/notes.txt", "not an image (extension .txt)") in ds.skipped
+    assert not ds.presplit
+
+
+def test_empty_class_folder_is_skipped_with_warning(
+    tmp_path: Path, make_image: MakeImage, caplog: pytest.LogCaptureFixture
+) -> None:
+    _folders(tmp_path, make_image, {"a": 1, "b": 1, "empty": 0})
+    with caplog.at_level(logging.WARNING, logger="lensforge.data.formats"):
+        ds = read_dataset(tmp_path)
+    assert ds.classes == ["a", "b"]
+    assert "empty" in caplog.text
+
+
+def test_split_folders(tmp_path: Path, make_image: MakeImage) -> None:
+    _folders(tmp_path / "train", make_image, {"cat": 2, "dog": 2})
+    _folders(tmp_path / "valid", make_image, {"cat": 1, "dog": 1})
+    _folders(tmp_path / "test", make_image, {"cat": 1, "bird": 1})
+    ds = read_dataset(tmp_path)
+    assert ds.fmt == "split-folders" and ds.presplit
+    assert ds.classes == ["bird", "cat", "dog"]
+    splits = sorted((r.split, ds.classes[r.labels[0]]) for r in ds.records)
+    assert splits.count(("val", "cat")) == 1 and ("test", "bird") in splits
+    assert {r.split for r in ds.records} == {"train", "val", "test"}
+
+
+def test_fmt_override_reads_split_folders_as_classes(tmp_path: Path, make_image: MakeImage) -> None:
+    _folders(tmp_path / "train", make_image, {"cat": 1})
+    _folders(tmp_path / "test", make_image, {"cat": 1})
+    assert detect_format(tmp_path) == "split-folders"
+    ds = read_dataset(tmp_path, fmt="folders")
+    assert ds.classes == ["test", "train"] and ds.fmt == "folders"
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def test_csv_single_label_with_column_variant_and_split(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    imgs = ("img/a.jpg", "img/b.jpg", "img/c.jpg")
+    text = (
+        "Image_Path,Label,Split\n"
+        "img/a.jpg,cat,train\nimg/b.jpg,dog,valid\nimg/c.jpg, cat ,test\n"
+    )
+    _csv(tmp_path, make_image, text, imgs)
+    ds = read_dataset(tmp_path)  # a directory holding labels.csv
+    assert (ds.fmt, ds.task, ds.classes) == ("csv", "classify", ["cat", "dog"])
+    assert [(ds.relpath(r), r.labels, r.split) for r in ds.records] == [
+        ("img/a.jpg", (0,), "train"),
+        ("img/b.jpg", (1,), "val"),
+        ("img/c.jpg", (0,), "test"),
+    ]
+
+
+def test_csv_multilabel_semicolons(tmp_path: Path, make_image: MakeImage) -> None:
+    text = "path,labels\na.png,front;left\nb.png,\nc.png,rear\n"
+    csv_path = _csv(tmp_path, make_image, text, ("a.png", "b.png", "c.png"))
+    ds = read_dataset(csv_path)
+    assert ds.task == "multilabel" and ds.classes == ["front", "left", "rear"]
+    assert [r.labels for r in ds.records] == [(0, 1), (), (2,)]
+    assert ds.label_matrix() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
+
+
+def test_csv_one_hot_columns_keep_header_order(tmp_path: Path, make_image: MakeImage) -> None:
+    absolute = make_image(tmp_path / "elsewhere" / "z.png")
+    text = f"filename,zebra,apple\na.png,1,0\nb.png,0.0,1.0\n{absolute},0,0\n"
+    ds = read_dataset(_csv(tmp_path, make_image, text, ("a.png", "b.png")))
+    assert ds.task == "multilabel" and ds.classes == ["zebra", "apple"]
+    assert [r.labels for r in ds.records] == [(0,), (1,), ()]
+    assert ds.records[2].path == absolute
+
+
+def test_csv_task_multilabel_merges_rows_per_image(tmp_path: Path, make_image: MakeImage) -> None:
+    text = "file,label\na.png,x\na.png,y\nb.png,y\n"
+    ds = read_dataset(_csv(tmp_path, make_image, text, ("a.png", "b.png")), task="multilabel")
+    assert ds.task == "multilabel" and [r.labels for r in ds.records] == [(0, 1), (1,)]
+
+
+def test_csv_few_missing_files_are_skipped(tmp_path: Path, make_image: MakeImage) -> None:
+    text = "path,label\na.png,x\nb.png,y\nc.png,x\ngone.png,y\n"
+    ds = read_dataset(_csv(tmp_path, make_image, text, ("a.png", "b.png", "c.png")))
+    assert len(ds.records) == 3 and ds.skipped == [("gone.png", "missing file")]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _two_classes(root: Path, make_image: MakeImage) -> Path:
+    return _folders(root / "d", make_image, {"a": 1, "b": 1})
+
+
+def _two_csvs(root: Path) -> Path:
+    _write_bytes(root / "a.csv", b"path,label\n")
+    _write_bytes(root / "b.csv", b"path,label\n")
+    return root
+
+
+BAD_LAYOUTS: list[tuple[str, Callable[[Path, MakeImage], Path], dict, str]] = [
+    ("missing path", lambda p, mk: p / "nope", {}, "does not exist"),
+    ("empty dir", lambda p, mk: p, {}, "is empty"),
+    ("no images", lambda p, mk: _write_bytes(p / "a" / "x.txt", b"x").parents[1], {}, "no images"),
+    ("one class", lambda p, mk: _folders(p / "d", mk, {"cats": 2}), {}, "found 1 class 'cats'"),
+    (
+        "one non-empty class",
+        lambda p, mk: _folders(p / "d", mk, {"cats": 2, "dogs": 0}),
+        {},
+        "empty class folders: dogs",
+    ),
+    ("loose images", lambda p, mk: mk(p / "d" / "a.png").parent, {}, "no class folders"),
+    ("unknown fmt", lambda p, mk: _two_classes(p, mk), {"fmt": "coco"}, "unknown dataset format"),
+    ("unknown task", lambda p, mk: _two_classes(p, mk), {"task": "detect"}, "unknown task"),
+    ("csv forced, none there", lambda p, mk: _two_classes(p, mk), {"fmt": "csv"}, "no CSV file"),
+    ("two csvs", lambda p, mk: _two_csvs(p), {}, "none is named labels.csv"),
+    (
+        "csv no path column",
+        lambda p, mk: _csv(p, mk, "name,label\na.png,x\n"),
+        {},
+        "no image path column (found columns: name, label); expected a path column (path / image",
+    ),
+    (
+        "csv no label column",
+        lambda p, mk: _csv(p, mk, "path\na.png\n"),
+        {},
+        "no label columns (found columns: path)",
+    ),
+    (
+        "csv one-hot not 0/1",
+        lambda p, mk: _csv(p, mk, "path,cat,dog\na.png,1,0\nb.png,0,2\n", ("a.png", "b.png")),
+        {},
+        "line 3: column 'dog' has '2'",
+    ),
+    (
+        "csv not utf-8",
+        lambda p, mk: _write_bytes(p / "labels.csv", b"path,label\na.png,x\nb.png,caf\xe9\n"),
+        {},
+        "line 3 is not valid UTF-8",
+    ),
+    (
+        "csv bad quoting",
+        lambda p, mk: _csv(p, mk, 'path,label\na.png,x\nb.png,"y"z\n'),
+        {},
+        "line 3 could not be parsed",
+    ),
+    (
+        "csv bad split",
+        lambda p, mk: _csv(p, mk, "path,label,split\na.png,x,dev\n", ("a.png",)),
+        {},
+        "line 2: split 'dev'",
+    ),
+    (
+        "csv conflicting labels",
+        lambda p, mk: _csv(p, mk, "path,label\na.png,x\na.png,y\n", ("a.png",)),
+        {},
+        "needs one row per image",
+    ),
+    (
+        "csv one class",
+        lambda p, mk: _csv(p, mk, "path,label\na.png,x\nb.png,x\n", ("a.png", "b.png")),
+        {},
+        "found 1 class 'x'",
+    ),
+    (
+        "csv empty label",
+        lambda p, mk: _csv(p, mk, "path,label\na.png,\n", ("a.png",)),
+        {},
+        "line 2: empty 'label' cell",
+    ),
+    (
+        "csv too many cells",
+        lambda p, mk: _csv(p, mk, "path,label\na.png,x,y\n", ("a.png",)),
+        {},
+        "line 2 has 3 cells",
+    ),
+    (
+        "csv mostly missing",
+        lambda p, mk: _csv(p, mk, "path,label\na.png,x\nb.png,y\nc.png,x\nd.png,y\n", ("a.png",)),
+        {},
+        "3 of 4 images listed",
+    ),
+    (
+        "csv all missing",
+        lambda p, mk: _csv(p, mk, "path,label\na.png,x\nb.png,y\n"),
+        {},
+        "2 of 2 images listed",
+    ),
+    (
+        "classify forced on multi-label",
+        lambda p, mk: _csv(p, mk, "path,labels\na.png,x;y\nb.png,x\n", ("a.png", "b.png")),
+        {"task": "classify"},
+        "has 2 labels but task 'classify'",
+    ),
+    ("csv header only", lambda p, mk: _csv(p, mk, "path,label\n"), {}, "has a header but no rows"),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "kwargs", "expected"),
+    [case[1:] for case in BAD_LAYOUTS],
+    ids=[case[0] for case in BAD_LAYOUTS],
+)
+def test_bad_input_raises_clear_data_error(
+    tmp_path: Path, make_image: MakeImage, build: Callable, kwargs: dict, expected: str
+) -> None:
+    path = build(tmp_path, make_image)
+    with pytest.raises(DataError) as info:
+        read_dataset(path, **kwargs)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message

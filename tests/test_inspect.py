@@ -1,0 +1,152 @@
+"""Dataset inspection: counts, broken / duplicate / odd images, the verdict and its rendering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from lensforge.data.formats import read_dataset
+from lensforge.data.inspect import inspect_dataset, print_inspection
+from lensforge.data.records import Dataset, Record
+from lensforge.data.split import split_records
+
+MakeImage = Callable[..., Path]
+SIZE = (40, 36)  # above the "tiny" threshold
+
+
+def _render(report: dict) -> str:
+    console = Console(record=True, width=160, color_system=None)
+    print_inspection(report, console)
+    return console.export_text()
+
+
+@pytest.fixture
+def messy(tmp_path: Path, make_image: MakeImage) -> Path:
+    """Pre-split folders with one of every problem the inspector should find."""
+    root = tmp_path / "messy"
+    for split in ("train", "val", "test"):
+        for cls in ("ants", "bees"):
+            for i in range(2):
+                make_image(root / split / cls / f"{i}.jpg", size=SIZE)
+    truncated = make_image(root / "train" / "ants" / "truncated.jpg", size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    shutil.copy(root / "train" / "bees" / "0.jpg", root / "test" / "bees" / "leak.jpg")
+    make_image(root / "train" / "ants" / "cmyk.jpg", size=SIZE, mode="CMYK")
+    make_image(root / "train" / "bees" / "deep.png", size=SIZE, mode="I;16")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display
+    make_image(root / "val" / "ants" / "rotated.jpg", size=(40, 60), exif=exif)
+    make_image(root / "val" / "bees" / "tiny.png", size=(8, 8))
+    return root
+
+
+def test_inspect_finds_every_problem(messy: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    ds = read_dataset(messy)
+    report = inspect_dataset(ds, progress=lambda done, total: calls.append((done, total)))
+    json.dumps(report)  # JSON-ready
+
+    assert calls[-1] == (18, 18) and len(calls) == 18  # each file once
+    assert report["format"] == "split-folders" and report["total_images"] == 18
+    assert report["splits"] == ["train", "val", "test"]
+    assert report["counts"]["table"] == {
+        "ants": {"train": 4, "val": 3, "test": 2},
+        "bees": {"train": 3, "val": 3, "test": 3},
+    }
+    assert report["counts"]["per_split"] == {"train": 7, "val": 6, "test": 5}
+
+    unreadable = report["unreadable"]
+    assert unreadable["count"] == 1
+    assert unreadable["examples"][0]["path"] == "train/ants/truncated.jpg"
+    assert unreadable["examples"][0]["code"] == "corrupt"
+
+    dup = report["duplicates"]
+    assert (dup["groups"], dup["files"], dup["cross_split_groups"]) == (1, 2, 1)
+    assert dup["cross_split_examples"][0] == [
+        {"path": "test/bees/leak.jpg", "split": "test"},
+        {"path": "train/bees/0.jpg", "split": "train"},
+    ]
+
+    odd = {k: entry["examples"] for k, entry in report["odd_images"].items() if entry["count"]}
+    assert odd == {
+        "cmyk": ["train/ants/cmyk.jpg"],
+        "16bit": ["train/bees/deep.png"],
+        "exif_rotated": ["val/ants/rotated.jpg"],
+        "tiny": ["val/bees/tiny.png"],
+    }
+    # Sizes as displayed: the rotated 40x60 JPEG counts as 60 wide.
+    assert report["image_sizes"]["width"]["max"] == 60
+    assert report["image_sizes"]["shorter_side"]["0-31"] == 1
+
+    assert report["issues"] == ["1 unreadable file", "1 duplicate group across splits (leakage)"]
+    assert report["verdict"].startswith("2 problems: 1 unreadable file; 1 duplicate group")
+
+    text = _render(report)
+    for expected in ("truncated.jpg (corrupt)", "leak.jpg (test)", "CMYK", "EXIF", "2 problems:"):
+        assert expected in text
+
+
+def test_clean_dataset_is_ok(tmp_path: Path, make_image: MakeImage) -> None:
+    for cls in ("cats", "dogs"):
+        for i in range(3):
+            make_image(tmp_path / cls / f"{i}.png", size=SIZE)
+    ds = read_dataset(tmp_path)
+    report = inspect_dataset(ds, splits=split_records(ds, test=0.34, val=0.0), verify=False)
+    assert report["verdict"] == "OK: 2 classes, 6 images, no problems"
+    assert report["splits"] == ["train", "test"]
+    assert report["counts"]["per_split"] == {"train": 4, "test": 2}
+    assert report["imbalance_ratio"] == 1.0
+    assert report["file_formats"] == {"PNG": 6}
+    assert "OK: 2 classes, 6 images, no problems" in _render(report)
+
+
+def test_imbalance_missing_class_and_skipped(tmp_path: Path, make_image: MakeImage) -> None:
+    paths = [make_image(tmp_path / f"{i}.png", size=SIZE) for i in range(12)]
+    records = [Record(p, (0,), "train") for p in paths[:10]] + [Record(paths[10], (1,), "train")]
+    records.append(Record(paths[11], (0,), "test"))
+    ds = Dataset(tmp_path, ["common", "rare"], records, skipped=[("x.txt", "not an image")])
+    report = inspect_dataset(ds)
+    assert report["imbalance_ratio"] == 11.0
+    assert report["issues"] == [
+        "1 entry skipped by the reader",
+        "class imbalance 11.0:1 (common 11 vs rare 1)",
+        "test split has no images of: rare",
+    ]
+    assert "x.txt (not an image)" in _render(report)
+
+
+def test_multilabel_counts_and_conflicting_duplicates(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    a = make_image(tmp_path / "a.png", size=SIZE)
+    b = tmp_path / "b.png"
+    shutil.copy(a, b)
+    c = make_image(tmp_path / "c.png", size=SIZE, mode="RGBA")
+    d = make_image(tmp_path / "d.png", size=SIZE, mode="L")
+    records = [Record(a, (0,)), Record(b, (0, 1)), Record(c, ()), Record(d, (1,))]
+    report = inspect_dataset(Dataset(tmp_path, ["x", "y"], records, task="multilabel", fmt="csv"))
+    assert report["counts"]["per_class"] == {"x": 2, "y": 2}
+    assert report["counts"]["no_label"] == 1
+    assert report["splits"] == []
+    assert report["duplicates"]["conflicting_label_groups"] == 1
+    assert report["odd_images"]["alpha"]["examples"] == ["c.png"]
+    assert report["odd_images"]["grayscale"]["examples"] == ["d.png"]
+    assert report["issues"] == [
+        "1 group of identical files",
+        "1 duplicate group with different labels",
+    ]
+    assert "(no label)" in _render(report)
+
+
+def test_missing_file_is_reported_not_raised(tmp_path: Path, make_image: MakeImage) -> None:
+    ok = make_image(tmp_path / "ok.png", size=SIZE)
+    ds = Dataset(tmp_path, ["a", "b"], [Record(ok, (0,)), Record(tmp_path / "gone.png", (1,))])
+    report = inspect_dataset(ds)
+    assert report["unreadable"]["count"] == 1
+    assert report["unreadable"]["examples"][0]["path"] == "gone.png"
