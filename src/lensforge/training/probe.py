@@ -17,19 +17,36 @@ from lensforge.models.classifier import Classifier
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def extract_features(
     backbone: nn.Module, loader: torch.utils.data.DataLoader, progress: Callable[[int], None] | None = None
 ) -> np.ndarray:
-    """Pooled features (N, F) float32, in loader order (the loader must not shuffle)."""
+    """Pooled features (N, F) float32, in loader order (the loader must not shuffle).
+
+    The frozen backbone is exported to ONNX once and run in onnxruntime: on CPU that is
+    ~5x faster than torch eager for the same weights (bench/predictor.py), and the export
+    takes about a second.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    from lensforge.export.onnx import export_onnx
+    from lensforge.hardware import cpu_count
+
     backbone.eval()
-    backbone = backbone.to(memory_format=torch.channels_last)
-    feats = []
-    for x, _ in loader:
-        feats.append(backbone(x.contiguous(memory_format=torch.channels_last)).float().numpy())
-        if progress:
-            progress(len(x))
-    backbone.to(memory_format=torch.contiguous_format)
+    feats: list[np.ndarray] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        session: ort.InferenceSession | None = None
+        for x, _ in loader:
+            if session is None:
+                path = Path(tmp) / "backbone.onnx"
+                export_onnx(backbone, x[:1], path)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = cpu_count()
+                session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            feats.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+            if progress:
+                progress(len(x))
     return np.concatenate(feats) if feats else np.zeros((0, int(backbone.num_features)), np.float32)
 
 

@@ -1,0 +1,102 @@
+"""Predictor (ONNX Runtime fp32) vs torch eager fp32 on the same classifier.
+
+Measured side by side in one run, same weights, same thread count, on one generated JPEG:
+- model only: ``session.run`` vs ``model(x)`` under ``torch.inference_mode`` at batch 1 and 16;
+- end to end at batch 1: ``Predictor.predict(jpeg_path)`` vs the usual torch recipe
+  (``Image.open().convert("RGB")`` + torchvision transforms + ``model(x)``).
+
+    python bench/predictor.py [--backbone efficientnet_lite0] [--size 224] [--repeats 30]
+
+Goal: >= 2x at batch 1 (issue #3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lensforge.export.onnx import export_onnx
+from lensforge.hardware import cpu_count, describe
+from lensforge.models import Classifier, ScoresModel, create_backbone
+from lensforge.runtime import InputSpec, Predictor
+from lensforge.runtime.bundle import MODEL_FILE, write_meta
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def make_bundle(model: torch.nn.Module, spec: InputSpec, classes: list[str], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, torch.zeros(1, 3, spec.size, spec.size), dest / MODEL_FILE)
+    write_meta(dest, {"task": "classify", "classes": classes, "input": spec.to_dict()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+
+    threads = cpu_count()
+    torch.set_num_threads(threads)
+    backbone, _ = create_backbone(args.backbone, pretrained=False)
+    classes = [f"class_{i}" for i in range(10)]
+    model = ScoresModel(Classifier(backbone, len(classes)), multilabel=False).eval()
+    spec = InputSpec.for_size(args.size)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "bundle"
+        make_bundle(model, spec, classes, bundle)
+        predictor = Predictor(bundle, threads=threads)
+        photo = Path(tmp) / "photo.jpg"
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(photo, quality=90)
+
+        from torchvision.transforms import v2
+
+        tv = v2.Compose([v2.PILToTensor(), v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.size),
+                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))])
+
+        rows = []
+        for batch in (1, 16):
+            x = torch.randn(batch, 3, spec.size, spec.size)
+            xn = x.numpy()
+            with torch.inference_mode():
+                t_torch = timeit(lambda: model(x), max(5, args.repeats // batch))
+            t_ort = timeit(lambda: predictor.run(xn), max(5, args.repeats // batch))
+            rows.append((f"model only, batch {batch}", batch / t_torch, batch / t_ort))
+
+        def torch_e2e() -> None:
+            with torch.inference_mode():
+                model(tv(Image.open(photo).convert("RGB"))[None])
+
+        rows.append(("end to end (640x480 JPEG), batch 1", 1 / timeit(torch_e2e, args.repeats),
+                     1 / timeit(lambda: predictor.predict(photo), args.repeats)))
+
+    print(f"# Predictor (ONNX Runtime fp32) vs torch eager fp32 — {args.backbone} at {args.size}px")
+    print(f"# {describe()} | torch {torch.__version__} | onnxruntime threads {threads}")
+    print(f"{'case':40} {'torch img/s':>12} {'ORT img/s':>12} {'ratio':>8}")
+    for name, a, b in rows:
+        print(f"{name:40} {a:12.1f} {b:12.1f} {b / a:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
