@@ -123,7 +123,6 @@ def evaluate(
     """Evaluate a bundle on a dataset; writes metrics.json, predictions.csv and PNG plots to
     ``out_dir`` (default: ``<run dir>/eval`` beside the bundle, or ``<bundle>/eval``)."""
     from lensforge.data.formats import read_dataset
-    from lensforge.metrics import plots
 
     ui = reporter or Reporter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -141,16 +140,33 @@ def evaluate(
         raise DataError("no image could be evaluated")
     metrics = compute_metrics(y, s, b.classes, multilabel, None if b.thresholds is None else list(b.thresholds))
     metrics["evaluated_on"] = described
-    out = Path(out_dir) if out_dir else (b.path.parent / "eval" if (b.path.parent / "config.yaml").is_file() else b.path / "eval")
+    out = Path(out_dir) if out_dir else default_eval_dir(b)
+    written = write_report(out, b, done, y, s, metrics)
+    return EvalResult(metrics, out, described, len(failed), written)
+
+
+def default_eval_dir(b: Bundle) -> Path:
+    """``<run>/eval`` for a bundle inside a run directory, else ``<bundle>/eval``."""
+    return b.path.parent / "eval" if (b.path.parent / "config.yaml").is_file() else b.path / "eval"
+
+
+def write_report(
+    out: Path, b: Bundle, records: list[Record], y: np.ndarray, s: np.ndarray, metrics: dict[str, Any]
+) -> list[Path]:
+    """metrics.json, predictions.csv and the plots (confusion matrix or PR curves, per-class
+    bars) into ``out``; returns the plot paths."""
+    from lensforge.metrics import plots
+
+    multilabel = b.task == "multilabel"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_predictions(out / "predictions.csv", done, y, s, b, multilabel)
+    _write_predictions(out / "predictions.csv", records, y, s, b, multilabel)
     if multilabel:
         written = [plots.plot_pr_curves(y, s, b.classes, out / "pr_curves.png", thresholds=b.thresholds)]
     else:
         written = [plots.plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), b.classes, out / "confusion_matrix.png")]
     written.append(plots.plot_per_class_bars(metrics["per_class"], out / "per_class.png", metric="f1"))
-    return EvalResult(metrics, out, described, len(failed), [Path(p) for p in written])
+    return [Path(p) for p in written]
 
 
 def _write_predictions(path: Path, records: list[Record], y: np.ndarray, s: np.ndarray, b: Bundle, multilabel: bool) -> None:

@@ -156,7 +156,15 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
         _write_history(history, run_dir)
 
     bundle_dir = run_dir / "bundle"
-    parity, metrics = write_bundle(model, ds, splits, val_set, cfg, spec, bundle_dir, multilabel, ui, history)
+    parity, metrics, scored = write_bundle(model, ds, splits, val_set, cfg, spec, bundle_dir, multilabel, ui, history)
+    held_out = "test" if "test" in scored else "val" if "val" in scored else None
+    if held_out:
+        from lensforge.evaluation import write_report
+        from lensforge.runtime.bundle import load_bundle
+
+        done, y, s, _ = scored[held_out]
+        report = {**metrics[held_out], "evaluated_on": f"the {held_out} split saved at training time"}
+        write_report(run_dir / "eval", load_bundle(bundle_dir), done, y, s, report)
     return TrainResult(task, run_dir, bundle_dir, metrics, parity, skipped, history, time.perf_counter() - t0)
 
 
@@ -185,14 +193,18 @@ def _write_history(history: list[dict[str, Any]], run_dir: Path) -> None:
         return
     from lensforge.metrics.plots import plot_training_curves
 
-    plot_training_curves(history, run_dir / "training_curves.png")
+    curves = [{"epoch": r["epoch"], **{k: v for k, v in r.items() if k.startswith(("train_", "val_"))}} for r in history]
+    plot_training_curves(curves, run_dir / "training_curves.png")
 
 
 def write_bundle(
     model: Classifier, ds: Dataset, splits: dict[str, list[Record]], val_set: RecordDataset, cfg: TrainConfig,
     spec: InputSpec, bundle_dir: Path, multilabel: bool, ui: Reporter, history: list[dict[str, Any]],
-) -> tuple[float, dict[str, Any]]:
-    """Export, verify, tune thresholds, measure, and write the bundle atomically."""
+) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """Export, verify, tune thresholds, measure, and write the bundle atomically.
+
+    Returns (parity, metrics per split, ONNX Runtime outputs per split as returned by
+    ``score_records``) so the caller can write the evaluation report without re-running."""
     from safetensors.torch import save_file
 
     from lensforge.evaluation import score_records
@@ -250,7 +262,7 @@ def write_bundle(
             metrics[name] = compute_metrics(y, s, ds.classes, multilabel, meta["thresholds"])
         meta["metrics"] = {k: _headline(v) for k, v in metrics.items()}
         write_meta(tmp, meta)
-    return parity, metrics
+    return parity, metrics, evaluated
 
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:
