@@ -94,6 +94,9 @@ def _train_config(args: argparse.Namespace) -> Any:
         overrides["test_fraction"], overrides["val_fraction"] = _parse_split(args.split)
     if args.config:
         return TrainConfig.load(args.config, **overrides)
+    if args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        # continue with the run's own settings (epochs, schedule, split); options given now still win
+        return TrainConfig.load(Path(args.out) / "config.yaml", **overrides)
     return TrainConfig().override(**overrides)
 
 

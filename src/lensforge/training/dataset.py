@@ -65,7 +65,7 @@ def load_images(
                 else:
                     images.append(out)
     for r, why in bad[:5]:
-        log.warning("skipping unreadable image %s: %s", r.path, why)
+        log.info("skipping unreadable image %s: %s", r.path, why)
     return good, images, bad
 
 

@@ -1,0 +1,1 @@
+"""Metrics: classification numbers (scikit-learn is the reference) and their plots."""
