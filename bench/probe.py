@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lensforge.data.demo import make_demo_dataset
@@ -22,7 +21,8 @@ from lensforge.data.formats import read_dataset
 from lensforge.hardware import cpu_count, describe
 from lensforge.models import create_backbone
 from lensforge.runtime import InputSpec
-from lensforge.training.dataset import RecordDataset, eval_transform, load_images, targets_array
+from lensforge.data.records import targets
+from lensforge.training.dataset import RecordDataset, eval_transform, load_images
 from lensforge.training.probe import extract_features, fit_probe
 
 
@@ -46,7 +46,7 @@ def main() -> None:
         feats = extract_features(backbone, torch.utils.data.DataLoader(data, batch_size=64))
         timings["features"] = time.perf_counter() - t
         t = time.perf_counter()
-        y = targets_array(records, len(ds.classes), False)
+        y = targets(records, len(ds.classes), False)
         w, b = fit_probe(feats, y, len(ds.classes), False, c=1.0, seed=0)
         timings["logistic regression"] = time.perf_counter() - t
         acc = float(((feats @ w.T + b).argmax(1) == y).mean())

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lensforge.data.records import Dataset, Record
+from lensforge.data.records import Dataset, Record, targets
 from lensforge.errors import DataError
 from lensforge.runtime.bundle import SPLIT_FILE, Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
@@ -52,13 +52,7 @@ def score_records(
         done.append(r)
         scores.append(res.scores)
     s = np.stack(scores) if scores else np.zeros((0, num_classes), np.float32)
-    if multilabel:
-        y = np.zeros((len(done), num_classes), np.int64)
-        for i, r in enumerate(done):
-            y[i, list(r.labels)] = 1
-    else:
-        y = np.array([r.labels[0] for r in done], np.int64)
-    return done, y, s, failed
+    return done, targets(done, num_classes, multilabel), s, failed
 
 
 def compute_metrics(

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 SPLITS = ("train", "val", "test")
 
@@ -57,12 +60,17 @@ class Dataset:
         except ValueError:
             return record.path.as_posix()
 
-    def label_matrix(self, records: list[Record] | None = None) -> "list[list[int]]":
+    def label_matrix(self, records: list[Record] | None = None) -> list[list[int]]:
         """0/1 rows (one per record, one column per class), for multi-label metrics."""
-        rows = []
-        for r in records if records is not None else self.records:
-            row = [0] * len(self.classes)
-            for i in r.labels:
-                row[i] = 1
-            rows.append(row)
-        return rows
+        return targets(records if records is not None else self.records, len(self.classes), True).tolist()
+
+
+def targets(records: Sequence[Record], num_classes: int, multilabel: bool) -> np.ndarray:
+    """int64 (N,) class indices, or (N, C) 0/1 rows for multi-label: what losses and
+    metrics take."""
+    if not multilabel:
+        return np.array([r.labels[0] for r in records], dtype=np.int64)
+    y = np.zeros((len(records), num_classes), dtype=np.int64)
+    for i, r in enumerate(records):
+        y[i, list(r.labels)] = 1
+    return y

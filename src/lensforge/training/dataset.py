@@ -6,7 +6,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -120,15 +119,3 @@ class RecordDataset(torch.utils.data.Dataset):
         r = self.records[i]
         img = self.images[i] if self.images is not None else _shrink(decode_image(r.path, min_size=self.spec.resize), self.spec)
         return self.transform(img), self.target(r)
-
-
-def targets_array(records: Sequence[Record], num_classes: int, multilabel: bool) -> np.ndarray:
-    """(N,) class indices, or (N, C) 0/1 for multi-label."""
-    if not multilabel:
-        return np.array([r.labels[0] for r in records], dtype=np.int64)
-    y = np.zeros((len(records), num_classes), dtype=np.int64)
-    for i, r in enumerate(records):
-        y[i, list(r.labels)] = 1
-    return y
-
-

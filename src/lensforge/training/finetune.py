@@ -204,7 +204,8 @@ def fit(
                                  enable_version_counter=False)
     callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), EpochReport(reporter or Reporter(), monitor)]
     if val_loader is not None and cfg.patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience))
+        # checked after validation: a max_steps stop mid-epoch ends the epoch without one
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
     precision = choose_precision(cfg.precision)
     trainer = L.Trainer(
         accelerator="auto",

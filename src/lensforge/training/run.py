@@ -15,7 +15,7 @@ import torch
 from lensforge import __version__
 from lensforge.config import TrainConfig
 from lensforge.data.formats import read_dataset
-from lensforge.data.records import Dataset, Record
+from lensforge.data.records import Dataset, Record, targets
 from lensforge.data.split import load_split, save_split, split_records
 from lensforge.errors import ConfigError, DataError
 from lensforge.export.onnx import export_onnx, verify_onnx
@@ -23,7 +23,7 @@ from lensforge.hardware import cpu_count, describe
 from lensforge.models import Classifier, ScoresModel, create_backbone
 from lensforge.runtime.bundle import MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, atomic_directory, write_meta
 from lensforge.runtime.preprocess import InputSpec
-from lensforge.training.dataset import RecordDataset, eval_transform, load_images, targets_array, train_transform
+from lensforge.training.dataset import RecordDataset, eval_transform, load_images, train_transform
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def fit_linear_probe(
             return extract_features(model.backbone, loader, advance)
 
     feats = cached_features(run_dir / "cache", key, compute)
-    y = targets_array(train_set.records, len(ds.classes), multilabel)
+    y = targets(train_set.records, len(ds.classes), multilabel)
     ui.step(f"Fitting logistic regression on {feats.shape[0]} × {feats.shape[1]} features")
     weight, bias = fit_probe(feats, y, len(ds.classes), multilabel, cfg.probe_c, cfg.seed)
     set_linear_head(model, weight, bias)
