@@ -38,7 +38,7 @@ class ConsoleReporter(Reporter):
             console.print(f"[bold cyan]›[/] {message}")
 
     def warn(self, message: str) -> None:
-        err_console.print(f"[yellow]warning:[/] {message}")
+        err_console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)  # one line, like errors
 
     @contextlib.contextmanager
     def track(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 EPILOG = """examples:
-  lensforge demo                              train and check a model on generated data (≈2 min)
+  lensforge demo                              train and check a model on generated data (~1 min)
   lensforge data inspect photos/              what lensforge sees in your folder
   lensforge train photos/ --epochs 10         fine-tune EfficientNet-Lite0 (offline weights)
   lensforge train labels.csv --task multilabel --backbone resnet50 --weights r50.safetensors
@@ -242,6 +242,13 @@ EPILOG = """examples:
   lensforge evaluate runs/photos-classify/bundle photos/
   lensforge predict runs/photos-classify/bundle new_photos/ --json
 """
+
+
+def dflt(key: str) -> str:
+    """" (default: X)" from TrainConfig, the one place defaults live."""
+    from lensforge.config import TrainConfig
+
+    return f" (default: {getattr(TrainConfig(), key)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
     d.set_defaults(func=cmd_demo)
 
-    data = sub.add_parser("data", help="look at a dataset").add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_parser = sub.add_parser("data", help="look at a dataset", description="Look at a dataset before training.")
+    data_parser.set_defaults(func=lambda _args: (data_parser.print_help(), 2)[1])
+    data = data_parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     i = data.add_parser("inspect", help="formats, classes, counts, broken/duplicate/odd images",
                         description="Report what lensforge sees in a dataset: format, classes, counts per split, image "
                                     "sizes, unreadable and duplicate files (also across splits), and odd images.")
@@ -274,29 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a classifier (or fit a linear probe) and write a bundle",
                        description="Train on DATA (class folders, train/val/test folders, or a CSV) and write a run "
                                    "directory with a bundle: model.onnx, weights.safetensors, lensforge.json. "
-                                   "Options override --config; the resolved config is saved in the run.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "Options override --config; the resolved config is saved in the run.")
     t.add_argument("data", help="dataset directory or CSV file")
     t.add_argument("--config", help="YAML file with any TrainConfig keys (command-line options win)")
     t.add_argument("--task", choices=("classify", "multilabel"), help="default: what the data says")
     t.add_argument("--format", choices=("folders", "split-folders", "csv"), help="default: auto-detect")
     t.add_argument("--out", help="run directory (default: runs/<data>-<task>)")
-    t.add_argument("--backbone", help="efficientnet_lite0 (default, offline), resnet50, vit_b16, dino_vits16, or any timm name")
+    t.add_argument("--backbone", help="efficientnet_lite0 (default, offline weights), resnet50, vit_b16, dino_vits16, or any timm name")
     t.add_argument("--weights", help="backbone weights file (.safetensors, or a state dict read with weights_only=True)")
     t.add_argument("--no-pretrained", action="store_true", help="random init (tests, or training from scratch)")
-    t.add_argument("--head", choices=("linear", "mlp"))
+    t.add_argument("--head", choices=("linear", "mlp"), help=f"classifier head{dflt('head')}")
     t.add_argument("--probe", action="store_true", help="logistic regression on frozen features instead of fine-tuning")
-    t.add_argument("--image-size", type=int, help="model input side in pixels (default 224)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="backbone learning rate (the head uses 10x)")
-    t.add_argument("--label-smoothing", type=float)
-    t.add_argument("--beta", type=float, help="multi-label thresholds maximise F-beta on validation (1 = F1, 2 = F2)")
+    t.add_argument("--image-size", type=int, help=f"model input side in pixels{dflt('image_size')}")
+    t.add_argument("--epochs", type=int, help=f"maximum epochs{dflt('epochs')}")
+    t.add_argument("--batch-size", type=int, help=f"images per step{dflt('batch_size')}")
+    t.add_argument("--lr", type=float, help=f"backbone learning rate; the new head uses 10x{dflt('lr')}")
+    t.add_argument("--label-smoothing", type=float, help=f"single-label only{dflt('label_smoothing')}")
+    t.add_argument("--beta", type=float, help=f"multi-label thresholds maximise F-beta on validation (1 = F1, 2 = F2){dflt('beta')}")
     t.add_argument("--split", help="TEST[,VAL] fractions for data that is not pre-split (default 0.2,0.2)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--patience", type=int, help="early stopping patience in epochs (0 = off)")
-    t.add_argument("--workers", type=int, help="data-loader processes")
-    t.add_argument("--precision", choices=("auto", "32", "bf16"), help="auto = bf16 only where the CPU/GPU has it natively")
+    t.add_argument("--seed", type=int, help=f"split and training seed{dflt('seed')}")
+    t.add_argument("--patience", type=int, help=f"early stopping patience in epochs, 0 = off{dflt('patience')}")
+    t.add_argument("--workers", type=int, help=f"data-loader processes; 0 decodes in the main process{dflt('workers')}")
+    t.add_argument("--precision", choices=("auto", "32", "bf16"), help=f"auto = bf16 only where the CPU/GPU has it natively{dflt('precision')}")
     t.add_argument("--max-steps", type=int, help="stop after N optimiser steps (smoke tests)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -78,7 +78,7 @@ def _resolve(name: str) -> tuple[str, BackboneInfo | None]:
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return name, None
-    candidates = list(BACKBONES) + timm.list_models()
+    candidates = list(dict.fromkeys([*BACKBONES, *timm.list_models()]))  # friendly names first, no repeats
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ModelError(
