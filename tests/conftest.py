@@ -42,3 +42,58 @@ def _write_image(
 def make_image() -> Callable[..., Path]:
     """``make_image(path, size=(16, 12), mode="RGB", fmt=None, **save_kwargs) -> path``."""
     return _write_image
+
+
+# -- trained bundles, shared by the training, predictor and CLI tests ------------------------
+# Training is the slow part of the suite, so each bundle is trained once per session, tiny:
+# 64 px inputs, one epoch capped at a few optimiser steps, a few dozen generated images.
+
+TINY_TRAIN: dict[str, object] = {"image_size": 64, "epochs": 1, "max_steps": 3, "batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Class folders of generated shapes: 4 classes x 10 JPEGs of 64 x 64 (do not modify)."""
+    from lensforge.data.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("shapes") / "data", n_per_class=10, size=64)
+
+
+@pytest.fixture(scope="session")
+def shapes_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> object:
+    """``TrainResult`` of pretrained EfficientNet-Lite0 fine-tuned for 3 steps on
+    :func:`shapes_dir` (real features, so scores differ from image to image)."""
+    import lensforge
+
+    out = tmp_path_factory.mktemp("shapes-run") / "run"
+    return lensforge.train(data=str(shapes_dir), out=str(out), **TINY_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def shapes_bundle(shapes_run: object) -> Path:
+    """The bundle directory of :func:`shapes_run` (read-only: copy it before breaking it)."""
+    return Path(shapes_run.bundle_dir)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def multilabel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated multi-label CSV dataset: 24 PNGs of 64 x 64 in images/, labels.csv."""
+    from lensforge.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("multilabel") / "data"
+    return make_demo_dataset(root, task="multilabel", n_per_class=8, size=64)
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory: pytest.TempPathFactory, multilabel_dir: Path) -> object:
+    """``TrainResult`` of a multi-label model (thresholds tuned on validation)."""
+    import lensforge
+
+    out = tmp_path_factory.mktemp("multilabel-run") / "run"
+    return lensforge.train(data=str(multilabel_dir), out=str(out), **TINY_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def tiny_train() -> dict[str, object]:
+    """Training options that keep a run to seconds; unpack with ``**tiny_train``."""
+    return dict(TINY_TRAIN)

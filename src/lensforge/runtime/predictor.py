@@ -33,8 +33,10 @@ class Predictor:
         each of several server workers a share so they don't oversubscribe the CPU.
     providers: onnxruntime execution providers, default CPU.
 
-    Images may be paths, encoded bytes, PIL images or HWC uint8 RGB arrays; every one goes
-    through the same safe decoder and the bundle's preprocessing.
+    Images may be paths, encoded bytes, PIL images or HWC uint8 RGB arrays. Paths and bytes
+    go through the safe decoder (allow-list, pixel cap, EXIF; large JPEGs decoded at a
+    reduced DCT scale, as in training); PIL images and arrays count as already decoded and
+    are only converted to RGB. All then get the bundle's preprocessing.
     """
 
     def __init__(

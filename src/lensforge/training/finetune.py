@@ -56,7 +56,6 @@ class ClassifierModule(L.LightningModule):
         )
         self._val_scores: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
-        self.history: list[dict[str, Any]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -135,6 +134,7 @@ class EpochReport(Callback):
         self.reporter = reporter
         self.monitor = monitor
         self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
         self._bar: contextlib.ExitStack | None = None
         self._advance: Callable[[int], None] = lambda n=1: None
 
@@ -158,8 +158,16 @@ class EpochReport(Callback):
         row["best"] = cur is not None and (self.best is None or cur > self.best)
         if row["best"]:
             self.best = cur
-        module.history.append(row)  # type: ignore[union-attr]
+        self.history.append(row)
         self.reporter.epoch(row)
+
+    # saved in checkpoints, so a resumed run keeps the epochs before the interruption
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        self.best = state.get("best")
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if self._bar is not None:
@@ -202,7 +210,8 @@ def fit(
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
                                  enable_version_counter=False)
-    callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), EpochReport(reporter or Reporter(), monitor)]
+    epochs = EpochReport(reporter or Reporter(), monitor)
+    callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), epochs]
     if val_loader is not None and cfg.patience > 0:
         # checked after validation: a max_steps stop mid-epoch ends the epoch without one
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
@@ -214,7 +223,7 @@ def fit(
         max_steps=cfg.max_steps,
         precision=precision,  # type: ignore[arg-type]
         callbacks=callbacks,
-        logger=CSVLogger(str(run_dir), name="", version="logs"),  # run_dir/logs/metrics.csv
+        logger=CSVLogger(str(run_dir), name="logs"),  # run_dir/logs/version_N/metrics.csv; a resume adds a version
         default_root_dir=str(run_dir),
         enable_model_summary=False,
         enable_progress_bar=False,  # EpochReport draws progress through the reporter
@@ -237,4 +246,4 @@ def fit(
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format)
-    return module, FitResult(best, module.history, precision, trainer.current_epoch)
+    return module, FitResult(best, epochs.history, precision, trainer.current_epoch)

@@ -96,6 +96,16 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task)
     task = ds.task
     multilabel = task == "multilabel"
+    import lightning as L
+
+    L.seed_everything(cfg.seed, verbose=False)
+    # the backbone (name, weights file) is checked before anything is written, so a typo
+    # leaves no run directory behind
+    backbone, bb_cfg = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
+    spec = InputSpec.for_size(
+        cfg.image_size, crop_pct=float(bb_cfg.get("crop_pct", 0.875)),
+        mean=tuple(bb_cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(bb_cfg.get("std", (0.229, 0.224, 0.225))),
+    )
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(Path(cfg.data), task, cfg.probe)
     prepare_run_dir(cfg, run_dir)
     cfg.task = task
@@ -104,15 +114,6 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     ui.step(
         f"{ds.fmt} data, {task}: {len(ds.classes)} classes, {len(ds.records)} images → "
         f"train {len(splits['train'])} / val {len(splits['val'])} / test {len(splits['test'])} (seed {cfg.seed})"
-    )
-
-    import lightning as L
-
-    L.seed_everything(cfg.seed, verbose=False)
-    backbone, bb_cfg = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
-    spec = InputSpec.for_size(
-        cfg.image_size, crop_pct=float(bb_cfg.get("crop_pct", 0.875)),
-        mean=tuple(bb_cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(bb_cfg.get("std", (0.229, 0.224, 0.225))),
     )
     model = Classifier(backbone, len(ds.classes), head=cfg.head, dropout=cfg.dropout)
 
@@ -189,12 +190,11 @@ def fit_linear_probe(
 
 
 def _write_history(history: list[dict[str, Any]], run_dir: Path) -> None:
-    if not history:
-        return
     from lensforge.metrics.plots import plot_training_curves
 
     curves = [{"epoch": r["epoch"], **{k: v for k, v in r.items() if k.startswith(("train_", "val_"))}} for r in history]
-    plot_training_curves(curves, run_dir / "training_curves.png")
+    if any(len(row) > 1 for row in curves):  # a run stopped before its first epoch ended has nothing to draw
+        plot_training_curves(curves, run_dir / "training_curves.png")
 
 
 def write_bundle(

@@ -1,0 +1,302 @@
+"""The ``lensforge`` command: user mistakes are one ``error:`` line and exit code 2 (never a
+traceback); the JSON outputs are machine-readable and agree with the library."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lensforge.cli import main
+from lensforge.runtime import Predictor
+
+TRAIN_OPTS = ["--no-pretrained", "--image-size", "64", "--epochs", "1", "--max-steps", "1", "--batch-size", "8"]
+
+
+def run_cli(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``lensforge ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: --help, usage errors
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@dataclass
+class Env:
+    tmp: Path
+    shapes: Path  # class folders, 4 x 10 JPEGs (read-only)
+    bundle: Path  # a trained bundle (read-only)
+
+    def image(self) -> Path:
+        return self.shapes / "circle" / "img_0001.jpg"
+
+    def broken_bundle(self, edit: Callable[[Path], None]) -> Path:
+        b = self.tmp / "broken-bundle"
+        shutil.copytree(self.bundle, b)
+        edit(b)
+        return b
+
+
+@pytest.fixture
+def env(tmp_path: Path, shapes_dir: Path, shapes_bundle: Path) -> Env:
+    return Env(tmp_path, shapes_dir, shapes_bundle)
+
+
+def _folders(root: Path, layout: dict[str, int], make: Callable[..., Path]) -> Path:
+    for cls, n in layout.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            make(root / cls / f"{i}.png", size=(40, 40))
+    return root
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _safetensors(path: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in tensors.items()}, str(path))
+    return path
+
+
+def _missing_csv(e: Env) -> list[object]:
+    (e.tmp / "d").mkdir()
+    shutil.copy(e.image(), e.tmp / "d" / "present.jpg")
+    rows = "".join(f"missing_{i}.jpg,cat\n" for i in range(3))
+    return ["train", _write(e.tmp / "d" / "labels.csv", "path,label\npresent.jpg,dog\n" + rows), *TRAIN_OPTS]
+
+
+def _all_unreadable(e: Env) -> list[object]:
+    for cls in ("cat", "dog"):
+        for i in range(5):
+            _write(e.tmp / "d" / cls / f"{i}.jpg", "this is not a JPEG")
+    return ["train", e.tmp / "d", "--out", e.tmp / "run", *TRAIN_OPTS]
+
+
+def _no_model(b: Path) -> None:
+    (b / "model.onnx").unlink()
+
+
+def _newer(b: Path) -> None:
+    meta = json.loads((b / "lensforge.json").read_text())
+    (b / "lensforge.json").write_text(json.dumps({**meta, "format_version": 99}))
+
+
+BAD_INPUT: list[tuple[str, Callable[[Env, Callable[..., Path]], list[object]], tuple[str, ...]]] = [
+    ("missing data dir", lambda e, mk: ["train", e.tmp / "nope", *TRAIN_OPTS], ("does not exist",)),
+    ("empty data dir", lambda e, mk: ["train", (e.tmp / "d").mkdir() or e.tmp / "d", *TRAIN_OPTS], ("is empty",)),
+    ("one class", lambda e, mk: ["train", _folders(e.tmp / "d", {"cat": 3}, mk), *TRAIN_OPTS],
+     ("found 1 class 'cat'", "needs at least 2")),
+    ("empty class folder", lambda e, mk: ["train", _folders(e.tmp / "d", {"cat": 3, "dog": 0}, mk), *TRAIN_OPTS],
+     ("needs at least 2", "empty class folders: dog")),
+    ("csv without path column", lambda e, mk: ["train", _write(e.tmp / "l.csv", "name,category\na.jpg,cat\n"), *TRAIN_OPTS],
+     ("no image path column", "found columns: name, category")),
+    ("csv without label column", lambda e, mk: ["train", _write(e.tmp / "l.csv", "path\na.jpg\n"), *TRAIN_OPTS],
+     ("no label columns",)),
+    ("csv paths missing", lambda e, mk: _missing_csv(e),
+     ("3 of 4 images listed", "do not exist", "first: missing_0.jpg, missing_1.jpg, missing_2.jpg")),
+    ("no image files", lambda e, mk: ["train", _write(e.tmp / "d" / "cat" / "a.txt", "x").parent.parent, *TRAIN_OPTS],
+     ("no images found",)),
+    ("every image unreadable", lambda e, mk: _all_unreadable(e), ("no readable training images",)),  # after a warning
+    ("unknown backbone", lambda e, mk: ["train", e.shapes, "--out", e.tmp / "run", "--backbone", "efficentnet_lite0", *TRAIN_OPTS],
+     ("unknown backbone 'efficentnet_lite0'", "Did you mean: efficientnet_lite0, efficientnet_lite")),
+    ("weights of another architecture",
+     lambda e, mk: ["train", e.shapes, "--out", e.tmp / "run", *TRAIN_OPTS[1:], "--weights",
+                    _safetensors(e.tmp / "r18.safetensors", {"conv1.weight": (64, 3, 7, 7), "fc.weight": (1000, 512)})],
+     ("no tensor in", "another architecture")),
+    ("weights of the wrong shape",
+     lambda e, mk: ["train", e.shapes, "--out", e.tmp / "run", *TRAIN_OPTS[1:], "--weights",
+                    _safetensors(e.tmp / "w.safetensors", {"conv_stem.weight": (16, 3, 3, 3)})],
+     ("does not fit this backbone", "conv_stem.weight is (16, 3, 3, 3)")),
+    ("weights file missing", lambda e, mk: ["train", e.shapes, "--out", e.tmp / "run", "--weights", e.tmp / "no.safetensors", *TRAIN_OPTS[1:]],
+     ("weights file not found",)),
+    ("predict with incomplete bundle", lambda e, mk: ["predict", e.broken_bundle(_no_model), e.image()],
+     ("incomplete", "model.onnx is missing")),
+    ("evaluate with incomplete bundle", lambda e, mk: ["evaluate", e.broken_bundle(_no_model), e.shapes],
+     ("model.onnx is missing",)),
+    ("bundle from a newer version", lambda e, mk: ["predict", e.broken_bundle(_newer), e.image()],
+     ("newer lensforge", "upgrade")),
+    ("run dir exists", lambda e, mk: ["train", e.shapes, "--out", _write(e.tmp / "run" / "keep.txt", "x").parent, *TRAIN_OPTS],
+     ("already exists", "--overwrite")),
+    ("split not numbers", lambda e, mk: ["train", e.shapes, "--out", e.tmp / "run", "--split", "abc", *TRAIN_OPTS],
+     ("--split takes TEST[,VAL]", "'abc'")),
+    ("split out of range", lambda e, mk: ["train", e.shapes, "--out", e.tmp / "run", "--split", "0.2,1.5", *TRAIN_OPTS],
+     ("val_fraction must be in [0, 1)",)),
+    ("config file missing", lambda e, mk: ["train", e.shapes, "--config", e.tmp / "none.yaml", *TRAIN_OPTS],
+     ("config file not found",)),
+    ("predict a missing image", lambda e, mk: ["predict", e.bundle, e.tmp / "gone.jpg"], ("1 input(s) not found",)),
+]
+
+
+@pytest.mark.parametrize(("builder", "expected"), [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_user_errors_are_one_line_and_exit_2(
+    env: Env, make_image: Callable[..., Path], capsys: pytest.CaptureFixture[str],
+    builder: Callable[[Env, Callable[..., Path]], list[object]], expected: tuple[str, ...],
+) -> None:
+    argv = builder(env, make_image)
+    code, _out, err = run_cli(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    *before, last = err.strip().splitlines()
+    assert last.startswith("error: "), err
+    assert all(line.startswith("warning: ") for line in before), err  # warnings, one line each, may come first
+    for text in expected:
+        assert text in last
+    if "Did you mean: " in last:
+        suggested = last.split("Did you mean: ", 1)[1].split("?", 1)[0].split(", ")
+        assert len(suggested) == len(set(suggested)), "a suggestion is repeated"
+
+
+def test_a_real_process_exits_2_with_one_error_line(env: Env) -> None:
+    b = env.broken_bundle(_no_model)
+    proc = subprocess.run([sys.executable, "-m", "lensforge.cli", "predict", str(b), str(env.image())],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {b} is incomplete: model.onnx is missing or empty"]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["predict", "--help"], ["data", "inspect", "--help"]])
+def test_help_exits_0(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0
+    assert out.startswith("usage: lensforge")
+    if argv[0] == "train":
+        assert "--max-steps" in out and "--weights" in out
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli([], capsys)
+    assert code == 2 and "usage: lensforge" in out
+
+
+# -- data inspect -----------------------------------------------------------------------------
+
+
+def test_data_inspect_json_reports_truncated_and_cross_split_duplicates(
+    tmp_path: Path, make_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            for i in range(3):
+                make_image(root / split / cls / f"{i}.png", size=(48, 40))
+    shutil.copy(root / "train" / "cat" / "0.png", root / "test" / "cat" / "copy.png")  # leaks into test
+    good = (root / "train" / "dog" / "0.png").read_bytes()
+    (root / "train" / "dog" / "broken.png").write_bytes(good[: len(good) // 2])  # truncated
+
+    code, out, err = run_cli(["data", "inspect", root, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["format"] == "split-folders" and report["classes"] == ["cat", "dog"]
+    assert report["total_images"] == 14
+    assert report["unreadable"]["count"] == 1
+    assert report["unreadable"]["examples"][0]["path"] == "train/dog/broken.png"
+    dup = report["duplicates"]
+    assert dup["cross_split_groups"] == 1
+    assert {(d["path"], d["split"]) for d in dup["cross_split_examples"][0]} == {
+        ("train/cat/0.png", "train"), ("test/cat/copy.png", "test")}
+    assert any("leakage" in issue for issue in report["issues"])
+
+
+# -- predict ----------------------------------------------------------------------------------
+
+
+def test_predict_json_prints_one_line_per_image(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = env.tmp / "new"
+    sources = sorted(env.shapes.glob("*/img_000[1-2].jpg"))
+    folder.mkdir()
+    for i, src in enumerate(sources):
+        shutil.copy(src, folder / f"{i:02d}.jpg")
+    (folder / "99-bad.jpg").write_bytes(b"\xff\xd8\xff not really")
+
+    code, out, err = run_cli(["predict", env.bundle, folder, "--json", "--top", "2", "--batch-size", "3"], capsys)
+    assert code == 0, err
+    docs = [json.loads(line) for line in out.strip().splitlines()]
+    assert [Path(d["path"]).name for d in docs] == sorted(p.name for p in folder.iterdir())
+    predictor = Predictor(env.bundle)
+    for doc in docs[:-1]:
+        assert len(doc["top"]) == 2
+        scores = predictor.predict(doc["path"]).scores
+        np.testing.assert_allclose([doc["scores"][c] for c in predictor.classes], scores, atol=1e-6)
+        assert doc["labels"] == [predictor.classes[int(np.argmax(scores))]]
+    assert set(docs[-1]) == {"path", "error"}
+
+    code, out, _ = run_cli(["predict", env.bundle, folder / "99-bad.jpg", "--json"], capsys)
+    assert code == 1  # nothing could be predicted
+    assert "error" in json.loads(out)
+
+
+def test_predict_json_in_a_real_process(env: Env) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lensforge.cli", "predict", str(env.bundle), str(env.shapes / "cross"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(docs) == 10 and all(d["labels"] and d["path"].endswith(".jpg") for d in docs)
+
+
+# -- evaluate ---------------------------------------------------------------------------------
+
+
+def test_evaluate_json_accuracy_matches_predictions_csv(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = env.tmp / "eval"
+    code, out, err = run_cli(["evaluate", env.bundle, env.shapes, "--json", "--out", out_dir], capsys)
+    assert code == 0, err
+    metrics = json.loads(out)
+    with (out_dir / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["n"] > 0
+    assert all(int(r["correct"]) == (r["true"] == r["predicted"]) for r in rows)
+    assert metrics["accuracy"] == pytest.approx(np.mean([int(r["correct"]) for r in rows]))
+    assert json.loads((out_dir / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    saved_test = json.loads((env.bundle / "split.json").read_text())["splits"]["test"]
+    assert sorted(Path(r["path"]).relative_to(env.shapes).as_posix() for r in rows) == sorted(saved_test)
+
+
+# -- train --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_skips_unreadable_images_with_a_warning(
+    tmp_path: Path, shapes_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    for cls_dir in sorted(p for p in shapes_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = sorted(cls_dir.glob("*.jpg"))
+        for split, part in (("train", images[:6]), ("val", images[6:8]), ("test", images[8:])):
+            (root / split / cls_dir.name).mkdir(parents=True)
+            for src in part:
+                shutil.copy(src, root / split / cls_dir.name / src.name)
+    (root / "train" / "circle" / "truncated.jpg").write_bytes(images[0].read_bytes()[:250])
+    (root / "val" / "square" / "garbage.jpg").write_bytes(b"GIF89a but not really" * 4)
+
+    code, out, err = run_cli(["train", root, "--out", tmp_path / "run", *TRAIN_OPTS], capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "warning: skipped 2 unreadable image(s)" in err
+    assert any(line.split()[:3] == ["skipped", "images", "2"] for line in out.splitlines()), out
+    assert (tmp_path / "run" / "bundle" / "model.onnx").is_file()
+
+
+def test_a_backbone_typo_leaves_no_run_directory(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    out = env.tmp / "run"
+    code, _, _ = run_cli(["train", env.shapes, "--out", out, "--backbone", "efficentnet_lite0", *TRAIN_OPTS], capsys)
+    assert code == 2
+    assert not out.exists()
