@@ -45,7 +45,11 @@ def test_ci_runs_exactly_make_test() -> None:
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 @pytest.mark.parametrize(("target", "runs"), [("demo", r"lensforge demo$"), ("test", r"python\S* -m pytest$")])
 def test_make_targets_run_what_the_readme_says(target: str, runs: str) -> None:
-    proc = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # run as a user would, even when this suite itself runs under `make test` (CI): a nested
+    # make would otherwise add "make[1]: Leaving directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert re.search(runs, proc.stdout.strip().splitlines()[-1])
 
