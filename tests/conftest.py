@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -97,3 +98,9 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory, multilabel_dir: Pat
 def tiny_train() -> dict[str, object]:
     """Training options that keep a run to seconds; unpack with ``**tiny_train``."""
     return dict(TINY_TRAIN)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Probe features are cached per user; tests use a cache of their own."""
+    os.environ["LENSFORGE_CACHE"] = str(tmp_path_factory.mktemp("lensforge-cache"))

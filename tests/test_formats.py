@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from lensforge.data.formats import IMAGE_EXTENSIONS, detect_format, is_image_file, read_dataset
+from lensforge.data.formats import (
+    IMAGE_EXTENSIONS,
+    detect_format,
+    is_image_file,
+    list_images,
+    read_dataset,
+)
 from lensforge.errors import DataError
 
 MakeImage = Callable[..., Path]
@@ -267,3 +275,99 @@ def test_bad_input_raises_clear_data_error(
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+# --------------------------------------------------------------------------- special files
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+
+
+def finishes(call: Callable[[], object], seconds: float = 20.0) -> object:
+    """``call()``'s result, failing (not hanging) if it takes longer than ``seconds``.
+
+    A call stuck opening a FIFO or walking a symlink loop is left behind in a daemon thread.
+    """
+    out: list[object] = []
+    worker = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s (blocked on a FIFO or a loop?)"
+    assert out, "the call raised (see the thread's traceback above)"
+    return out[0]
+
+
+def _trap_folders(root: Path, make_image: MakeImage) -> Path:
+    """Two class folders plus a FIFO named like an image and a symlink loop in one of them."""
+    _folders(root, make_image, {"cats": 2, "dogs": 2})
+    os.mkfifo(root / "cats" / "x.jpg")
+    os.symlink(root, root / "cats" / "loop")
+    return root
+
+
+@needs_fifo
+def test_readers_list_only_regular_files_and_never_follow_symlinked_folders(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    root = _trap_folders(tmp_path / "data", make_image)
+    ds = finishes(lambda: read_dataset(root))
+    assert [r.path.relative_to(root).as_posix() for r in ds.records] == [
+        "cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png"
+    ]
+    assert ("cats/x.jpg", "not a regular file") in ds.skipped
+    assert ("cats/loop", "symlinked folder (not followed)") in ds.skipped
+
+
+@needs_fifo
+def test_split_folders_with_a_fifo_and_a_loop_finish(tmp_path: Path, make_image: MakeImage) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        _folders(root / split, make_image, {"cats": 1, "dogs": 1})
+    os.mkfifo(root / "train" / "cats" / "x.jpg")
+    os.symlink(root, root / "val" / "dogs" / "loop")
+    ds = finishes(lambda: read_dataset(root))
+    assert ds.fmt == "split-folders" and len(ds.records) == 4
+
+
+def test_a_symlinked_class_folder_is_still_read(tmp_path: Path, make_image: MakeImage) -> None:
+    # Only folders *inside* a class folder are not followed; class folders may be links.
+    elsewhere = _folders(tmp_path / "elsewhere", make_image, {"dogs": 2})
+    root = _folders(tmp_path / "data", make_image, {"cats": 2})
+    os.symlink(elsewhere / "dogs", root / "dogs")
+    ds = read_dataset(root)
+    assert ds.classes == ["cats", "dogs"] and len(ds.records) == 4
+
+
+@needs_fifo
+def test_csv_listing_a_fifo_skips_it(tmp_path: Path, make_image: MakeImage) -> None:
+    text = "path,label\na.png,x\nb.png,y\nc.png,x\nx.jpg,y\n"
+    csv_path = _csv(tmp_path, make_image, text, ("a.png", "b.png", "c.png"))
+    os.mkfifo(tmp_path / "x.jpg")
+    ds = finishes(lambda: read_dataset(csv_path))
+    assert len(ds.records) == 3 and ds.skipped == [("x.jpg", "not a regular file")]
+
+
+# --------------------------------------------------------------------------- list_images
+
+
+def test_list_images_expands_folders_and_keeps_files_as_given(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    for name in ("b.jpg", "a.PNG", "sub/c.webp", ".hidden.jpg", ".cache/d.jpg"):
+        make_image(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    single = make_image(tmp_path / "single.png")
+    gone = tmp_path / "gone.jpg"  # kept: the caller reports it
+    text = tmp_path / "notes.md"  # kept: a file named explicitly is the caller's to judge
+    text.write_text("x")
+    assert list_images([str(single), folder, gone, text]) == [
+        single, folder / "a.PNG", folder / "b.jpg", folder / "sub" / "c.webp", gone, text
+    ]
+    assert list_images([]) == []
+
+
+@needs_fifo
+def test_list_images_skips_fifos_and_symlink_loops(tmp_path: Path, make_image: MakeImage) -> None:
+    root = _trap_folders(tmp_path / "data", make_image)
+    found = finishes(lambda: list_images([root]))
+    assert [p.relative_to(root).as_posix() for p in found] == [
+        "cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png"
+    ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,3 +152,29 @@ def test_missing_file_is_reported_not_raised(tmp_path: Path, make_image: MakeIma
     report = inspect_dataset(ds)
     assert report["unreadable"]["count"] == 1
     assert report["unreadable"]["examples"][0]["path"] == "gone.png"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifos_and_symlink_loops_never_block_inspection(tmp_path: Path, make_image: MakeImage) -> None:
+    root = tmp_path / "data"
+    for cls in ("cats", "dogs"):
+        for i in range(2):
+            make_image(root / cls / f"{i}.png", size=SIZE)
+    os.mkfifo(root / "cats" / "x.jpg")
+    os.symlink(root, root / "cats" / "loop")
+    # A record that still names the FIFO, as a CSV or a dataset changed after reading can.
+    ds = read_dataset(root)
+    ds.records.append(Record(root / "cats" / "x.jpg", (0,)))
+
+    reports: list[dict] = []
+    # In a thread: a scan that opens the FIFO blocks forever, so fail after a timeout instead.
+    worker = threading.Thread(target=lambda: reports.append(inspect_dataset(ds)), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "inspect_dataset blocked on a FIFO"
+    report = reports[0]
+    assert report["total_images"] == 5 and report["duplicates"]["groups"] == 0
+    (bad,) = report["unreadable"]["examples"]
+    assert (bad["path"], bad["code"]) == ("cats/x.jpg", "unreadable")
+    assert "not a regular file" in bad["reason"]
+    assert {s["path"] for s in report["skipped"]["examples"]} == {"cats/x.jpg", "cats/loop"}

@@ -4,7 +4,9 @@ images and bad bundles fail with clear errors, and serving never imports torch."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lensforge.data.formats import list_images, read_dataset
+from lensforge.data.split import save_split, split_records
 from lensforge.errors import BundleError, ImageError
 from lensforge.runtime import ClassificationResult, Predictor
-from lensforge.runtime.predictor import image_paths
+from lensforge.runtime.bundle import META_FILE, atomic_directory, load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +114,7 @@ def test_predict_many_reports_the_corrupt_file_and_predicts_the_rest(predictor: 
     (folder / "04-corrupt.jpg").write_bytes((folder / "04.jpg").read_bytes()[:200])  # truncated
     (folder / "notes.txt").write_text("not an image")  # not listed at all
     (folder / ".hidden.jpg").write_bytes(b"hidden files are skipped")
-    paths = image_paths([folder])
+    paths = list_images([folder])
     assert [p.name for p in paths] == sorted(p.name for p in folder.glob("[0-9]*.jpg"))
 
     out = list(predictor.predict_many(paths, batch_size=3))
@@ -225,3 +229,133 @@ def test_prediction_in_a_fresh_process_never_imports_torch(shapes_bundle: Path, 
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["heavy"] == []
     np.testing.assert_allclose(out["scores"], Predictor(shapes_bundle).predict(image).scores, atol=1e-6)
+
+
+# -- bundle files: permissions and hand-edited metadata -----------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize(
+    ("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)], ids=["022", "027"]
+)
+def test_a_committed_bundle_is_readable_by_other_users(
+    shapes_dir: Path, tmp_path: Path, umask: int, dir_mode: int, file_mode: int
+) -> None:
+    """A server running as another user must be able to read what training wrote: the
+    bundle directory and split.json get the umask's permissions, not private 0700 / 0600."""
+    ds = read_dataset(shapes_dir)
+    dest = tmp_path / "bundle"
+    old = os.umask(umask)
+    try:
+        with atomic_directory(dest) as tmp:
+            save_split(split_records(ds), ds, tmp / "split.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dest.stat().st_mode) == dir_mode
+    assert stat.S_IMODE((dest / "split.json").stat().st_mode) == file_mode
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary directory left
+
+
+def _meta(**changes: object) -> Callable[[Path], None]:
+    """Breakage: set top-level keys of lensforge.json (a value of ... deletes the key)."""
+
+    def edit(b: Path) -> None:
+        meta = json.loads((b / META_FILE).read_text())
+        for key, value in changes.items():
+            if value is ...:
+                meta.pop(key, None)
+            else:
+                meta[key] = value
+        (b / META_FILE).write_text(json.dumps(meta))
+
+    return edit
+
+
+def _input(**changes: object) -> Callable[[Path], None]:
+    """Breakage: set keys of the input spec (a value of ... deletes the key)."""
+
+    def edit(b: Path) -> None:
+        meta = json.loads((b / META_FILE).read_text())
+        for key, value in changes.items():
+            if value is ...:
+                meta["input"].pop(key)
+            else:
+                meta["input"][key] = value
+        (b / META_FILE).write_text(json.dumps(meta))
+
+    return edit
+
+
+def _model_file(name: object) -> Callable[[Path], None]:
+    def edit(b: Path) -> None:
+        meta = json.loads((b / META_FILE).read_text())
+        meta["model"]["file"] = name
+        (b / META_FILE).write_text(json.dumps(meta))
+
+    return edit
+
+
+def _model_symlink_out_of_the_bundle(b: Path) -> None:
+    outside = b.parent / "elsewhere.onnx"
+    shutil.copy(b / "model.onnx", outside)
+    (b / "model.onnx").unlink()
+    os.symlink(outside, b / "model.onnx")
+
+
+BAD_META: list[tuple[str, Callable[[Path], None], str]] = [
+    ("thresholds too few", _meta(thresholds=[0.5, 0.5, 0.5]), r"'thresholds' must be a list of 4 numbers in \[0, 1\]"),
+    ("thresholds above 1", _meta(thresholds=[0.5, 0.5, 0.5, 1.5]), r"'thresholds' must be .* got \[0\.5, 0\.5, 0\.5, 1\.5\]"),
+    ("thresholds negative", _meta(thresholds=[0.5, -0.1, 0.5, 0.5]), r"'thresholds' must be a list of 4 numbers"),
+    ("thresholds NaN", _meta(thresholds=[0.5, float("nan"), 0.5, 0.5]), r"'thresholds' must be a list of 4 numbers"),
+    ("thresholds strings", _meta(thresholds=["0.5"] * 4), r"'thresholds' must be a list of 4 numbers"),
+    ("thresholds booleans", _meta(thresholds=[True, False, True, False]), r"'thresholds' must be a list of 4 numbers"),
+    ("thresholds a number", _meta(thresholds=0.5), r"'thresholds' must be a list of 4 numbers"),
+    ("classes empty", _meta(classes=[]), r"'classes' must be a non-empty list of class names, got \[\]"),
+    ("classes a string", _meta(classes="circle"), r"'classes' must be a non-empty list"),
+    ("classes not strings", _meta(classes=[0, 1, 2, 3]), r"'classes' must be a non-empty list of class names"),
+    ("classes repeated", _meta(classes=["a", "b", "a", "c"]), r"'classes' lists 'a' more than once"),
+    ("model not an object", _meta(model="model.onnx"), r"'model' must be an object, got 'model\.onnx'"),
+    ("data not an object", _meta(data=["x"]), r"'data' must be an object"),
+    ("model file absolute", _model_file("/etc/passwd"), r"'model\.file' must be a relative file name inside the bundle"),
+    ("model file dotdot", _model_file("../model.onnx"), r"'model\.file' must be .* got '\.\./model\.onnx'"),
+    ("model file dotdot inside", _model_file("sub/../../bundle/model.onnx"), r"'model\.file' must be"),
+    ("model file empty", _model_file(""), r"'model\.file' must be"),
+    ("model file a number", _model_file(3), r"'model\.file' must be"),
+    ("model file NUL", _model_file("model\x00.onnx"), r"'model\.file' must be"),
+    ("model symlink out", _model_symlink_out_of_the_bundle, r"'model\.file' must be .* got 'model\.onnx'"),
+    ("input not an object", _meta(input=[224, 256]), r"'input' must be an object"),
+    ("input without size", _input(size=...), r"the input spec has no 'size' entry"),
+    ("input size infinite", _input(size=float("inf")), r"the input spec is wrong"),
+    ("input size text", _input(size="big"), r"the input spec is wrong"),
+    ("input two means", _input(mean=[0.5, 0.5]), r"input spec is wrong: mean must be 3 finite numbers"),
+    ("input four stds", _input(std=[0.2] * 4), r"input spec is wrong: std must be 3 finite numbers"),
+    ("input mean a string", _input(mean="123"), r"mean must be a list of 3 numbers, got '123'"),
+    ("input mean NaN", _input(mean=[0.5, float("nan"), 0.5]), r"mean must be 3 finite numbers"),
+    ("input std infinite", _input(std=[0.2, float("inf"), 0.2]), r"std must be 3 finite numbers"),
+    ("input std zero", _input(std=[0.2, 0.0, 0.2]), r"std must be > 0 for every channel"),
+    ("input std negative", _input(std=[0.2, -0.2, 0.2]), r"std must be > 0 for every channel"),
+    ("input mean not numbers", _input(mean=[None, 0.5, 0.5]), r"the input spec is wrong"),
+    ("input interpolation", _input(interpolation="nearest"), r"interpolation must be one of"),
+]
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [c[1:] for c in BAD_META], ids=[c[0] for c in BAD_META])
+def test_hand_edited_bundle_metadata_raises_one_line_bundle_errors(
+    shapes_bundle: Path, tmp_path: Path, breakage: Callable[[Path], None], expected: str
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shapes_bundle, bundle)
+    breakage(bundle)
+    with pytest.raises(BundleError, match=expected) as info:
+        load_bundle(bundle)
+    message = str(info.value)
+    assert message.startswith(f"{bundle / META_FILE} is invalid: ") and "\n" not in message
+
+
+def test_model_file_may_live_in_a_subfolder_of_the_bundle(shapes_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shapes_bundle, bundle)
+    (bundle / "onnx").mkdir()
+    (bundle / "model.onnx").rename(bundle / "onnx" / "m.onnx")
+    _model_file("onnx/m.onnx")(bundle)
+    assert load_bundle(bundle).model_path == bundle / "onnx" / "m.onnx"

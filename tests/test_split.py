@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import stat
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,29 @@ def test_load_split_bad_files(tmp_path: Path, content: str | None, expected: str
         path.write_text(content)
     with pytest.raises(DataError, match=expected):
         load_split(path, _ds({0: 2, 1: 2}))
+
+
+@pytest.fixture
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run the test under the umask given by indirect parametrisation; restore it after."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize(
+    ("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)], indirect=["umask"], ids=["022", "027"]
+)
+def test_saved_split_gets_the_umask_permissions_not_private_ones(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    """A split saved by the training user must be readable by a server running as another."""
+    ds = _ds({0: 4, 1: 4})
+    path = save_split(split_records(ds), ds, tmp_path / "split.json")
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    path = save_split(split_records(ds), ds, path)  # replacing it keeps the same permissions
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]  # no temporary file left

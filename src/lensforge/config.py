@@ -4,15 +4,22 @@ saved resolved next to the run."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lensforge.data.records import TASKS
 from lensforge.errors import ConfigError
 
-TASKS = ("classify", "multilabel")
+ACTIONS = ("overwrite", "resume")  # flags for one invocation, never saved with a run
+_RANGE_HINTS = {
+    "lr": "> 0", "weight_decay": ">= 0", "warmup_epochs": ">= 0", "label_smoothing": "in [0, 1)", "dropout": "in [0, 1)",
+    "beta": "> 0; 1 = F1, 2 = F2", "workers": ">= 0", "patience": ">= 0, 0 = off", "probe_c": "> 0", "max_parity": "> 0",
+    "max_steps": "-1 for no limit, or >= 1",
+}
 
 
 @dataclass
@@ -49,6 +56,11 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def validate(self) -> "TrainConfig":
+        for key in ("data", "out", "weights"):  # Path objects from Python callers are welcome
+            if isinstance(getattr(self, key), os.PathLike):
+                setattr(self, key, os.fspath(getattr(self, key)))
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name))
         if not self.data:
             raise ConfigError("no data given: pass a dataset directory or CSV file")
         if self.task is not None and self.task not in TASKS:
@@ -65,10 +77,21 @@ class TrainConfig:
             raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
+        ranges = {
+            "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "warmup_epochs": self.warmup_epochs >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1, "dropout": 0 <= self.dropout < 1, "beta": self.beta > 0,
+            "workers": self.workers >= 0, "patience": self.patience >= 0, "probe_c": self.probe_c > 0,
+            "max_parity": self.max_parity > 0, "max_steps": self.max_steps == -1 or self.max_steps > 0,
+        }
+        for name, ok in ranges.items():
+            if not ok:
+                raise ConfigError(f"{name} = {getattr(self, name)!r} is out of range ({_RANGE_HINTS[name]})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings that shape a model; the one-off actions (overwrite, resume) are left
+        out so a saved config never replays them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ACTIONS}
 
     def save(self, path: Path, **meta: Any) -> None:
         doc = {"config": self.to_dict(), **meta}
@@ -91,6 +114,8 @@ class TrainConfig:
             d = yaml.safe_load(p.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
@@ -105,3 +130,21 @@ class TrainConfig:
             if v is not None:
                 setattr(self, k, v)
         return self
+
+
+def _check_type(name: str, value: Any) -> None:
+    """YAML and Python callers can pass anything; say which key has the wrong type."""
+    hint = _FIELD_TYPES[name]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "str | None": value is None or isinstance(value, str),
+        "dict[str, Any]": isinstance(value, dict),
+    }.get(hint, True)
+    if not ok:
+        raise ConfigError(f"{name} must be {hint.replace(' | None', ' or empty')}, got {value!r}")
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}

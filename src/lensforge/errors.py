@@ -40,5 +40,9 @@ class BundleError(LensforgeError):
     """A bundle directory is missing files, corrupt, or from a newer lensforge."""
 
 
+class TrainingInterrupted(LensforgeError):
+    """Ctrl-C during training; a checkpoint to resume from was saved. (CLI exit code 130.)"""
+
+
 class ConfigError(LensforgeError):
     """A run configuration value or YAML file is invalid."""

@@ -16,6 +16,7 @@ from lensforge.data.records import Dataset, Record, targets
 from lensforge.errors import DataError
 from lensforge.runtime.bundle import SPLIT_FILE, Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
+from lensforge.runtime.results import DEFAULT_THRESHOLD
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalResult:
+    task: str  # "classify" or "multilabel"
     metrics: dict[str, Any]
     out_dir: Path | None
     split: str  # which images were evaluated, in words
@@ -38,12 +40,11 @@ def score_records(
 
     targets: (N,) class indices, or (N, C) 0/1 for multi-label.
     """
-    by_path = {str(r.path): r for r in records}
     done: list[Record] = []
     scores: list[np.ndarray] = []
     failed: list[tuple[Record, str]] = []
-    for src, res in predictor.predict_many([str(r.path) for r in records], batch_size=32):
-        r = by_path[str(src)]
+    results = predictor.predict_many([str(r.path) for r in records], batch_size=32)
+    for r, (_, res) in zip(records, results):  # predict_many keeps the input order
         if progress:
             progress(1)
         if isinstance(res, Exception):
@@ -61,7 +62,7 @@ def compute_metrics(
     from lensforge.metrics.classification import multilabel_metrics, single_label_metrics
 
     if multilabel:
-        th = np.asarray(thresholds if thresholds is not None else [0.5] * len(classes), np.float32)
+        th = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * len(classes), np.float32)
         return multilabel_metrics(y, scores, th, classes)
     return single_label_metrics(y, scores, classes)
 
@@ -89,6 +90,9 @@ def choose_records(bundle: Bundle, ds: Dataset, split: str | None) -> tuple[list
         if not recs:
             raise DataError(f"{ds.root} has no {name!r} split")
         return recs, f"the {name} folder"
+    if split not in (None, "all"):
+        raise DataError(f"{ds.root} is neither the training data nor split into folders: there is no {split!r} split; "
+                        "leave out --split to evaluate every image")
     return list(ds.records), "all images (this data was not used for training)"
 
 
@@ -121,7 +125,7 @@ def evaluate(
     ui = reporter or Reporter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     multilabel = b.task == "multilabel"
-    ds = read_dataset(data, task=b.task if multilabel else None)
+    ds = read_dataset(data, task=b.task)  # a classifier's data must have one label per image
     records, described = choose_records(b, ds, split)
     records = align_classes(b, ds, records)
     pred = predictor or Predictor(b)
@@ -136,7 +140,7 @@ def evaluate(
     metrics["evaluated_on"] = described
     out = Path(out_dir) if out_dir else default_eval_dir(b)
     written = write_report(out, b, done, y, s, metrics)
-    return EvalResult(metrics, out, described, len(failed), written)
+    return EvalResult(b.task, metrics, out, described, len(failed), written)
 
 
 def default_eval_dir(b: Bundle) -> Path:
@@ -168,7 +172,7 @@ def _write_predictions(path: Path, records: list[Record], y: np.ndarray, s: np.n
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         if multilabel:
-            th = b.thresholds if b.thresholds is not None else np.full(len(classes), 0.5)
+            th = b.thresholds if b.thresholds is not None else np.full(len(classes), DEFAULT_THRESHOLD)
             w.writerow(["path", "true", "predicted", *classes])
             for r, yt, sc in zip(records, y, s):
                 w.writerow([str(r.path), ";".join(classes[j] for j in np.flatnonzero(yt)),

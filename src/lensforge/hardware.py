@@ -49,11 +49,19 @@ def has_int8_dot() -> bool:
 
 
 def cpu_count() -> int:
-    """Cores this process may use (respects affinity masks and containers)."""
+    """Cores this process may use: the affinity mask, capped by a cgroup v2 CPU quota
+    (``docker --cpus``), so thread pools don't oversubscribe a container."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota visible: the affinity mask is the limit
+    return n
 
 
 def describe() -> str:

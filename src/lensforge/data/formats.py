@@ -9,7 +9,10 @@ Layouts recognised by :func:`read_dataset` (auto-detected, or forced with ``fmt`
   ``labels`` (``;``-separated, multi-label, empty = no labels) or one 0/1 column per class
   (multi-label); an optional ``split`` column makes it pre-split.
 
-Readers only list and label files; they never open images (``inspect`` does that).
+Readers only list and label files; they never open images (``inspect`` does that). Only
+regular files are listed and symlinked folders inside a dataset are not entered, so a FIFO
+named ``x.jpg`` or a symlink loop cannot hang a reader. :func:`list_images` lists the images
+to predict on the same way.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from lensforge.data.records import Dataset, Record
+from lensforge.data.records import TASKS, Dataset, Record
 from lensforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -30,7 +34,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
 FORMATS = ("folders", "split-folders", "csv")
-TASKS = ("classify", "multilabel")
 # Accepted names of the image path column, in order of preference (compared lower-cased).
 PATH_COLUMNS = ("path", "image", "file", "filename", "image_path")
 SINGLE_LABEL_COLUMNS = ("label", "class", "category")
@@ -60,34 +63,57 @@ def _subdirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and _visible(p))
 
 
-def _walk_files(directory: Path) -> tuple[list[Path], list[Path]]:
-    """(images, other files) below ``directory``, recursively, sorted; hidden entries skipped."""
+def _walk_files(directory: Path, recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(images, [(other entry, why it is not listed)]) below ``directory``, each sorted.
+
+    The one way lensforge lists image files (readers and :func:`list_images`). Only regular
+    files count (a symlink to one is fine): a FIFO or device named ``x.jpg`` would block or
+    never end when read. Symlinked directories are reported, not entered: that keeps a
+    symlink loop from walking forever without having to track every directory seen.
+    ``directory`` itself is entered even when it is a symlink. Hidden entries are skipped.
+    """
     images: list[Path] = []
-    others: list[Path] = []
+    others: list[tuple[Path, str]] = []
     stack = [directory]
     while stack:
         current = stack.pop()
         for entry in current.iterdir():
             if not _visible(entry):
                 continue
-            if entry.is_dir():
-                stack.append(entry)
+            if entry.is_symlink() and entry.is_dir():
+                others.append((entry, "symlinked folder (not followed)"))
+            elif entry.is_dir():
+                if recursive:
+                    stack.append(entry)
+            elif not entry.is_file():
+                others.append((entry, "not a regular file"))
             elif is_image_file(entry):
                 images.append(entry)
-            elif entry.is_file():
-                others.append(entry)
+            else:
+                others.append((entry, f"not an image (extension {entry.suffix or 'none'})"))
     return sorted(images), sorted(others)
+
+
+def list_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files and directories into image file paths, in the order given.
+
+    A file (or anything that is not a directory, even a missing path) is kept as given, for
+    the caller to read and report. A directory is searched recursively, sorted, for regular
+    files with one of :data:`IMAGE_EXTENSIONS`, skipping hidden files and folders and not
+    entering symlinked folders (the same listing the dataset readers use).
+    """
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            out.extend(_walk_files(path)[0])
+        else:
+            out.append(path)
+    return out
 
 
 def _extensions_text() -> str:
     return ", ".join(sorted(IMAGE_EXTENSIONS))
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
 
 
 def _first(items: Iterable[str], n: int = 3) -> str:
@@ -215,16 +241,37 @@ def _check_class_count(root: Path, classes: list[str], empty: list[str]) -> None
     )
 
 
-def _class_images(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+def _class_images(class_dir: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
     images, others = _walk_files(class_dir)
-    for other in others:
-        skipped.append((_rel(other, root), f"not an image (extension {other.suffix or 'none'})"))
+    skipped.extend(others)
     return images
+
+
+def _loose_images(directory: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Images directly in ``directory`` (not in a class folder): recorded as skipped."""
+    loose, _ = _walk_files(directory, recursive=False)
+    skipped.extend((image, "not in a class folder") for image in loose)
+    return loose
+
+
+def _dataset(
+    root: Path,
+    classes: list[str],
+    records: list[Record],
+    task: str,
+    fmt: str,
+    skipped: list[tuple[Path, str]],
+) -> Dataset:
+    """The reader's result; skipped paths are shown relative to ``root`` as records are."""
+    ds = Dataset(root=root, classes=classes, records=records, task=task, fmt=fmt)
+    ds.skipped = [(ds.relpath(Record(path=path, labels=())), why) for path, why in skipped]
+    return ds
 
 
 def _read_folders(root: Path, task: str | None) -> Dataset:
     class_dirs = _subdirs(root)
-    loose, _ = _walk_files_top(root)
+    skipped: list[tuple[Path, str]] = []
+    loose = _loose_images(root, skipped)
     if not class_dirs:
         if loose:
             raise DataError(
@@ -232,9 +279,6 @@ def _read_folders(root: Path, task: str | None) -> Dataset:
                 "each class into its own folder root/<class>/, or add a labels CSV"
             )
         raise _no_images_error(root)
-    skipped: list[tuple[str, str]] = []
-    for image in loose:
-        skipped.append((_rel(image, root), "not in a class folder"))
     if loose:
         log.warning("%d images directly in %s are not in a class folder; ignored", len(loose), root)
 
@@ -242,7 +286,7 @@ def _read_folders(root: Path, task: str | None) -> Dataset:
     empty: list[str] = []
     per_class: list[list[Path]] = []
     for class_dir in class_dirs:
-        images = _class_images(class_dir, root, skipped)
+        images = _class_images(class_dir, skipped)
         if images:
             classes.append(class_dir.name)
             per_class.append(images)
@@ -256,20 +300,7 @@ def _read_folders(root: Path, task: str | None) -> Dataset:
         for index, images in enumerate(per_class)
         for image in images
     ]
-    return Dataset(
-        root=root,
-        classes=classes,
-        records=records,
-        task=task or "classify",
-        fmt="folders",
-        skipped=skipped,
-    )
-
-
-def _walk_files_top(directory: Path) -> tuple[list[Path], list[Path]]:
-    """(images, other files) directly in ``directory`` (not recursive)."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and _visible(p))
-    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)]
+    return _dataset(root, classes, records, task or "classify", "folders", skipped)
 
 
 def _read_split_folders(root: Path, task: str | None) -> Dataset:
@@ -290,16 +321,14 @@ def _read_split_folders(root: Path, task: str | None) -> Dataset:
     if not split_dirs:
         raise _no_images_error(root)
 
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[Path, str]] = []
     found: dict[str, list[tuple[Path, str]]] = {}  # class -> [(image, split)]
     seen_dirs: set[str] = set()
     for split, split_dir in split_dirs.items():
-        loose, _ = _walk_files_top(split_dir)
-        for image in loose:
-            skipped.append((_rel(image, root), "not in a class folder"))
+        _loose_images(split_dir, skipped)
         for class_dir in _subdirs(split_dir):
             seen_dirs.add(class_dir.name)
-            for image in _class_images(class_dir, root, skipped):
+            for image in _class_images(class_dir, skipped):
                 found.setdefault(class_dir.name, []).append((image, split))
     classes = sorted(found)
     empty = sorted(seen_dirs - set(found))
@@ -313,14 +342,7 @@ def _read_split_folders(root: Path, task: str | None) -> Dataset:
         for image, split in found[name]
     ]
     records.sort(key=lambda r: r.path)
-    return Dataset(
-        root=root,
-        classes=classes,
-        records=records,
-        task=task or "classify",
-        fmt="split-folders",
-        skipped=skipped,
-    )
+    return _dataset(root, classes, records, task or "classify", "split-folders", skipped)
 
 
 # --------------------------------------------------------------------------- CSV
@@ -453,6 +475,7 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
 
     entries: dict[Path, tuple[list[str], str | None, int]] = {}  # path -> labels, split, line
     order: list[Path] = []
+    written: dict[Path, str] = {}  # path -> as written on its first row, for messages
     for line, cells in rows:
         if len(cells) > len(header):
             raise DataError(
@@ -489,15 +512,18 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
             continue
         entries[image] = (labels, split, line)
         order.append(image)
+        written[image] = raw_path
 
     if not order:
         raise DataError(f"{csv_path} has a header but no rows; add one row per image")
 
     missing = {p for p in order if not p.is_file()}
-    skipped = [(_rel(p, base), "missing file") for p in order if p in missing]
+    skipped = [
+        (p, "not a regular file" if p.exists() else "missing file") for p in order if p in missing
+    ]
     if missing:
         n, total = len(missing), len(order)
-        first = _first((s for s, _ in skipped), 3)
+        first = _first((written[p] for p, _ in skipped), 3)
         if n == total or n * 2 > total:
             raise DataError(
                 f"{n} of {total} images listed in {csv_path} do not exist (first: {first}); "
@@ -517,7 +543,7 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
         if bad:
             p, (labels, _, line) = bad[0]
             raise DataError(
-                f"{csv_path} line {line}: {_rel(p, base)} has {len(labels)} labels but task "
+                f"{csv_path} line {line}: {written[p]} has {len(labels)} labels but task "
                 f"'classify' needs exactly one per image; use task 'multilabel'"
             )
         if len(classes) < 2:
@@ -538,6 +564,4 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
         for p in order
         if p not in missing
     ]
-    return Dataset(
-        root=base, classes=classes, records=records, task=task, fmt="csv", skipped=skipped
-    )
+    return _dataset(base, classes, records, task, "csv", skipped)

@@ -1,8 +1,9 @@
 """What ``lensforge data inspect DATA`` reports: counts, sizes and problems of a dataset.
 
-:func:`inspect_dataset` reads every file once (SHA-256 of its bytes for exact duplicates,
-then :func:`~lensforge.data.image.probe_image` for format, size, mode and corruption) and
-returns a JSON-ready dict; :func:`print_inspection` renders that dict with rich.
+:func:`inspect_dataset` reads every file once (:func:`~lensforge.data.image.probe_image` for
+format, size, mode and corruption, then SHA-256 of its bytes for exact duplicates; only
+regular files are read, so a FIFO named like an image cannot block) and returns a JSON-ready
+dict; :func:`print_inspection` renders that dict with rich.
 
 Problems (they count in the verdict): unreadable files, exact duplicates (and duplicates
 that cross splits = leakage, or carry different labels), entries the reader skipped, classes
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
+import stat
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -49,9 +52,18 @@ _CHUNK = 1 << 20
 Progress = Callable[[int, int], None]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+def _sha256(path: Path) -> str | None:
+    """SHA-256 of a regular file's bytes; None for anything else (FIFO, device, directory).
+
+    Opened with O_NONBLOCK and checked with fstat on the open descriptor (as ``probe_image``
+    does), so a FIFO named like an image can never block the scan.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        digest = hashlib.sha256()
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -143,13 +155,17 @@ def inspect_dataset(
     for done, record in enumerate(records, start=1):
         rel = ds.relpath(record)
         try:
-            by_hash[_sha256(record.path)].append(record)
+            # Probe first: it never blocks and reports a FIFO or device as "unreadable"; a file
+            # that cannot be read is not hashed (corrupt ones are: copies are still copies).
             info = probe_image(record.path, verify=verify)
+            digest = _sha256(record.path) if info.error_code != "unreadable" else None
         except ImageError as exc:
             unreadable.append({"path": rel, "code": exc.code, "reason": str(exc)})
         except OSError as exc:
             unreadable.append({"path": rel, "code": "unreadable", "reason": str(exc)})
         else:
+            if digest is not None:
+                by_hash[digest].append(record)
             if info.error_code:
                 unreadable.append(
                     {"path": rel, "code": info.error_code, "reason": info.error or info.error_code}

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+TASKS = ("classify", "multilabel")  # what a Dataset, a config and a bundle can hold
 
 
 @dataclass(frozen=True)

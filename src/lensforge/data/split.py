@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import secrets
 from collections import Counter
 from pathlib import Path
 
@@ -163,16 +163,33 @@ def save_split(
         "splits": {name: [ds.relpath(r) for r in splits.get(name, [])] for name in SPLITS},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp_file(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_temp_file(path: Path) -> tuple[int, Path]:
+    """Open a new file beside ``path`` for writing, with the permissions any new file gets.
+
+    Not ``tempfile.mkstemp``: its file is private (0600), so a split saved by one user could
+    not be read by a server running as another. ``O_CREAT | O_EXCL`` with mode 0o666 lets the
+    kernel apply the umask atomically, without reading it through ``os.umask`` (which changes
+    it process-wide for a moment and is not thread-safe).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 48 random bits: practically never twice
+            continue
 
 
 def load_split(path: str | Path, ds: Dataset) -> dict[str, list[Record]]:

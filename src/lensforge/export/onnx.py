@@ -41,7 +41,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 torch.onnx.export(
                     model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False,
+                    dynamic_shapes=({0: batch},), dynamo=True, external_data=False,  # positional: forward(x) or forward(images)
                 )
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e

@@ -17,11 +17,12 @@ from rich.table import Table
 from rich.text import Text
 from sklearn import metrics as skm
 
-TASKS = ("classify", "multilabel")
+from lensforge.data.records import TASKS
+from lensforge.runtime.results import DEFAULT_THRESHOLD
 
 # A threshold for labels the validation split cannot tune (see ``tune_thresholds``): the
 # neutral point of a sigmoid, and the default ``ClassificationResult`` uses when untuned.
-FALLBACK_THRESHOLD = 0.5
+FALLBACK_THRESHOLD = DEFAULT_THRESHOLD
 
 # Ties in F-beta are decided within this relative tolerance: equal fractions such as 2/3 and
 # 8/12 may differ in the last bit once computed from float precision and recall.

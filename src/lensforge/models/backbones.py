@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BackboneInfo:
     timm_name: str  # the timm architecture (with a pretrained tag where it matters)
-    about: str
     offline: Callable[[nn.Module], None] | None = None  # loads bundled weights, no network
 
 
@@ -59,14 +58,14 @@ def _load_lite0_from_package(model: nn.Module) -> None:
 
 # A small curated list with friendly names; any other timm name works too.
 BACKBONES: dict[str, BackboneInfo] = {
-    "efficientnet_lite0": BackboneInfo("efficientnet_lite0", "EfficientNet-Lite0, 4.7M params, ImageNet weights offline", _load_lite0_from_package),
-    "resnet50": BackboneInfo("resnet50.a1_in1k", "ResNet-50 (timm A1 recipe, ImageNet)"),
-    "resnet18": BackboneInfo("resnet18.a1_in1k", "ResNet-18 (ImageNet)"),
-    "vit_b16": BackboneInfo("vit_base_patch16_224.augreg2_in21k_ft_in1k", "ViT-B/16 (ImageNet-21k → 1k)"),
-    "dino_vits16": BackboneInfo("vit_small_patch16_224.dino", "DINO ViT-S/16 (self-supervised)"),
-    "dino_vitb16": BackboneInfo("vit_base_patch16_224.dino", "DINO ViT-B/16 (self-supervised)"),
-    "convnext_tiny": BackboneInfo("convnext_tiny.fb_in22k_ft_in1k", "ConvNeXt-T"),
-    "mobilenetv3_large_100": BackboneInfo("mobilenetv3_large_100.ra_in1k", "MobileNetV3-Large"),
+    "efficientnet_lite0": BackboneInfo("efficientnet_lite0", _load_lite0_from_package),  # EfficientNet-Lite0, 4.7M params, ImageNet weights offline
+    "resnet50": BackboneInfo("resnet50.a1_in1k"),  # ResNet-50 (timm A1 recipe, ImageNet)
+    "resnet18": BackboneInfo("resnet18.a1_in1k"),  # ResNet-18 (ImageNet)
+    "vit_b16": BackboneInfo("vit_base_patch16_224.augreg2_in21k_ft_in1k"),  # ViT-B/16 (ImageNet-21k → 1k)
+    "dino_vits16": BackboneInfo("vit_small_patch16_224.dino"),  # DINO ViT-S/16 (self-supervised)
+    "dino_vitb16": BackboneInfo("vit_base_patch16_224.dino"),  # DINO ViT-B/16 (self-supervised)
+    "convnext_tiny": BackboneInfo("convnext_tiny.fb_in22k_ft_in1k"),  # ConvNeXt-T
+    "mobilenetv3_large_100": BackboneInfo("mobilenetv3_large_100.ra_in1k"),  # MobileNetV3-Large
 }
 
 
@@ -131,22 +130,36 @@ def _load_user_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def create_backbone(
-    name: str = "efficientnet_lite0", *, pretrained: bool = True, weights: str | Path | None = None
+    name: str = "efficientnet_lite0",
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, dict]:
     """Build a pooled-feature backbone.
 
     Returns ``(model, cfg)``: ``model(x)`` maps float32 (N, 3, H, W) to (N, model.num_features);
     ``cfg`` is timm's pretrained config (mean, std, crop_pct, input_size, interpolation).
+    image_size: the training input side. Architectures with a fixed input size (ViTs) are
+    built for it, their position embeddings resampled from the pretrained ones.
     """
     import timm
+    from timm.models import get_pretrained_cfg
 
     timm_name, info = _resolve(name)
     use_hub = pretrained and weights is None and (info is None or info.offline is None)
+    kwargs = {}
+    pcfg = get_pretrained_cfg(timm_name)
+    if image_size is not None and pcfg is not None and pcfg.fixed_input_size and pcfg.input_size[-1] != image_size:
+        kwargs["img_size"] = image_size
     try:
-        model = timm.create_model(timm_name, pretrained=use_hub, num_classes=0)
+        model = timm.create_model(timm_name, pretrained=use_hub, num_classes=0, **kwargs)
     except Exception as e:  # hub download failures come in many types
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if not use_hub:
+            raise ModelError(f"could not build backbone {name!r}: {first}") from e
         raise ModelError(
-            f"could not download pretrained weights for {name!r} ({type(e).__name__}); without internet pass "
+            f"could not load pretrained weights for {name!r} ({first}); without internet pass "
             f"--weights FILE (safetensors or state dict), use the offline default 'efficientnet_lite0', or --no-pretrained"
         ) from e
     if weights is not None:

@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from lensforge.data.records import TASKS
 from lensforge.errors import BundleError
 from lensforge.runtime.preprocess import InputSpec
 
@@ -29,7 +31,6 @@ META_FILE = "lensforge.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 SPLIT_FILE = "split.json"
-TASKS = ("classify", "multilabel")
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,71 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         raise BundleError(f"{meta_path} is incomplete: missing {', '.join(missing)}")
     if meta["task"] not in TASKS:
         raise BundleError(f"{p} holds a {meta['task']!r} model; this lensforge handles {', '.join(TASKS)}")
+    _check_meta(meta, meta_path)
     bundle = Bundle(p, meta)
-    try:
-        bundle.input_spec
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{meta_path} has an invalid input spec: {e}") from None
     if not bundle.model_path.is_file() or bundle.model_path.stat().st_size == 0:
         raise BundleError(f"{p} is incomplete: {bundle.model_path.name} is missing or empty")
     return bundle
+
+
+def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
+    """Check the fields readers index into, so a hand-edited file fails here, in one line."""
+    bad = f"{meta_path} is invalid:"
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise BundleError(f"{bad} 'classes' must be a non-empty list of class names, got {_short(classes)}")
+    if len(set(classes)) != len(classes):
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        raise BundleError(f"{bad} 'classes' lists {', '.join(map(repr, twice))} more than once")
+
+    th = meta.get("thresholds")
+    if th is not None:
+        numbers = isinstance(th, list) and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in th)
+        if not numbers or len(th) != len(classes) or not all(0 <= t <= 1 for t in th):  # NaN fails 0 <= t
+            raise BundleError(
+                f"{bad} 'thresholds' must be a list of {len(classes)} numbers in [0, 1] (one per class), "
+                f"got {_short(th)}"
+            )
+
+    if not isinstance(meta["input"], dict):
+        raise BundleError(f"{bad} 'input' must be an object (size, resize, mean, std), got {_short(meta['input'])}")
+    try:
+        InputSpec.from_dict(meta["input"])
+    except KeyError as e:
+        raise BundleError(f"{bad} the input spec has no {e} entry") from None
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)
+        raise BundleError(f"{bad} the input spec is wrong: {e}") from None
+
+    for key in ("model", "data"):  # readers call .get() on both
+        if key in meta and not isinstance(meta[key], dict):
+            raise BundleError(f"{bad} {key!r} must be an object, got {_short(meta[key])}")
+    file = meta.get("model", {}).get("file", MODEL_FILE)
+    if not _inside(meta_path.parent, file):
+        raise BundleError(
+            f"{bad} 'model.file' must be a relative file name inside the bundle (e.g. {MODEL_FILE!r}), "
+            f"got {_short(file)}"
+        )
+
+
+def _inside(bundle_dir: Path, file: Any) -> bool:
+    """Whether ``file`` names a path inside ``bundle_dir``.
+
+    The model is read from inside the bundle only: an edited bundle must not point a server at
+    an arbitrary file (an absolute path, '..', or a symlink that leads out of the bundle).
+    '..' is refused even when it would come back inside: a plain name is all training writes.
+    """
+    if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+        return False
+    try:
+        root = bundle_dir.resolve()
+        return (root / file).resolve().is_relative_to(root)
+    except (OSError, ValueError, RuntimeError):  # ValueError: a NUL byte; RuntimeError: a symlink loop
+        return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:
@@ -134,7 +192,7 @@ def atomic_directory(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest} already exists; pass --overwrite to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = _make_temp_dir(dest.parent, prefix=f".{dest.name}.tmp-")
     try:
         yield tmp
         if dest.exists():
@@ -147,3 +205,20 @@ def atomic_directory(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory in ``parent`` with the permissions any ``mkdir`` there gets.
+
+    Not ``tempfile.mkdtemp``: that makes a private 0700 directory, so a bundle trained by one
+    user could not be read by a server running as another. ``mkdir(mode=0o777)`` lets the
+    kernel apply the umask (and any default ACL) atomically, without reading the umask with
+    ``os.umask``, which changes it process-wide for a moment and is not thread-safe.
+    """
+    while True:
+        tmp = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            tmp.mkdir(mode=0o777)
+        except FileExistsError:  # 48 random bits: practically never twice
+            continue
+        return tmp

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from lensforge.data.image import decode_image
+from lensforge.data.image import decode_image, to_rgb
 from lensforge.errors import BundleError, ImageError
 from lensforge.hardware import cpu_count
 from lensforge.runtime.bundle import Bundle, load_bundle
@@ -72,7 +71,11 @@ class Predictor:
     def load(self, source: ImageSource) -> Image.Image:
         """Decode any supported source to an RGB image (safe decoder: caps, allow-list, EXIF)."""
         if isinstance(source, Image.Image):
-            return source.convert("RGB") if source.mode != "RGB" else source
+            try:
+                source.load()
+            except (OSError, ValueError) as e:
+                raise ImageError("corrupt", f"corrupt or truncated image: {type(e).__name__}") from None
+            return to_rgb(source)  # the decoder's own mode policy (alpha over white, 16-bit scaled)
         if isinstance(source, np.ndarray):
             if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
                 raise ImageError("unreadable", f"arrays must be HxWx3 uint8 RGB, got {source.shape} {source.dtype}")
@@ -119,20 +122,22 @@ class Predictor:
             except ImageError as e:
                 return e
 
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
-            chunk: list[ImageSource] = []
-            for src in sources:
-                chunk.append(src)
-                if len(chunk) == batch_size:
-                    yield from self._run_chunk(chunk, pool.map(prep, chunk))
-                    chunk = []
-            if chunk:
-                yield from self._run_chunk(chunk, pool.map(prep, chunk))
+            # the next chunk is submitted before the current one runs, so decoding overlaps inference
+            pending: tuple[list[ImageSource], list[Future]] | None = None
+            for chunk in _chunks(sources, batch_size):
+                submitted = (chunk, [pool.submit(prep, src) for src in chunk])
+                if pending is not None:
+                    yield from self._run_chunk(pending[0], [f.result() for f in pending[1]])
+                pending = submitted
+            if pending is not None:
+                yield from self._run_chunk(pending[0], [f.result() for f in pending[1]])
 
     def _run_chunk(
-        self, chunk: list[ImageSource], prepared: Iterable[np.ndarray | ImageError]
+        self, chunk: list[ImageSource], items: list[np.ndarray | ImageError]
     ) -> Iterator[tuple[ImageSource, ClassificationResult | ImageError]]:
-        items = list(prepared)
         ok = [x for x in items if isinstance(x, np.ndarray)]
         scores = iter(self.run(np.stack(ok))) if ok else iter(())
         for src, item in zip(chunk, items):
@@ -142,15 +147,12 @@ class Predictor:
         return f"Predictor({str(self.bundle.path)!r}, task={self.bundle.task}, classes={len(self.classes)})"
 
 
-def image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files and directories (recursively, sorted) into image file paths."""
-    from lensforge.data.formats import IMAGE_EXTENSIONS
-
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in f.relative_to(p).parts)))
-        else:
-            out.append(p)
-    return out
+def _chunks(items: Iterable[ImageSource], size: int) -> Iterator[list[ImageSource]]:
+    chunk: list[ImageSource] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -7,6 +7,7 @@ validated on. The facts it needs travel in the bundle as an :class:`InputSpec`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,23 +39,35 @@ class InputSpec:
             raise ValueError(f"need 8 <= size <= resize, got size={self.size}, resize={self.resize}")
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {list(values)}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be > 0 for every channel (it divides the pixels), got {list(self.std)}")
 
     @classmethod
-    def for_size(cls, size: int, crop_pct: float = 0.875, **kw: Any) -> "InputSpec":
-        return cls(size=size, resize=int(round(size / crop_pct)), **kw)
+    def for_size(cls, size: int, crop_pct: float = 0.875, **kw: Any) -> InputSpec:
+        return cls(size=size, resize=round(size / crop_pct), **kw)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         return cls(
             size=int(d["size"]),
             resize=int(d["resize"]),
-            mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+            mean=_floats(d["mean"], "mean"),  # type: ignore[arg-type]
+            std=_floats(d["std"], "std"),  # type: ignore[arg-type]
             interpolation=str(d.get("interpolation", "bilinear")),
         )
+
+
+def _floats(values: Any, name: str) -> tuple[float, ...]:
+    # A JSON string would otherwise pass as a sequence of digits: "123" -> (1.0, 2.0, 3.0).
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of 3 numbers, got {values!r}")
+    return tuple(float(v) for v in values)
 
 
 def resize_shorter(img: Image.Image, spec: InputSpec) -> Image.Image:

@@ -8,6 +8,9 @@ from typing import Any
 import numpy as np
 
 
+DEFAULT_THRESHOLD = 0.5  # multi-label decision threshold where none was tuned
+
+
 @dataclass(frozen=True)
 class ClassificationResult:
     """Scores of one image.
@@ -53,7 +56,7 @@ class ClassificationResult:
         every label whose score reaches its threshold (0.5 where none was tuned), best first."""
         if not self.multilabel:
             return [self.label]
-        th = self.thresholds if self.thresholds is not None else np.full_like(self.scores, 0.5)
+        th = self.thresholds if self.thresholds is not None else np.full_like(self.scores, DEFAULT_THRESHOLD)
         hits = np.flatnonzero(self.scores >= th)
         hits = hits[np.argsort(-self.scores[hits], kind="stable")]
         return [self.classes[i] for i in hits]

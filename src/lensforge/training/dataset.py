@@ -71,7 +71,8 @@ def load_images(
 def train_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
     """Random resized crop + horizontal flip, then the bundle's normalisation."""
     aug = v2.Compose([
-        v2.RandomResizedCrop(spec.size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomResizedCrop(spec.size, scale=(0.35, 1.0), antialias=True,
+                             interpolation=v2.InterpolationMode(spec.interpolation)),
         v2.RandomHorizontalFlip(),
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),

@@ -17,15 +17,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lensforge.config import TrainConfig
-from lensforge.errors import LensforgeError
+from lensforge.errors import TrainingInterrupted
 from lensforge.hardware import has_native_bf16
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(LensforgeError):
-    """Ctrl-C during training; a checkpoint to resume from was saved."""
 
 
 def choose_precision(requested: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -55,18 +56,23 @@ def cached_features(
     key_parts: list[str],
     compute: Callable[[], np.ndarray],
 ) -> np.ndarray:
-    """Features are computed once per (backbone, input spec, image list) and kept as .npy
-    (plain arrays: ``allow_pickle=False``)."""
+    """Features are computed once per (backbone, input spec, image files) and kept as .npy
+    (plain arrays: ``allow_pickle=False``), so a second probe on the same images (another C,
+    another split of the same files) skips extraction. A cache that cannot be written is
+    only a missed speed-up."""
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:16]
     path = cache_dir / f"features-{key}.npy"
     if path.is_file():
         log.info("using cached features %s", path)
         return np.load(path, allow_pickle=False)
     feats = compute()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, feats, allow_pickle=False)
-    tmp.replace(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, feats, allow_pickle=False)
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("could not cache probe features in %s: %s", cache_dir, e)
     return feats
 
 

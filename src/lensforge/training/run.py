@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +20,13 @@ from lensforge.config import TrainConfig
 from lensforge.data.formats import read_dataset
 from lensforge.data.records import Dataset, Record, targets
 from lensforge.data.split import load_split, save_split, split_records
-from lensforge.errors import ConfigError, DataError
+from lensforge.errors import ConfigError, DataError, ImageError, TrainingInterrupted
 from lensforge.export.onnx import export_onnx, verify_onnx
 from lensforge.hardware import cpu_count, describe
 from lensforge.models import Classifier, ScoresModel, create_backbone
 from lensforge.runtime.bundle import MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, atomic_directory, write_meta
 from lensforge.runtime.preprocess import InputSpec
+from lensforge.runtime.results import DEFAULT_THRESHOLD
 from lensforge.training.dataset import RecordDataset, eval_transform, load_images, train_transform
 from lensforge.ui import Reporter
 
@@ -38,7 +42,7 @@ class TrainResult:
     parity: float  # max |ONNX - torch| on real validation images
     skipped_images: int
     history: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole train() call
 
 
 def default_run_dir(ds_path: Path, task: str, probe: bool) -> Path:
@@ -57,18 +61,32 @@ def versions() -> dict[str, str]:
     }
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a directory ``train`` made (the only kind --overwrite replaces)."""
+    return (path / "config.yaml").is_file() or (path / "bundle" / "lensforge.json").is_file()
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """Make ``run_dir`` ready. With --overwrite an earlier run is moved aside, not deleted:
+    the caller deletes it once the new run has succeeded, or puts it back if it failed.
+    Returns the moved-aside run, if any."""
     if cfg.resume:
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():
             raise ConfigError(f"nothing to resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist")
-        return
+        return None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; choose a directory")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise ConfigError(f"run directory {run_dir} already exists; pass --overwrite to replace it, --resume to continue it, or --out DIR")
-        import shutil
-
-        shutil.rmtree(run_dir)
+        if not is_run_dir(run_dir):
+            raise ConfigError(f"refusing to replace {run_dir}: it is not a lensforge run directory (no config.yaml); choose another --out")
+        previous = run_dir.with_name(f".{run_dir.name}.previous-{os.getpid()}")
+        os.replace(run_dir, previous)
+        run_dir.mkdir(parents=True)
+        return previous
     run_dir.mkdir(parents=True, exist_ok=True)
+    return None
 
 
 def make_split(ds: Dataset, cfg: TrainConfig, run_dir: Path) -> dict[str, list[Record]]:
@@ -89,26 +107,52 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     Returns where everything went and the validation/test metrics.
     """
     t0 = time.perf_counter()
-    cfg = (cfg or TrainConfig()).override(**overrides).validate()
+    # a copy: the caller's config is never changed (a loop over datasets must not inherit a task)
+    cfg = dataclasses.replace(cfg or TrainConfig()).override(**overrides).validate()
     ui = reporter or Reporter()
     torch.set_num_threads(cpu_count())
 
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task)
-    task = ds.task
-    multilabel = task == "multilabel"
+    cfg.task = ds.task
     import lightning as L
 
     L.seed_everything(cfg.seed, verbose=False)
     # the backbone (name, weights file) is checked before anything is written, so a typo
     # leaves no run directory behind
-    backbone, bb_cfg = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
+    backbone, bb_cfg = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size)
     spec = InputSpec.for_size(
         cfg.image_size, crop_pct=float(bb_cfg.get("crop_pct", 0.875)),
         mean=tuple(bb_cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(bb_cfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation=bb_cfg.get("interpolation") if bb_cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear",
     )
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(Path(cfg.data), task, cfg.probe)
-    prepare_run_dir(cfg, run_dir)
-    cfg.task = task
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(Path(cfg.data), ds.task, cfg.probe)
+    fresh = not run_dir.exists()
+    previous = prepare_run_dir(cfg, run_dir)
+    try:
+        result = _train_in(run_dir, cfg, ds, backbone, spec, ui)
+    except TrainingInterrupted:
+        _discard(previous)  # the new run is resumable, and replacing the old one was asked for
+        raise
+    except BaseException:
+        if previous is not None:  # put the earlier run back as it was
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.replace(previous, run_dir)
+        elif fresh and not (run_dir / "checkpoints").is_dir():  # nothing worth keeping
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    _discard(previous)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _discard(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, backbone: torch.nn.Module, spec: InputSpec, ui: Reporter) -> TrainResult:
+    task = ds.task
+    multilabel = task == "multilabel"
     cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe())
     splits = make_split(ds, cfg, run_dir)
     ui.step(
@@ -148,12 +192,12 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
         from lensforge.training.finetune import fit
 
         ui.step(f"Fine-tuning {cfg.backbone} at {spec.size}px for up to {cfg.epochs} epochs")
-        module, result = fit(
+        _, fitted = fit(
             model, loader(dataset("train", train_transform(spec)), True), loader(val_set, False) if len(val_set) else None,
             cfg, run_dir, multilabel, reporter=ui,
             resume_from=run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None,
         )
-        history = result.history
+        history = fitted.history
         _write_history(history, run_dir)
 
     bundle_dir = run_dir / "bundle"
@@ -163,10 +207,12 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
         from lensforge.evaluation import write_report
         from lensforge.runtime.bundle import load_bundle
 
-        done, y, s, _ = scored[held_out]
+        done, y, s, failed = scored[held_out]
+        if failed:
+            ui.warn(f"{len(failed)} {held_out} image(s) could not be read and are not in the {held_out} metrics")
         report = {**metrics[held_out], "evaluated_on": f"the {held_out} split saved at training time"}
         write_report(run_dir / "eval", load_bundle(bundle_dir), done, y, s, report)
-    return TrainResult(task, run_dir, bundle_dir, metrics, parity, skipped, history, time.perf_counter() - t0)
+    return TrainResult(task, run_dir, bundle_dir, metrics, parity, skipped, history)
 
 
 def fit_linear_probe(
@@ -176,17 +222,29 @@ def fit_linear_probe(
     from lensforge.training.probe import cached_features, extract_features, fit_probe, set_linear_head
 
     loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=False, num_workers=cfg.workers)
-    key = [cfg.backbone, str(cfg.weights), str(cfg.pretrained), repr(spec)] + [ds.relpath(r) for r in train_set.records]
+    key = [cfg.backbone, str(cfg.weights), str(cfg.pretrained), repr(spec)] + [_file_key(r.path) for r in train_set.records]
 
     def compute() -> np.ndarray:
         with ui.track("Extracting features", len(train_set)) as advance:
             return extract_features(model.backbone, loader, advance)
 
-    feats = cached_features(run_dir / "cache", key, compute)
+    feats = cached_features(feature_cache_dir(), key, compute)
     y = targets(train_set.records, len(ds.classes), multilabel)
     ui.step(f"Fitting logistic regression on {feats.shape[0]} × {feats.shape[1]} features")
     weight, bias = fit_probe(feats, y, len(ds.classes), multilabel, cfg.probe_c, cfg.seed)
     set_linear_head(model, weight, bias)
+
+
+def feature_cache_dir() -> Path:
+    """Where probe features are kept between runs: $LENSFORGE_CACHE, else ~/.cache/lensforge."""
+    root = os.environ.get("LENSFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lensforge"
+    return Path(root) / "features"
+
+
+def _file_key(path: Path) -> str:
+    """A changed image (size or mtime) gets new features."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _write_history(history: list[dict[str, Any]], run_dir: Path) -> None:
@@ -252,8 +310,8 @@ def write_bundle(
                 y, s = evaluated["val"][1], evaluated["val"][2]
                 thresholds = tune_thresholds(y, s, beta=cfg.beta)
             else:
-                ui.warn("no validation images: multi-label thresholds stay at 0.5")
-                thresholds = np.full(len(ds.classes), 0.5, np.float32)
+                ui.warn(f"no validation images: multi-label thresholds stay at {DEFAULT_THRESHOLD}")
+                thresholds = np.full(len(ds.classes), DEFAULT_THRESHOLD, np.float32)
             meta["thresholds"] = [float(t) for t in thresholds]
             meta["threshold_beta"] = cfg.beta
         from lensforge.evaluation import compute_metrics
@@ -276,6 +334,6 @@ def _first_image(records: list[Record], spec: InputSpec) -> Any:
     for r in records:
         try:
             return decode_image(r.path, min_size=spec.resize)
-        except Exception:  # any unreadable image: try the next one
+        except ImageError:
             continue
     raise DataError("no readable image to verify the export with")
