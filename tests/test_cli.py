@@ -300,3 +300,62 @@ def test_a_backbone_typo_leaves_no_run_directory(env: Env, capsys: pytest.Captur
     code, _, _ = run_cli(["train", env.shapes, "--out", out, "--backbone", "efficentnet_lite0", *TRAIN_OPTS], capsys)
     assert code == 2
     assert not out.exists()
+
+
+def test_markup_like_text_in_errors_is_printed_as_is(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    """Paths are user text: rich must not read "[/x]" or "[train]" as markup (that used to
+    raise MarkupError, or drop the text)."""
+    weird = env.tmp / "data[/x]" / "[train]"
+    code, _, err = run_cli(["data", "inspect", weird], capsys)
+    assert code == 2
+    assert "data[/x]" in err and "[train]" in err and "Traceback" not in err
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    precious = env.tmp / "documents"
+    (precious / "thesis.txt").parent.mkdir(parents=True)
+    (precious / "thesis.txt").write_text("years of work")
+    code, _, err = run_cli(["train", env.shapes, "--out", precious, "--overwrite", *TRAIN_OPTS], capsys)
+    assert code == 2 and "not a lensforge run directory" in err
+    assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_failed_overwrite_puts_the_previous_run_back(
+    env: Env, capsys: pytest.CaptureFixture[str], make_image: Callable[..., Path]
+) -> None:
+    out = env.tmp / "run"
+    assert run_cli(["train", env.shapes, "--out", out, *TRAIN_OPTS], capsys)[0] == 0
+    before = (out / "bundle" / "lensforge.json").read_text()
+    # same run, now with data that has a single class: fails after the old run was moved aside
+    one_class = _folders(env.tmp / "one", {"only": 3}, make_image)
+    code, _, err = run_cli(["train", one_class, "--out", out, "--overwrite", *TRAIN_OPTS], capsys)
+    assert code == 2
+    assert (out / "bundle" / "lensforge.json").read_text() == before
+    assert not list(env.tmp.glob(".run.previous-*"))
+
+
+def test_a_command_missing_its_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import lensforge.cli as cli
+
+    def needs_torch(_args: object) -> int:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(cli, "cmd_evaluate", needs_torch)
+    code, _, err = run_cli(["evaluate", "b", "d"], capsys)
+    assert code == 2 and "pip install 'lensforge[train]'" in err and "torch" in err
+
+
+@pytest.mark.parametrize("argv", [["predict", "b", "x", "--top", "0"], ["train", "d", "--epochs", "-1"]])
+def test_counts_must_be_positive(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "must be at least 1" in err
+
+
+def test_evaluate_split_on_unrelated_data_is_refused(
+    env: Env, capsys: pytest.CaptureFixture[str], make_image: Callable[..., Path]
+) -> None:
+    other = _folders(env.tmp / "other", {"circle": 2, "square": 2}, make_image)
+    code, _, err = run_cli(["evaluate", env.bundle, other, "--split", "test"], capsys)
+    assert code == 2 and "no 'test' split" in err
+    code, out, _ = run_cli(["evaluate", env.bundle, other, "--json", "--out", env.tmp / "ev"], capsys)
+    assert code == 0 and json.loads(out)["n"] == 4  # without --split: every image

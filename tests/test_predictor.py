@@ -3,6 +3,7 @@ images and bad bundles fail with clear errors, and serving never imports torch."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -359,3 +360,16 @@ def test_model_file_may_live_in_a_subfolder_of_the_bundle(shapes_bundle: Path, t
     (bundle / "model.onnx").rename(bundle / "onnx" / "m.onnx")
     _model_file("onnx/m.onnx")(bundle)
     assert load_bundle(bundle).model_path == bundle / "onnx" / "m.onnx"
+
+
+def test_pil_images_follow_the_decoders_mode_policy(predictor: Predictor) -> None:
+    """A transparent RGBA pixel is composited over white and 16-bit values are scaled, for
+    PIL inputs exactly as for files."""
+    from lensforge.data.image import decode_image
+
+    rgba = Image.new("RGBA", (80, 80), (255, 0, 0, 0))
+    assert predictor.load(rgba).getpixel((0, 0)) == (255, 255, 255)
+    sixteen = Image.fromarray(np.full((80, 80), 40000, np.uint16))
+    buf = io.BytesIO()
+    sixteen.save(buf, format="PNG")
+    assert predictor.load(sixteen).getpixel((0, 0)) == decode_image(buf.getvalue()).getpixel((0, 0))

@@ -403,3 +403,12 @@ def test_max_steps_shorter_than_an_epoch_still_writes_a_bundle(tmp_path: Path, s
     assert TrainConfig.load(tmp_path / "run" / "config.yaml").patience > 0
     assert [h["epoch"] for h in result.history] == [1] and "train_loss" in result.history[0]
     assert (result.bundle_dir / "model.onnx").is_file()
+
+
+def test_train_never_changes_the_callers_config(tmp_path: Path, multilabel_dir: Path, tiny_train: dict) -> None:
+    from lensforge.config import TrainConfig
+
+    cfg = TrainConfig(**{k: v for k, v in tiny_train.items() if k != "data"})
+    before = cfg.to_dict()
+    lensforge.train(cfg, data=str(multilabel_dir), out=str(tmp_path / "run"))
+    assert cfg.to_dict() == before  # task stays None: the next dataset decides its own
