@@ -230,6 +230,61 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed and failed == len(rows) else 0
 
 
+EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve")
+
+
+def default_export_dir(bundle: Path, target: str) -> Path:
+    """Beside the bundle: <bundle>-fp16, <bundle>-int8, triton/, torchserve/."""
+    bundle = bundle.resolve()
+    return {
+        "onnx-fp16": bundle.with_name(f"{bundle.name}-fp16"),
+        "onnx-int8": bundle.with_name(f"{bundle.name}-int8"),
+        "triton": bundle.parent / "triton",
+        "torchserve": bundle.parent / "torchserve",
+    }[target]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lensforge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)  # a clear error before any export tool is imported
+    out = Path(args.out) if args.out else default_export_dir(bundle.path, args.to)
+    ui = ConsoleReporter()
+    ui.step(f"Exporting {bundle.path} → {args.to} in {out}")
+    if args.to == "onnx-fp16":
+        from lensforge.export.quantize import export_fp16
+
+        written = export_fp16(bundle.path, out, overwrite=args.overwrite)
+    elif args.to == "onnx-int8":
+        from lensforge.export.quantize import export_int8
+
+        written = export_int8(bundle.path, out, calib=args.calib, calib_dir=Path(args.calib_dir) if args.calib_dir else None,
+                              max_drop=args.max_drop, force=args.force, method=args.method, overwrite=args.overwrite)
+    elif args.to == "triton":
+        from lensforge.export.triton import export_triton
+
+        written = export_triton(bundle.path, out, name=args.name, overwrite=args.overwrite)
+    else:
+        from lensforge.export.torchserve import export_torchserve
+
+        written = export_torchserve(bundle.path, out, name=args.name, overwrite=args.overwrite)
+    _print_export(Path(written))
+    return 0
+
+
+def _print_export(written: Path) -> None:
+    meta_file = written / "lensforge.json"
+    if meta_file.is_file():
+        export = json.loads(meta_file.read_text()).get("export", {})
+        if export:
+            t = Table(title="Export check", show_header=False, title_justify="left", box=None, padding=(0, 2))
+            for k, v in export.items():
+                if isinstance(v, (int, float, str)):
+                    t.add_row(escape(k), escape(f"{v:.4g}" if isinstance(v, float) else str(v)))
+            console.print(t)
+    console.print(f"[bold cyan]›[/] Written: {escape(str(written))}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lensforge.demo import run_demo
 
@@ -247,6 +302,7 @@ EPILOG = """examples:
   lensforge train photos/ --probe             logistic regression on frozen features (fast baseline)
   lensforge evaluate runs/photos-classify/bundle photos/
   lensforge predict runs/photos-classify/bundle new_photos/ --json
+  lensforge export runs/photos-classify/bundle --to onnx-int8
 """
 
 
@@ -335,6 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output directory (default: <run>/eval)")
     e.add_argument("--json", action="store_true", help="print metrics as JSON")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="fp16 / int8 ONNX, a Triton model repository, or a TorchServe archive",
+                       description="Export BUNDLE to another target. Every export is checked against the model it "
+                                   "came from; int8 is refused when it loses more than --max-drop points of accuracy.")
+    x.add_argument("bundle")
+    x.add_argument("--to", required=True, choices=EXPORT_TARGETS)
+    x.add_argument("--out", help="output directory (default: beside the bundle)")
+    x.add_argument("--name", help="model name for Triton / TorchServe (default: the bundle's directory name)")
+    x.add_argument("--calib", type=positive_int, default=200, help="int8: calibration images from the training split (default 200)")
+    x.add_argument("--calib-dir", help="int8: calibrate on the images in this folder instead")
+    x.add_argument("--max-drop", type=float, default=1.0, help="int8: refuse if accuracy drops more points than this (default 1.0)")
+    x.add_argument("--force", action="store_true", help="int8: keep the model even past --max-drop")
+    x.add_argument("--method", choices=("static", "dynamic"), default="static", help="int8 quantisation (default static QDQ)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="predict images or folders with a bundle (ONNX Runtime)",
                         description="Predict every image given (folders are searched recursively).")
