@@ -359,3 +359,35 @@ def test_evaluate_split_on_unrelated_data_is_refused(
     assert code == 2 and "no 'test' split" in err
     code, out, _ = run_cli(["evaluate", env.bundle, other, "--json", "--out", env.tmp / "ev"], capsys)
     assert code == 0 and json.loads(out)["n"] == 4  # without --split: every image
+
+
+@pytest.mark.parametrize(
+    ("target", "made"),
+    [("onnx-fp16", "model.onnx"), ("triton", "config.pbtxt"), ("torchserve", ".mar")],
+)
+def test_export_targets_from_the_cli(env: Env, capsys: pytest.CaptureFixture[str], target: str, made: str) -> None:
+    out = env.tmp / f"export-{target}"
+    code, stdout, err = run_cli(["export", env.bundle, "--to", target, "--out", out], capsys)
+    assert code == 0, err
+    assert any(p.name.endswith(made) for p in out.rglob("*")), sorted(out.rglob("*"))
+    assert "Written:" in stdout
+    again = run_cli(["export", env.bundle, "--to", target, "--out", out], capsys)
+    assert again[0] == 2 and "already exists" in again[2]  # never silently replaced
+    assert run_cli(["export", env.bundle, "--to", target, "--out", out, "--overwrite"], capsys)[0] == 0
+
+
+def test_export_int8_guard_from_the_cli(env: Env, capsys: pytest.CaptureFixture[str], make_image: Callable[..., Path]) -> None:
+    """The shapes bundle is barely trained: any accuracy change fails a negative --max-drop,
+    so the guard must refuse and write nothing."""
+    calib = env.tmp / "calib"
+    make_image(calib / "black.png", size=(64, 64))
+    out = env.tmp / "int8"
+    code, _, err = run_cli(["export", env.bundle, "--to", "onnx-int8", "--out", out, "--calib-dir", calib,
+                            "--max-drop", "-100"], capsys)
+    assert code == 2 and "--max-drop" in err and "--force" in err
+    assert not out.exists()
+
+
+def test_export_needs_a_bundle(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["export", env.tmp / "nothing", "--to", "triton"], capsys)
+    assert code == 2 and "bundle not found" in err
