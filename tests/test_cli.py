@@ -391,3 +391,20 @@ def test_export_int8_guard_from_the_cli(env: Env, capsys: pytest.CaptureFixture[
 def test_export_needs_a_bundle(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["export", env.tmp / "nothing", "--to", "triton"], capsys)
     assert code == 2 and "bundle not found" in err
+
+
+def test_predict_with_an_unavailable_provider_says_what_is_available(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["predict", env.bundle, env.image(), "--provider", "cuda"], capsys)
+    assert code == 2 and "CPUExecutionProvider" in err and "onnxruntime-gpu" in err
+    code, out, _ = run_cli(["predict", env.bundle, env.image(), "--provider", "cuda", "--fallback", "--json"], capsys)
+    assert code == 0 and json.loads(out.splitlines()[0])["labels"]
+
+
+def test_export_all_writes_every_target_and_a_parity_table(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    out = env.tmp / "all"
+    code, stdout, err = run_cli(["export", env.bundle, "--to", "all", "--out", out, "--force", "--max-drop", "100"], capsys)
+    assert code == 0, err
+    parity = json.loads((out / "parity.json").read_text())
+    targets = {row["target"] for row in parity["rows"]}
+    assert {"onnx fp32", "fp16", "int8", "triton", "torchserve"} <= targets
+    assert "triton" in stdout

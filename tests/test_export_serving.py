@@ -4,7 +4,6 @@ handler answers exactly what the Predictor answers; bad inputs fail in one line.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import pytest
 
 from lensforge.errors import BundleError, ExportError
 from lensforge.export import torchserve
+from lensforge.export.parity import FakeContext, load_handler
 from lensforge.export.torchserve import export_torchserve
 from lensforge.export.triton import export_triton
 from lensforge.runtime import Predictor, load_bundle
@@ -99,29 +99,6 @@ def test_triton_without_tritonclient_still_writes_and_says_so(
 # -- TorchServe -----------------------------------------------------------------------------
 
 
-class FakeContext:
-    """The parts of TorchServe's ``Context`` a handler uses."""
-
-    def __init__(self, model_dir: Path, manifest: dict[str, Any]) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 4}
-        self.manifest = manifest
-        self.statuses: dict[int, int] = {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = code
-
-
-def _load_handler(model_dir: Path, manifest: dict[str, Any]) -> Any:
-    """Import the archive's handler file the way TorchServe does and instantiate its one class."""
-    handler_file = model_dir / manifest["model"]["handler"]
-    spec = importlib.util.spec_from_file_location(handler_file.stem, handler_file)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    classes = [v for v in vars(module).values() if isinstance(v, type) and v.__module__ == module.__name__]
-    assert len(classes) == 1  # TorchServe requires exactly one class in a class-style handler
-    return classes[0]()
-
-
 def test_torchserve_archive_and_handler_match_the_predictor(
     shapes_bundle: Path, tmp_path: Path, jpegs: list[Path], predictor: Predictor
 ) -> None:
@@ -139,7 +116,7 @@ def test_torchserve_archive_and_handler_match_the_predictor(
     assert "import torch" not in (model_dir / manifest["model"]["handler"]).read_text()
 
     context = FakeContext(model_dir, manifest)
-    handler = _load_handler(model_dir, manifest)
+    handler = load_handler(model_dir, manifest)
     handler.initialize(context)
     requests = [{"data": jpegs[0].read_bytes()}, {"body": bytearray(jpegs[1].read_bytes())}, {"body": b"not an image"}]
     answers = handler.handle(requests, context)
@@ -211,7 +188,9 @@ def _free_port() -> int:
 def test_real_torchserve_answers_like_the_predictor(
     shapes_bundle: Path, tmp_path: Path, jpegs: list[Path], predictor: Predictor
 ) -> None:
-    exe = shutil.which("torchserve")
+    # the venv's own script first: `make test` runs .venv/bin/python without activating the venv
+    beside = Path(sys.executable).with_name("torchserve")
+    exe = str(beside) if beside.is_file() else shutil.which("torchserve")
     if exe is None or shutil.which("java") is None:
         pytest.skip("torchserve or java is not installed")
     store = tmp_path / "store"

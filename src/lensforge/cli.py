@@ -167,7 +167,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lensforge.evaluation import evaluate
     from lensforge.metrics.classification import print_report
 
-    res = evaluate(args.bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json))
+    res = evaluate(args.bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json),
+                   predictor=make_predictor(args, args.bundle))
     if args.json:
         print(json.dumps(res.metrics, indent=2))
         return 0
@@ -178,9 +179,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from lensforge.data.formats import list_images
-    from lensforge.runtime.predictor import Predictor
 
-    predictor = Predictor(args.bundle, threads=args.threads)
+    predictor = make_predictor(args, args.bundle)
     paths = list_images(args.inputs)
     if not paths:
         raise DataError(f"no images found in {', '.join(args.inputs)}")
@@ -230,7 +230,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed and failed == len(rows) else 0
 
 
-EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve")
+EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve", "all")
 
 
 def default_export_dir(bundle: Path, target: str) -> Path:
@@ -241,6 +241,7 @@ def default_export_dir(bundle: Path, target: str) -> Path:
         "onnx-int8": bundle.with_name(f"{bundle.name}-int8"),
         "triton": bundle.parent / "triton",
         "torchserve": bundle.parent / "torchserve",
+        "all": bundle.parent / "exports",
     }[target]
 
 
@@ -260,6 +261,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         written = export_int8(bundle.path, out, calib=args.calib, calib_dir=Path(args.calib_dir) if args.calib_dir else None,
                               max_drop=args.max_drop, force=args.force, method=args.method, overwrite=args.overwrite)
+    elif args.to == "all":
+        from lensforge.export.parity import export_all, print_report
+
+        report = export_all(bundle.path, out, calib=args.calib, max_drop=args.max_drop, force=args.force,
+                            overwrite=args.overwrite, reporter=ui)
+        (out / "parity.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        print_report(report, console)
+        console.print(f"[bold cyan]›[/] Written: {escape(str(out))} (parity table in parity.json)")
+        return 0
     elif args.to == "triton":
         from lensforge.export.triton import export_triton
 
@@ -314,6 +324,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """ONNX Runtime choices shared by every command that runs a bundle."""
+    p.add_argument("--provider", action="append", metavar="NAME",
+                   help="execution provider: cpu (default), cuda, tensorrt, openvino, dml, coreml, ... (repeat or comma-separate for an order)")
+    p.add_argument("--fallback", action="store_true", help="drop unavailable providers instead of failing")
+    p.add_argument("--optimization", choices=("disable", "basic", "extended", "all"), default="all",
+                   help="ONNX Runtime graph optimisation level (default all)")
+    p.add_argument("--cache-optimized", action="store_true", help="save the optimised graph next to the bundle and reuse it")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: all cores)")
+
+
+def make_predictor(args: argparse.Namespace, bundle: Any) -> Any:
+    from lensforge.runtime.predictor import Predictor
+
+    providers = [p.strip() for item in (args.provider or []) for p in item.split(",") if p.strip()] or None
+    return Predictor(bundle, threads=args.threads, providers=providers, fallback=args.fallback,
+                     optimization=args.optimization, cache_optimized=args.cache_optimized)
 
 
 def dflt(key: str) -> str:
@@ -390,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("train", "val", "test", "all"), help="which saved split (default test)")
     e.add_argument("--out", help="output directory (default: <run>/eval)")
     e.add_argument("--json", action="store_true", help="print metrics as JSON")
+    add_runtime_options(e)
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="fp16 / int8 ONNX, a Triton model repository, or a TorchServe archive",
@@ -415,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="also write JSON lines to this file")
     pr.add_argument("--top", type=positive_int, default=3, help="labels to show per image (default 3)")
     pr.add_argument("--batch-size", type=positive_int, default=16)
-    pr.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: all cores)")
+    add_runtime_options(pr)
     pr.add_argument("--show", type=positive_int, default=20, help="rows in the console table (default 20)")
     pr.set_defaults(func=cmd_predict)
     return p

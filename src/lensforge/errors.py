@@ -46,3 +46,7 @@ class TrainingInterrupted(LensforgeError):
 
 class ConfigError(LensforgeError):
     """A run configuration value or YAML file is invalid."""
+
+
+class ProviderError(LensforgeError):
+    """An onnxruntime execution provider is unknown, not installed here, or failed to start."""

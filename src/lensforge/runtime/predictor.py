@@ -3,18 +3,23 @@ and the benchmarks alike."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Iterator, Sequence, Union
+from pathlib import Path
+from typing import Union
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
 from lensforge.data.image import decode_image, to_rgb
-from lensforge.errors import BundleError, ImageError
-from lensforge.hardware import cpu_count
+from lensforge.errors import BundleError, ImageError, ProviderError
+from lensforge.hardware import cpu_count, cpu_model
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.preprocess import preprocess
 from lensforge.runtime.results import ClassificationResult
@@ -23,6 +28,34 @@ log = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
+# short names users type → onnxruntime's provider names
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+}
+# which onnxruntime package brings each provider (they replace the plain `onnxruntime` wheel)
+INSTALL_HINTS = {
+    "CUDAExecutionProvider": "install onnxruntime-gpu (and CUDA/cuDNN) for cuda/tensorrt",
+    "TensorrtExecutionProvider": "install onnxruntime-gpu and TensorRT for cuda/tensorrt",
+    "OpenVINOExecutionProvider": "install onnxruntime-openvino for openvino",
+    "DmlExecutionProvider": "install onnxruntime-directml (Windows) for dml",
+    "CoreMLExecutionProvider": "the macOS onnxruntime wheel brings coreml",
+    "ROCMExecutionProvider": "install onnxruntime-rocm (AMD GPUs) for rocm",
+    "MIGraphXExecutionProvider": "install onnxruntime-migraphx (AMD GPUs) for migraphx",
+}
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,  # constant folding, redundant nodes
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,  # + fusions (Conv+BN, GELU, attention)
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # + layout changes (NCHWc): hardware specific
+}
+
 
 class Predictor:
     """Load a bundle once, then turn images into :class:`ClassificationResult`.
@@ -30,7 +63,16 @@ class Predictor:
     bundle: a bundle directory (or an already loaded :class:`Bundle`).
     threads: onnxruntime intra-op threads; default all cores this process may use. Give
         each of several server workers a share so they don't oversubscribe the CPU.
-    providers: onnxruntime execution providers, default CPU.
+    providers: onnxruntime execution providers in order of preference, by short name
+        ("cpu", "cuda", "tensorrt", "openvino", "dml", "coreml", "rocm", "migraphx") or by
+        onnxruntime's own name ("CUDAExecutionProvider"); default CPU. One that this
+        onnxruntime does not offer raises :class:`ProviderError` naming the ones it does.
+    fallback: instead of raising, drop the unavailable providers (logged) and run on the
+        rest, CPU last.
+    optimization: onnxruntime graph optimisation, "disable" | "basic" | "extended" | "all".
+    cache_optimized: save the optimised graph on first load (beside the model when the
+        bundle directory is writable, else in the user cache) and load it next time; a
+        changed model.onnx is optimised again. ``providers`` holds what the session uses.
 
     Images may be paths, encoded bytes, PIL images or HWC uint8 RGB arrays. Paths and bytes
     go through the safe decoder (allow-list, pixel cap, EXIF; large JPEGs decoded at a
@@ -44,27 +86,84 @@ class Predictor:
         *,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        fallback: bool = False,
+        optimization: str = "all",
+        cache_optimized: bool = False,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.spec = self.bundle.input_spec
         self.classes = tuple(self.bundle.classes)
         self.multilabel = self.bundle.task == "multilabel"
         self.thresholds = self.bundle.thresholds
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise ProviderError(
+                f"unknown graph optimization {optimization!r}; use one of {', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        wanted = resolve_providers(providers or ["cpu"], fallback=fallback)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or cpu_count()
         opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(
-                str(self.bundle.model_path), opts, providers=list(providers or ["CPUExecutionProvider"])
+        opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        self.optimized_path: Path | None = None  # the cached optimised graph this session came from
+        self.session = self._open(opts, wanted, optimization, cache_optimized)
+        self.providers: list[str] = list(self.session.get_providers())
+        failed = [p for p in wanted if p not in self.providers]
+        if failed and not fallback:  # e.g. onnxruntime-gpu installed but no CUDA libraries: ORT falls back by itself
+            raise ProviderError(
+                f"onnxruntime could not start {', '.join(failed)} (it runs on {', '.join(self.providers)}); "
+                "check its libraries and drivers, or pass fallback=True (--fallback) to run without it"
             )
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise BundleError(f"{self.bundle.model_path} could not be loaded by onnxruntime: {str(e).splitlines()[0][:200]}") from None
+        if failed:
+            log.warning("execution provider(s) %s did not start; running on %s", ", ".join(failed), ", ".join(self.providers))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         n_out = outputs[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.classes):
             raise BundleError(f"{self.bundle.path}: the model has {n_out} outputs but the bundle lists {len(self.classes)} classes")
+
+    def _open(self, opts: ort.SessionOptions, providers: list[str], optimization: str, cache: bool) -> ort.InferenceSession:
+        """The session, from the cached optimised graph when there is a current one."""
+        source = self.bundle.model_path
+        if not cache:
+            return self._session(str(source), opts, providers)
+        target = optimized_model_path(self.bundle, optimization, providers)
+        stamp = _stamp(source)
+        if target is None:
+            log.info("no writable place for the optimised model of %s; not caching it", source)
+            return self._session(str(source), opts, providers)
+        sidecar = target.with_suffix(".json")
+        if target.is_file() and _read_json(sidecar) == stamp:
+            load_opts = _copy_options(opts)
+            # the saved graph is already optimised: loading it skips that work (the point of the cache)
+            load_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                session = ort.InferenceSession(str(target), load_opts, providers=providers)
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: optimise again
+                log.warning("cached optimised model %s could not be loaded (%s); optimising again", target, _first_line(e))
+            else:
+                self.optimized_path = target
+                log.info("loaded the optimised model from %s", target)
+                return session
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        save_opts = _copy_options(opts)
+        save_opts.optimized_model_filepath = str(tmp)
+        try:
+            session = ort.InferenceSession(str(source), save_opts, providers=providers)
+            os.replace(tmp, target)
+            sidecar.write_text(json.dumps(stamp) + "\n")
+        except Exception as e:  # noqa: BLE001 - e.g. compiled nodes (TensorRT, OpenVINO) cannot be serialised
+            tmp.unlink(missing_ok=True)
+            log.info("the optimised model could not be saved to %s (%s); running without the cache", target, _first_line(e))
+            return self._session(str(source), opts, providers)
+        self.optimized_path = target
+        log.info("saved the optimised model to %s", target)
+        return session
+
+    def _session(self, path: str, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(path, opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
+            raise BundleError(f"{self.bundle.model_path} could not be loaded by onnxruntime: {_first_line(e)}") from None
 
     # -- the three stages, usable one by one (the server batches between them) -------------
 
@@ -144,7 +243,92 @@ class Predictor:
             yield src, (item if isinstance(item, ImageError) else self.result(next(scores)))
 
     def __repr__(self) -> str:
-        return f"Predictor({str(self.bundle.path)!r}, task={self.bundle.task}, classes={len(self.classes)})"
+        return (f"Predictor({str(self.bundle.path)!r}, task={self.bundle.task}, classes={len(self.classes)}, "
+                f"providers={self.providers})")
+
+
+def resolve_providers(names: Sequence[str], *, fallback: bool = False) -> list[str]:
+    """Short or onnxruntime provider names → onnxruntime names this install offers, in order.
+
+    An unknown name always raises :class:`ProviderError` (a typo is not a fallback case). A
+    known one that this onnxruntime lacks raises too, naming what it offers and what to
+    install, unless ``fallback``: then it is dropped (logged) and CPU is kept last.
+    """
+    available = ort.get_available_providers()
+    known = set(ort.get_all_providers()) | set(PROVIDERS.values())
+    offers = f"onnxruntime {ort.__version__} here offers: {', '.join(available)}"
+    wanted: list[str] = []
+    for name in names:
+        full = PROVIDERS.get(str(name).lower(), name)
+        if full not in known:
+            short = ", ".join(PROVIDERS)
+            raise ProviderError(f"unknown execution provider {name!r}; use one of {short} (or an onnxruntime name); {offers}")
+        if full not in wanted:
+            wanted.append(full)
+    missing = [p for p in wanted if p not in available]
+    if missing and not fallback:
+        hints = sorted({INSTALL_HINTS[p] for p in missing if p in INSTALL_HINTS})
+        raise ProviderError(
+            f"execution provider {', '.join(missing)} is not available; {offers}"
+            + (f"; {'; '.join(hints)}" if hints else "")
+            + " (or pass fallback=True / --fallback to run on what is available)"
+        )
+    if missing:
+        log.warning("execution provider(s) %s not available here; dropped (%s)", ", ".join(missing), offers)
+    kept = [p for p in wanted if p in available]
+    if "CPUExecutionProvider" not in kept:
+        kept.append("CPUExecutionProvider")
+    return kept
+
+
+def optimized_model_path(bundle: Bundle, optimization: str, providers: Sequence[str]) -> Path | None:
+    """Where the optimised graph for this level and these providers is cached.
+
+    ``<bundle>/model.<level>.<key>.ort.onnx`` when the bundle directory is writable, else under
+    the user cache ($LENSFORGE_CACHE, else ~/.cache/lensforge); None when neither is. The key
+    covers the providers, onnxruntime's version and the CPU (level "all" bakes in a layout
+    chosen for this hardware), so a different setup never loads another's graph.
+    """
+    key_text = "|".join([*providers, ort.__version__, platform.machine(), cpu_model()])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
+    stem = bundle.model_path.name.removesuffix(".onnx")
+    name = f"{stem}.{optimization}.{key}.ort.onnx"
+    if os.access(bundle.model_path.parent, os.W_OK):
+        return bundle.model_path.parent / name
+    root = os.environ.get("LENSFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lensforge"
+    where = hashlib.sha256(str(bundle.model_path.resolve()).encode()).hexdigest()[:16]
+    directory = Path(root) / "optimized" / where
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return directory / name if os.access(directory, os.W_OK) else None
+
+
+def _stamp(source: Path) -> dict[str, object]:
+    """What identifies the source model the cached graph was made from: a rewrite changes it."""
+    st = source.stat()
+    return {"source": source.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "onnxruntime": ort.__version__}
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _copy_options(opts: ort.SessionOptions) -> ort.SessionOptions:
+    new = ort.SessionOptions()
+    new.intra_op_num_threads = opts.intra_op_num_threads
+    new.inter_op_num_threads = opts.inter_op_num_threads
+    new.graph_optimization_level = opts.graph_optimization_level
+    return new
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _chunks(items: Iterable[ImageSource], size: int) -> Iterator[list[ImageSource]]:
