@@ -408,3 +408,12 @@ def test_export_all_writes_every_target_and_a_parity_table(env: Env, capsys: pyt
     targets = {row["target"] for row in parity["rows"]}
     assert {"onnx fp32", "fp16", "int8", "triton", "torchserve"} <= targets
     assert "triton" in stdout
+
+
+def test_bench_json(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["bench", env.bundle, "--batch-sizes", "1,2", "--threads", "1", "--seconds", "0.05",
+                              "--no-torch", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert {(r["batch"], r["mode"]) for r in report["rows"]} == {(1, "model"), (1, "e2e"), (2, "model"), (2, "e2e")}
+    assert all(r["img_s"] > 0 for r in report["rows"]) and report["recommendation"]

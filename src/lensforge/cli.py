@@ -295,6 +295,29 @@ def _print_export(written: Path) -> None:
     console.print(f"[bold cyan]›[/] Written: {escape(str(written))}")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lensforge.speed import benchmark, print_report
+
+    bundle = Path(args.bundle)
+    # the exports `lensforge export` writes beside a bundle are compared with it automatically
+    siblings = [bundle.with_name(f"{bundle.resolve().name}-{p}") for p in ("fp16", "int8")]
+    bundles = [bundle, *(s for s in siblings if s.is_dir()), *(Path(b) for b in args.also)]
+    report = benchmark(
+        bundles, batch_sizes=args.batch_sizes, threads=args.threads or None, seconds=args.seconds,
+        images=args.images or None, reporter=ConsoleReporter(quiet=args.json), torch_eager=not args.no_torch,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report, console)
+    return 0
+
+
+def int_list(text: str) -> list[int]:
+    """"1,8,32" → [1, 8, 32], each at least 1."""
+    return [positive_int(part) for part in text.split(",") if part.strip()]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lensforge.demo import run_demo
 
@@ -313,6 +336,7 @@ EPILOG = """examples:
   lensforge evaluate runs/photos-classify/bundle photos/
   lensforge predict runs/photos-classify/bundle new_photos/ --json
   lensforge export runs/photos-classify/bundle --to onnx-int8
+  lensforge bench runs/photos-classify/bundle     which format, batch and threads to serve with
 """
 
 
@@ -436,6 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--method", choices=("static", "dynamic"), default="static", help="int8 quantisation (default static QDQ)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="speed table: formats x batch sizes x threads, with accuracy and a recommendation",
+                       description="Measure BUNDLE (and its -fp16 / -int8 exports beside it) side by side: images/s and "
+                                   "p50/p99 latency, model only and end to end (decode → preprocess → run → result), "
+                                   "with each format's accuracy, then recommend the fastest that keeps accuracy.")
+    b.add_argument("bundle")
+    b.add_argument("--also", action="append", default=[], metavar="BUNDLE", help="another bundle to compare (repeatable)")
+    b.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
+    b.add_argument("--threads", type=int_list, help="comma-separated thread counts (default: all cores, and 1)")
+    b.add_argument("--seconds", type=float, default=2.0, help="time per format and cell (default 2)")
+    b.add_argument("--images", action="append", metavar="PATH", help="images or folders for the end-to-end rows "
+                                                                      "(default: the bundle's test split)")
+    b.add_argument("--no-torch", action="store_true", help="skip the torch eager row")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=cmd_bench)
 
     pr = sub.add_parser("predict", help="predict images or folders with a bundle (ONNX Runtime)",
                         description="Predict every image given (folders are searched recursively).")

@@ -182,3 +182,45 @@ def _write_predictions(path: Path, records: list[Record], y: np.ndarray, s: np.n
             for r, yt, sc in zip(records, y, s):
                 k = int(sc.argmax())
                 w.writerow([str(r.path), classes[int(yt)], classes[k], f"{sc[k]:.5f}", int(k == int(yt))])
+
+
+def saved_splits(src: Bundle) -> tuple[dict[str, list[Record]] | None, Any]:
+    """The bundle's saved split mapped onto its training data (labels re-indexed to the
+    bundle's classes), or (None, None) without a split.json."""
+    from lensforge.data.formats import read_dataset
+    from lensforge.data.split import load_split
+
+    data = src.meta.get("data", {})
+    if not (src.path / SPLIT_FILE).is_file() or not data.get("root"):
+        return None, None
+    ds = read_dataset(data["root"], fmt=data.get("format"), task=src.task)
+    splits = load_split(src.path / SPLIT_FILE, ds)
+    return {k: align_classes(src, ds, v) for k, v in splits.items()}, ds
+
+
+def held_out(src: Bundle, order: tuple[str, ...]) -> tuple[list[Record], str | None]:
+    """The first non-empty split of ``order`` from the bundle's saved split; ([], None) when
+    there is none or the data it names is gone (logged)."""
+    try:
+        splits, _ = saved_splits(src)
+    except DataError as e:
+        log.warning("the held-out images of %s cannot be read: %s", src.path, e)
+        return [], None
+    for name in order:
+        if splits and splits.get(name):
+            return splits[name], name
+    return [], None
+
+
+def headline_metric(src: Bundle) -> str:
+    """The one number a bundle is judged by: accuracy, or mAP for multi-label."""
+    return "mAP" if src.task == "multilabel" else "accuracy"
+
+
+def metric_points(src: Bundle, y: np.ndarray, scores: np.ndarray) -> float | None:
+    """Accuracy (or mAP for multi-label) in points, 0-100; None when undefined (no positives)."""
+    if not len(scores):
+        return None
+    th = None if src.thresholds is None else list(src.thresholds)
+    value = compute_metrics(y, scores, src.classes, src.task == "multilabel", th).get(headline_metric(src))
+    return None if value is None else round(100 * float(value), 2)

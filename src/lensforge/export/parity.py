@@ -34,13 +34,8 @@ import onnxruntime as ort
 from lensforge.data.records import Record, targets
 from lensforge.errors import ExportError, ImageError
 from lensforge.export._serving import as_bundle, model_name
-from lensforge.export.quantize import (
-    _held_out,
-    _metric_name,
-    _points,
-    export_fp16,
-    export_int8,
-)
+from lensforge.evaluation import headline_metric, held_out, metric_points
+from lensforge.export.quantize import export_fp16, export_int8
 from lensforge.export.torchserve import export_torchserve
 from lensforge.export.triton import CONFIG_FILE, MODEL_FILE, export_triton
 from lensforge.hardware import cpu_count
@@ -144,14 +139,14 @@ def export_all(
     records, batch, source = _parity_images(src, ref)
     y = targets(records, len(src.classes), src.task == "multilabel") if records else None
     s32 = _run_in_batches(ref.run, batch)
-    report = ParityReport(src.path, out_root, len(batch), source, _metric_name(src))
+    report = ParityReport(src.path, out_root, len(batch), source, headline_metric(src))
 
     def row(target: str, artifact: Path | None, scores: np.ndarray | None, note: str | None = None) -> ParityRow:
         r = ParityRow(target, None if artifact is None else str(artifact), note=note)
         if scores is not None:
             r.max_abs_diff = float(np.abs(scores - s32).max()) if len(s32) else None
             r.top1_agreement = _agreement(scores, s32)
-            r.accuracy = _points(src, y, scores) if y is not None else None
+            r.accuracy = metric_points(src, y, scores) if y is not None else None
         return r
 
     torch_scores, torch_note = _torch_scores(src, batch)
@@ -195,7 +190,7 @@ def _parity_images(src: Bundle, ref: Predictor) -> tuple[list[Record], np.ndarra
     """(records read, float32 (N, 3, S, S) batch preprocessed by the fp32 Predictor, description).
 
     Without held-out images: random inputs, which still compare the graphs (no accuracy)."""
-    records, split = _held_out(src, ("val", "test"))
+    records, split = held_out(src, ("val", "test"))
     done: list[Record] = []
     arrays: list[np.ndarray] = []
     for r in records[:PARITY_IMAGES]:
@@ -295,7 +290,7 @@ def _handler_row(src: Bundle, mar: Path, records: list[Record], s32: np.ndarray,
         for n, a in enumerate(answers):
             for label, score in a.items():
                 full[n, index[label]] = score
-        r.compared, r.accuracy = "all scores", (_points(src, y, full) if y is not None else None)
+        r.compared, r.accuracy = "all scores", (metric_points(src, y, full) if y is not None else None)
     elif src.task != "multilabel" and y is not None:
         r.accuracy = round(100 * float(np.mean(top1 == y)), 2)
     else:

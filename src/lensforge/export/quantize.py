@@ -29,7 +29,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from lensforge.data.records import Record
 from lensforge.errors import DataError, ExportError, ImageError
-from lensforge.evaluation import align_classes, compute_metrics, score_records
+from lensforge.evaluation import headline_metric, held_out, metric_points, saved_splits, score_records
 from lensforge.hardware import describe, has_int8_dot
 from lensforge.runtime.bundle import (
     META_FILE,
@@ -69,7 +69,7 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
     src = _load(bundle)
     out = Path(out)
     _check_out(src, out, overwrite)
-    records, split_name = _held_out(src, ("val", "test"))
+    records, split_name = held_out(src, ("val", "test"))
     records = records[:FP16_CHECK_IMAGES]
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model = onnx.load(str(src.model_path))
@@ -84,13 +84,13 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
         record: dict[str, Any] = {"converter": "onnxruntime.transformers.float16 (keep_io_types=True)", "cpu": describe()}
         if records:
             y, s32, s16 = _scores_pair(ref, cand, src, records)
-            name = _metric_name(src)
+            name = headline_metric(src)
             record.update({
                 "checked_on": f"{len(s32)} images of the {split_name} split",
                 "max_abs_diff": float(np.abs(s32 - s16).max()) if len(s32) else None,
                 "metric": name,
-                "fp32": _points(src, y, s32),
-                "fp16": _points(src, y, s16),
+                "fp32": metric_points(src, y, s32),
+                "fp16": metric_points(src, y, s16),
             })
             batch = _speed_batch(ref, records)
         else:
@@ -137,7 +137,7 @@ def export_int8(
     out = Path(out)
     _check_out(src, out, overwrite)
     calib_images = _calibration_images(src, calib, calib_dir) if method == "static" else ([], "")
-    records, split_name = _held_out(src, ("test", "val"))
+    records, split_name = held_out(src, ("test", "val"))
     if not records and not force:
         raise ExportError(
             f"{src.path} has no saved test/val images to check int8 accuracy on (or its data is gone); "
@@ -155,9 +155,9 @@ def export_int8(
             record: dict[str, Any] = {**settings, "cpu": describe(), "int8_dot": has_int8_dot()}
             if records:
                 y, s32, s8 = _scores_pair(ref, cand, src, records)
-                fp32, int8 = _points(src, y, s32), _points(src, y, s8)
+                fp32, int8 = metric_points(src, y, s32), metric_points(src, y, s8)
                 drop = None if fp32 is None or int8 is None else round(fp32 - int8, 2)
-                name = _metric_name(src)
+                name = headline_metric(src)
                 record.update({
                     "evaluated_on": f"{len(s32)} images of the {split_name} split",
                     "metric": name, "fp32": fp32, "int8": int8, "drop_points": drop,
@@ -305,7 +305,7 @@ def _calibration_images(
             raise ExportError(f"calibration folder {d} holds no images")
     else:
         try:
-            splits, _ = _saved_split(src)
+            splits, _ = saved_splits(src)
         except DataError as e:
             raise ExportError(f"the bundle's training images cannot be read ({e}); pass calib_dir=...") from None
         found = [r.path for r in (splits or {}).get("train", [])]
@@ -318,34 +318,6 @@ def _calibration_images(
 # -- held-out images, scores, metrics -----------------------------------------------------------
 
 
-def _saved_split(src: Bundle) -> tuple[dict[str, list[Record]] | None, Any]:
-    """The bundle's saved split mapped onto its training data (labels re-indexed to the
-    bundle's classes), or (None, None) without a split.json."""
-    from lensforge.data.formats import read_dataset
-    from lensforge.data.split import load_split
-
-    data = src.meta.get("data", {})
-    if not (src.path / SPLIT_FILE).is_file() or not data.get("root"):
-        return None, None
-    ds = read_dataset(data["root"], fmt=data.get("format"), task=src.task)
-    splits = load_split(src.path / SPLIT_FILE, ds)
-    return {k: align_classes(src, ds, v) for k, v in splits.items()}, ds
-
-
-def _held_out(src: Bundle, order: tuple[str, ...]) -> tuple[list[Record], str | None]:
-    """The first non-empty split of ``order`` from the bundle's saved split; ([], None) when
-    there is none or the data it names is gone (logged)."""
-    try:
-        splits, _ = _saved_split(src)
-    except DataError as e:
-        log.warning("the held-out images of %s cannot be read: %s", src.path, e)
-        return [], None
-    for name in order:
-        if splits and splits.get(name):
-            return splits[name], name
-    return [], None
-
-
 def _scores_pair(ref: Predictor, cand: Predictor, src: Bundle, records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Targets and both models' scores on the records both could read."""
     n, multilabel = len(src.classes), src.task == "multilabel"
@@ -354,19 +326,6 @@ def _scores_pair(ref: Predictor, cand: Predictor, src: Bundle, records: list[Rec
         log.warning("%d held-out image(s) could not be read, e.g. %s", len(failed), failed[0][0].path)
     _, _, s_cand, _ = score_records(cand, done, n, multilabel)
     return y, s_ref, s_cand
-
-
-def _metric_name(src: Bundle) -> str:
-    return "mAP" if src.task == "multilabel" else "accuracy"
-
-
-def _points(src: Bundle, y: np.ndarray, scores: np.ndarray) -> float | None:
-    """Accuracy (or mAP for multi-label) in points, 0-100; None when undefined (no positives)."""
-    if not len(scores):
-        return None
-    th = None if src.thresholds is None else list(src.thresholds)
-    value = compute_metrics(y, scores, src.classes, src.task == "multilabel", th).get(_metric_name(src))
-    return None if value is None else round(100 * float(value), 2)
 
 
 def _speed_batch(ref: Predictor, records: list[Record]) -> np.ndarray:

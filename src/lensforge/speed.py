@@ -1,0 +1,510 @@
+"""``lensforge bench``: how fast a bundle and its fp16/int8 siblings run here, side by side.
+
+For every format (one bundle each, labelled by its ``"precision"``), batch size and thread
+count, two modes are timed in one process:
+
+    model   ``Predictor.run`` on an already preprocessed float32 (N, 3, S, S) batch
+    e2e     JPEG bytes → decode → preprocess → run → result objects (``predict_batch``)
+
+Within each (batch, threads, mode) cell the formats take turns run by run, so a noisy
+neighbour on the machine slows all of them alike. Each format's accuracy comes from its
+``lensforge.json`` (nothing is re-evaluated), and the report recommends the fastest
+end-to-end setting whose accuracy is within :data:`ACCURACY_TOLERANCE` points of fp32's.
+No torch needed; a torch eager row is added only where torch, timm and the weights allow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lensforge.evaluation import headline_metric
+from lensforge.errors import ConfigError, DataError, ImageError
+from lensforge.hardware import cpu_count, describe
+from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle, load_bundle
+from lensforge.runtime.predictor import Predictor
+from lensforge.ui import Reporter
+
+log = logging.getLogger(__name__)
+
+MODES = ("model", "e2e")
+SLICES = 4  # each format's time in a cell comes in 4 bursts (so also at least 4 timed runs)
+MAX_RUNS = 400  # per format and cell: a fast model stops here, whatever ``seconds`` says
+SWITCH_PAUSE = 0.02  # s between bursts, for onnxruntime's spinning worker threads to go to sleep
+ACCURACY_TOLERANCE = 1.0  # points: formats further below fp32 are never recommended
+GENERATED_IMAGES = 8  # 640×480 JPEGs when neither --images nor the bundle's test split is readable
+TORCH_LABEL = "torch eager"
+
+BundleLike = str | os.PathLike[str] | Bundle
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One format × batch size × thread count × mode.
+
+    img_s: images per second (batch size / median batch time).
+    p50_ms, p99_ms: per-image latency in milliseconds (batch latency / batch size).
+    batch_p50_ms, batch_p99_ms: latency of the whole batch in milliseconds.
+    runs: timed runs behind the percentiles.
+    accuracy: the format's accuracy (mAP for multi-label) in points 0-100 from its
+        ``lensforge.json``; None when it records none.
+    accuracy_delta: points vs the fp32 bundle, from the export record where it scored both
+        models on the same images (an fp16 check may use other images than fp32's test
+        metrics, so this is not always ``accuracy - fp32 accuracy``); None when unknown.
+    """
+
+    format: str
+    batch: int
+    threads: int
+    mode: str  # "model" or "e2e"
+    img_s: float
+    p50_ms: float
+    p99_ms: float
+    batch_p50_ms: float
+    batch_p99_ms: float
+    runs: int
+    accuracy: float | None
+    accuracy_delta: float | None
+
+
+@dataclass
+class BenchReport:
+    """All rows of one bench run, the machine they ran on, and what to deploy."""
+
+    rows: list[BenchRow]
+    machine: str  # hardware.describe(): CPU model, threads, SIMD
+    recommendation: str  # one line, e.g. "int8, batch 8, 2 threads: 3.1× fp32 (batch 8) at −0.3 pt"
+    metric: str = "accuracy"  # or "mAP" (multi-label)
+    images: str = ""  # what the end-to-end mode decoded, in words
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, format: str, batch: int, threads: int, mode: str) -> BenchRow | None:
+        """The row of one cell, or None when it was not measured."""
+        return next((r for r in self.rows if (r.format, r.batch, r.threads, r.mode) == (format, batch, threads, mode)), None)
+
+    @property
+    def formats(self) -> list[str]:
+        return list(dict.fromkeys(r.format for r in self.rows))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (``lensforge bench --json``)."""
+        return {
+            "machine": self.machine, "metric": self.metric, "images": self.images,
+            "recommendation": self.recommendation, "notes": list(self.notes),
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+
+@dataclass
+class _Format:
+    """One row group: a bundle (or the torch rebuild of the baseline's weights)."""
+
+    label: str
+    bundle: Bundle
+    accuracy: float | None  # points
+    vs_fp32: float | None  # accuracy difference to fp32 in points, on the same images where recorded
+    torch: bool = False
+
+
+# -- public API --------------------------------------------------------------------------------
+
+
+def benchmark(
+    bundles: Sequence[BundleLike],
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    threads: Sequence[int] | None = None,
+    seconds: float = 2.0,
+    images: Sequence[str | os.PathLike[str]] | None = None,
+    reporter: Reporter | None = None,
+    torch_eager: bool = True,
+) -> BenchReport:
+    """Measure each bundle's speed, model only and end to end, side by side.
+
+    bundles: one bundle per format (e.g. ``run/bundle``, ``run/bundle-fp16``, ``run/bundle-int8``),
+        each labelled by its ``"precision"`` (default "fp32"). All are loaded before any
+        timing, so a broken one raises :class:`BundleError` at once.
+    batch_sizes: images per run.
+    threads: onnxruntime intra-op thread counts; default ``cpu_count()`` and also 1 when
+        there is more than one core. A fresh Predictor is made per thread count.
+    seconds: timing budget per format and cell (batch × threads × mode), in seconds; each
+        cell still runs at least 4 and at most 400 times.
+    images: image files or folders for the end-to-end mode; default the first bundle's
+        test split, else 8 generated 640×480 JPEGs. Read into memory first: disk is not timed.
+    torch_eager: add a "torch eager" row when torch and timm are installed and the baseline
+        bundle's ``weights.safetensors`` rebuilds its classifier (skipped with a note otherwise).
+
+    Total time is about ``formats × len(batch_sizes) × len(threads) × 2 × seconds``.
+    """
+    ui = reporter or Reporter()
+    batch_sizes, thread_counts = _check_args(bundles, batch_sizes, threads, seconds)
+    formats = _formats([b if isinstance(b, Bundle) else load_bundle(b) for b in bundles])
+    base = formats[0]  # _formats puts the fp32 baseline first
+    notes: list[str] = []
+    if len({(f.bundle.input_spec, len(f.bundle.classes)) for f in formats}) > 1:
+        ui.warn("these bundles differ in input size or classes: they are not one model in several formats")
+
+    probe, *_ = (Predictor(f.bundle, threads=1) for f in formats)  # all load now: BundleError before any timing
+    encoded, described = _encoded_images(probe, images, max(batch_sizes), ui)
+    torch_run: Callable[[np.ndarray, int], np.ndarray] | None = None
+    if torch_eager:
+        torch_run, why_not = _torch_eager(base.bundle)
+        if torch_run is None:
+            notes.append(f"{TORCH_LABEL}: skipped ({why_not})")
+        else:
+            formats.append(_Format(TORCH_LABEL, base.bundle, base.accuracy, 0.0, torch=True))
+    prepared = [probe.prepare(b) for b in encoded]
+
+    cells = len(thread_counts) * len(batch_sizes) * len(MODES)
+    ui.step(
+        f"Benchmarking {', '.join(f.label for f in formats)} at batch {', '.join(map(str, batch_sizes))} "
+        f"× {', '.join(map(str, thread_counts))} thread(s), model only and end to end "
+        f"(about {cells * len(formats) * seconds:.0f} s); end to end on {described}"
+    )
+    rows: list[BenchRow] = []
+    with ui.track("Benchmarking", cells) as advance, _torch_threads_kept():
+        for t in thread_counts:
+            runners = _runners(formats, t, torch_run)  # BundleError for a model ORT cannot load
+            for n in batch_sizes:
+                batch_bytes = [encoded[i % len(encoded)] for i in range(n)]
+                batch = np.stack([prepared[i % len(prepared)] for i in range(n)])
+                for mode in MODES:
+                    times = _measure(_calls(runners, mode, batch, batch_bytes), seconds)
+                    rows += [_row(f, n, t, mode, times[f.label]) for f in formats]
+                    advance(1)
+    return BenchReport(
+        rows, describe(), _recommend(rows, formats), headline_metric(base.bundle), described, notes
+    )
+
+
+def print_report(report: BenchReport, console: Any) -> None:
+    """Draw the report as a rich table on ``console`` (a ``rich.console.Console``).
+
+    One line per format × batch × threads: model-only and end-to-end images/s and batch
+    latency p50/p99 in ms, and the format's accuracy; the recommendation follows the table.
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(f"lensforge bench — {report.machine}"), title_justify="left")
+    for name in ("format", "batch", "threads"):
+        table.add_column(name, justify="left" if name == "format" else "right")
+    for name in ("model img/s", "model p50/p99 ms", "e2e img/s", "e2e p50/p99 ms", f"{report.metric} %", "Δ pt"):
+        table.add_column(name, justify="right")
+    keys = list(dict.fromkeys((r.threads, r.batch) for r in report.rows))
+    for i, (t, n) in enumerate(keys):
+        if i:
+            table.add_section()
+        for fmt in report.formats:
+            model, e2e = report.row(fmt, n, t, "model"), report.row(fmt, n, t, "e2e")
+            if model is None or e2e is None:
+                continue
+            acc = "—" if model.accuracy is None else f"{model.accuracy:.1f}"
+            delta = "—" if model.accuracy_delta is None else _signed(model.accuracy_delta)
+            table.add_row(
+                escape(fmt), str(n), str(t),
+                f"{model.img_s:,.1f}", f"{model.batch_p50_ms:.1f} / {model.batch_p99_ms:.1f}",
+                f"{e2e.img_s:,.1f}", f"{e2e.batch_p50_ms:.1f} / {e2e.batch_p99_ms:.1f}", acc, delta,
+            )
+    console.print(table)
+    console.print(f"[dim]e2e: {escape(report.images)}; latencies are per batch; Δ pt: {escape(report.metric)} vs fp32[/]")
+    for note in report.notes:
+        console.print(f"[dim]{escape(note)}[/]")
+    console.print(f"[bold]Recommended:[/] {escape(report.recommendation)}")
+
+
+# -- formats and their accuracy ----------------------------------------------------------------
+
+
+def _check_args(
+    bundles: Sequence[BundleLike], batch_sizes: Sequence[int], threads: Sequence[int] | None, seconds: float
+) -> tuple[list[int], list[int]]:
+    if not bundles:
+        raise ConfigError("give at least one bundle to benchmark")
+    if threads is None:
+        threads = [cpu_count(), 1] if cpu_count() > 1 else [1]
+    for name, values in (("batch sizes", batch_sizes), ("thread counts", threads)):
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+        if not values or not ok:
+            raise ConfigError(f"{name} must be whole numbers of at least 1 (e.g. 1,8,32), got {list(values)}")
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"seconds must be a positive number of seconds per cell, got {seconds!r}")
+    return list(dict.fromkeys(batch_sizes)), list(dict.fromkeys(threads))
+
+
+def _formats(bundles: list[Bundle]) -> list[_Format]:
+    """Label each bundle by its precision (the bundle name is added when two share one); the
+    fp32 baseline first (the first bundle when none is fp32)."""
+    precisions = [_precision(b) for b in bundles]
+    labels = [p if precisions.count(p) == 1 else f"{p} ({b.name})" for p, b in zip(precisions, bundles)]
+    order = sorted(range(len(bundles)), key=lambda i: precisions[i] != "fp32")  # stable: given order otherwise
+    base_acc = _accuracy(bundles[order[0]])[0]
+    out = []
+    for rank, i in enumerate(order):
+        acc, fp32_same_images = _accuracy(bundles[i])
+        if rank == 0:
+            diff: float | None = 0.0
+        elif acc is not None and fp32_same_images is not None:
+            diff = acc - fp32_same_images  # the export measured both models on the same images
+        else:
+            diff = None if acc is None or base_acc is None else acc - base_acc
+        out.append(_Format(labels[i], bundles[i], acc, None if diff is None else round(diff, 2)))
+    return out
+
+
+def _precision(b: Bundle) -> str:
+    return str(b.meta.get("precision") or "fp32")
+
+
+def _accuracy(b: Bundle) -> tuple[float | None, float | None]:
+    """(this bundle's accuracy, fp32's accuracy on the same images), in points 0-100.
+
+    An fp16/int8 bundle's own ``export`` record (both models scored on the same held-out
+    images) comes first; else ``metrics.test`` (then ``metrics.val``) written by training,
+    where values are fractions 0-1. Missing or malformed entries give None.
+    """
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    export = b.meta.get("export")
+    if isinstance(export, dict) and number(export.get(_precision(b))):
+        ref = export.get("fp32")
+        return float(export[_precision(b)]), float(ref) if number(ref) else None
+    metrics = b.meta.get("metrics")
+    for split in ("test", "val"):
+        m = metrics.get(split) if isinstance(metrics, dict) else None
+        if isinstance(m, dict) and number(m.get(headline_metric(b))):
+            return round(100 * float(m[headline_metric(b)]), 2), None
+    return None, None
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def _encoded_images(
+    probe: Predictor, images: Sequence[str | os.PathLike[str]] | None, want: int, ui: Reporter
+) -> tuple[list[bytes], str]:
+    """Up to ``want`` encoded images that decode, and where they came from, in words."""
+    if images is not None:
+        from lensforge.data.formats import list_images
+
+        paths = list_images(images)[:want]
+        readable = _readable(probe, paths, ui)
+        if not readable:
+            raise DataError(f"none of the images given ({', '.join(map(str, images))[:200]}) could be read")
+        return readable, f"{len(readable)} given image(s)"
+    from lensforge.evaluation import held_out
+
+    records, split = held_out(probe.bundle, ("test", "val"))
+    readable = _readable(probe, [r.path for r in records[:want]], ui)
+    if readable:
+        return readable, f"{len(readable)} image(s) of the bundle's {split} split"
+    return generated_jpegs(), f"{GENERATED_IMAGES} generated 640×480 JPEGs"
+
+
+def _readable(probe: Predictor, paths: Sequence[Path], ui: Reporter) -> list[bytes]:
+    out = []
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+            probe.prepare(data)
+        except (OSError, ImageError) as e:
+            ui.warn(f"{p} left out of the benchmark: {e}")
+            continue
+        out.append(data)
+    return out
+
+
+def generated_jpegs(n: int = GENERATED_IMAGES, size: tuple[int, int] = (640, 480)) -> list[bytes]:
+    """``n`` photo-like JPEGs (quality 90) of ``size`` (width, height): smooth gradients, a
+    soft texture and mild noise, which decode at about the cost of real photos (white noise
+    would not)."""
+    from PIL import Image
+
+    w, h = size
+    x = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
+    y = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
+    out = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        a, b, c = rng.uniform(0.5, 1.5, 3)
+        texture = 20 * np.sin(40 * a * x) * np.cos(25 * b * y)
+        rgb = np.stack([40 + 170 * a * x + 0 * y, 30 + 190 * b * y + 0 * x, 120 + 80 * c * (x - y)], axis=-1)
+        rgb = rgb + texture[..., None] + rng.normal(0.0, 6.0, (h, w, 3)).astype(np.float32)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+Runner = tuple[Callable[[np.ndarray], Any], Callable[[list[bytes]], Any]]  # (model only, end to end)
+
+
+def _runners(
+    formats: list[_Format], threads: int, torch_run: Callable[[np.ndarray, int], np.ndarray] | None
+) -> dict[str, Runner]:
+    """A fresh Predictor per format for this thread count; the torch row decodes and
+    preprocesses with the baseline's Predictor and runs the torch model in between."""
+    out: dict[str, Runner] = {}
+    for f in formats:
+        if f.torch:
+            continue
+        p = Predictor(f.bundle, threads=threads)
+        out[f.label] = (p.run, p.predict_batch)
+    if torch_run is not None:
+        ref = Predictor(formats[0].bundle, threads=threads)
+
+        def model(batch: np.ndarray) -> np.ndarray:
+            return torch_run(batch, threads)
+
+        def e2e(sources: list[bytes]) -> list[Any]:
+            return [ref.result(s) for s in model(np.stack([ref.prepare(b) for b in sources]))]
+
+        out[TORCH_LABEL] = (model, e2e)
+    return out
+
+
+def _calls(runners: dict[str, Runner], mode: str, batch: np.ndarray, sources: list[bytes]) -> dict[str, Callable[[], Any]]:
+    """One argument-free call per format: the model on ``batch``, or end to end on ``sources``."""
+    if mode == "model":
+        return {k: functools.partial(r[0], batch) for k, r in runners.items()}
+    return {k: functools.partial(r[1], sources) for k, r in runners.items()}
+
+
+def _measure(calls: dict[str, Callable[[], Any]], seconds: float) -> dict[str, list[float]]:
+    """Seconds per call of each entry; the entries take turns, in :data:`SLICES` bursts each.
+
+    One untimed warm-up call each (a new batch shape allocates). Then, :data:`SLICES` times,
+    every entry in turn runs a burst of about ``seconds / SLICES`` (at least one call, at most
+    ``MAX_RUNS / SLICES``), after a pause of :data:`SWITCH_PAUSE`: onnxruntime's worker
+    threads spin-wait for a while after each run, and measured run by run (A, B, A, B...)
+    the spinning threads of one model halve the speed of the next on a 2-core machine.
+    Bursts still spread slow drifts in machine load over every entry alike; the order
+    rotates each slice so no entry always goes first.
+    """
+    names = list(calls)
+    for name in names:
+        calls[name]()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    per_slice = max(1, MAX_RUNS // SLICES)
+    for s in range(SLICES):
+        for j in range(len(names)):
+            name = names[(s + j) % len(names)]
+            fn, runs = calls[name], times[name]
+            time.sleep(SWITCH_PAUSE)
+            end, n = time.perf_counter() + seconds / SLICES, 0
+            while n < per_slice and (n == 0 or time.perf_counter() < end):
+                start = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - start)
+                n += 1
+    return times
+
+
+def _row(f: _Format, batch: int, threads: int, mode: str, times: list[float]) -> BenchRow:
+    p50, p99 = (float(np.percentile(times, q)) * 1000 for q in (50, 99))
+    p50, p99 = max(p50, 1e-6), max(p99, p50, 1e-6)  # a timer tick of 0 would make img/s infinite
+    return BenchRow(
+        f.label, batch, threads, mode, img_s=round(1000 * batch / p50, 1),
+        p50_ms=round(p50 / batch, 3), p99_ms=round(p99 / batch, 3),
+        batch_p50_ms=round(p50, 3), batch_p99_ms=round(p99, 3), runs=len(times),
+        accuracy=f.accuracy, accuracy_delta=f.vs_fp32,
+    )
+
+
+# -- the recommendation ------------------------------------------------------------------------
+
+
+def _recommend(rows: list[BenchRow], formats: list[_Format]) -> str:
+    """The fastest end-to-end bundle setting within ACCURACY_TOLERANCE points of fp32, in one
+    line, with its speed ratio to fp32 at the same batch and threads."""
+    base = formats[0]
+    bundles = [f for f in formats if not f.torch]
+    known = any(f.vs_fp32 is not None for f in bundles[1:])
+    ok = {f.label: f for f in bundles if f is base or (f.vs_fp32 is not None and f.vs_fp32 >= -ACCURACY_TOLERANCE)}
+    e2e = [r for r in rows if r.mode == "e2e" and r.format in ok]
+    best = max(e2e, key=lambda r: r.img_s)
+    where = f"batch {best.batch}, {best.threads} thread{'s' if best.threads > 1 else ''}"
+    if best.format == base.label:
+        why = ""
+        if len(bundles) > 1:
+            why = (f" (no other format is within {ACCURACY_TOLERANCE:g} pt of its accuracy)" if known
+                   else " (no accuracy recorded for the other formats: fastest fp32)")
+        return f"{base.label}, {where}: {best.img_s:,.1f} img/s end to end{why}"
+    ref = next(r for r in e2e if (r.format, r.batch, r.threads) == (base.label, best.batch, best.threads))
+    return (f"{best.format}, {where}: {best.img_s / ref.img_s:.1f}× {base.label} (batch {best.batch}) "
+            f"at {_signed(ok[best.format].vs_fp32 or 0.0)} pt")
+
+
+def _signed(points: float) -> str:
+    """+0.0 / −0.3 (a real minus sign, as in the table)."""
+    return f"{'−' if points < 0 else '+'}{abs(points):.1f}"
+
+
+# -- the optional torch eager row --------------------------------------------------------------
+
+
+def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], np.ndarray] | None, str]:
+    """The bundle's classifier rebuilt in torch from ``weights.safetensors`` and the model
+    info in ``lensforge.json`` (backbone, head, num_classes; no pretrained download), as
+    ``run(batch float32 (N, 3, S, S), threads) -> scores float32 (N, C)``; or (None, why not).
+    Never raises: the row is a comparison, not something the bench depends on."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
+        return None, "torch and timm are not installed"
+    info = bundle.meta.get("model")
+    weights = bundle.path / WEIGHTS_FILE
+    if not weights.is_file():
+        return None, f"{bundle.name} has no {WEIGHTS_FILE}"
+    if not isinstance(info, dict) or not isinstance(info.get("backbone"), str):
+        return None, f"{bundle.name}'s lensforge.json names no backbone"
+    try:
+        import torch
+        from safetensors.torch import load_file
+
+        from lensforge.models import Classifier, ScoresModel, create_backbone
+
+        backbone, _ = create_backbone(info["backbone"], pretrained=False, image_size=bundle.input_spec.size)
+        classifier = Classifier(backbone, int(info.get("num_classes", len(bundle.classes))), head=str(info.get("head", "linear")))
+        classifier.load_state_dict(load_file(str(weights)))
+        model = ScoresModel(classifier, bundle.task == "multilabel").eval()
+    except Exception as e:  # any failure (missing module, unknown backbone, shapes) only drops the row
+        log.info("torch eager row skipped", exc_info=True)
+        return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+    def run(batch: np.ndarray, threads: int) -> np.ndarray:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return run, ""
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Give torch back its thread count afterwards (when torch is loaded at all)."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and before is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
