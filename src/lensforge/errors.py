@@ -50,3 +50,16 @@ class ConfigError(LensforgeError):
 
 class ProviderError(LensforgeError):
     """An onnxruntime execution provider is unknown, not installed here, or failed to start."""
+
+
+class RequestError(LensforgeError):
+    """A server request that cannot be served as sent; the server answers ``status``.
+
+    ``code`` is a stable machine-readable reason (``invalid_base64``, ``body_too_large``...),
+    the message is safe to show to the client (no paths, no tracebacks).
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

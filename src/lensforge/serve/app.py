@@ -1,0 +1,354 @@
+"""The lensforge HTTP app: several bundles, one port, several dialects around one Predictor.
+
+Routes (each dialect keeps its own error shape, see RELIABILITY.md):
+
+- seed ``POST /predict``, ``/predict/{model}``, ``?model=``: JSON (also double-encoded) with
+  ``raw_file`` base64, multipart ``file`` or a raw image body →
+  ``{"preds": {label: "score"}, "status": "Success"}``; errors ``{"status": "Error", "error"}``.
+- TorchServe: ``GET /ping``, ``POST|PUT /predictions/{model}`` (raw body or multipart
+  ``data``/``body``) → top-5 ``{label: score}``; ``GET /models``, ``GET /models/{name}``;
+  errors ``{"code", "type", "message"}``.
+- native: ``POST /v1/models/{name}/predict`` (multipart ``file`` or raw body) →
+  ``{"model", "labels", "top", "scores", "latency_ms"}``; errors ``{"error": {"code", "message"}}``.
+- ``/healthz`` (live), ``/readyz`` (every model loaded and warmed up), ``/metrics`` (Prometheus).
+
+Decoding and preprocessing run in a thread pool, inference in one thread per model behind a
+:class:`~lensforge.serve.batching.Batcher`; the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lensforge.errors import ConfigError, ImageError, RequestError
+from lensforge.runtime import Bundle, ClassificationResult, Predictor, load_bundle
+from lensforge.serve import inputs
+from lensforge.serve.batching import RETRY_AFTER_S, Batcher, unavailable
+from lensforge.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MB: a large phone JPEG is ~10 MB
+IMAGE_STATUS = {"empty": 400, "unsupported_format": 415, "corrupt": 400, "too_large": 413,
+                "too_small": 400, "unreadable": 400}
+TORCHSERVE_TYPES = {400: "BadRequestException", 403: "ForbiddenException", 404: "ModelNotFoundException",
+                    413: "RequestEntityTooLargeException", 415: "UnsupportedMediaTypeException",
+                    500: "InternalServerException", 503: "ServiceUnavailableException"}
+TORCHSERVE_TOP_K = 5  # what TorchServe's image_classifier handler returns
+
+
+@dataclass
+class Model:
+    """One served bundle: its Predictor and batcher once loaded."""
+
+    name: str
+    bundle: Bundle
+    predictor: Predictor | None = None
+    batcher: Batcher | None = None
+    executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+    ready: bool = False
+
+
+@dataclass
+class Settings:
+    max_batch: int = 16
+    max_wait_ms: float = 5
+    max_queue: int = 64
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    timeout_s: float = 10
+    threads: int | None = None
+    top_k: int = 5
+
+
+def model_name(path: Path) -> str:
+    """A bundle's name: its directory, or the run directory when the bundle dir is ``bundle``."""
+    path = path.resolve()
+    return path.parent.name if path.name == "bundle" else path.name
+
+
+def create_app(
+    bundles: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]],
+    *,
+    max_batch: int = 16,
+    max_wait_ms: float = 5,
+    max_queue: int = 64,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    timeout_s: float = 10,
+    threads: int | None = None,
+    top_k: int = 5,
+) -> Starlette:
+    """The ASGI app serving ``bundles`` (the first is the default model).
+
+    bundles: bundle directories, named by :func:`model_name`, or a ``{name: directory}`` map.
+    max_batch / max_wait_ms: dynamic batching per model. max_queue: inputs that may wait per
+    model (and images being decoded at once); more are refused with 503 + Retry-After.
+    max_body_bytes: request body cap (413 above it). timeout_s: per-request deadline; a
+    request still queued when it passes gets 503 and is not run. threads: onnxruntime
+    intra-op threads per model (default: all cores). top_k: labels in seed answers.
+
+    Bundle metadata is checked now (a :class:`~lensforge.errors.BundleError` names the bad
+    one); the onnxruntime sessions load and warm up in the background after startup, while
+    ``/healthz`` already answers and ``/readyz`` says 503.
+    """
+    settings = Settings(max_batch, max_wait_ms, max_queue, max_body_bytes, timeout_s, threads, top_k)
+    if not bundles:
+        raise ConfigError("no bundle to serve; pass at least one bundle directory")
+    if max_body_bytes < 1 or timeout_s <= 0 or top_k < 1 or max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+        raise ConfigError("max_body_bytes, timeout_s, top_k, max_batch and max_queue must be positive, max_wait_ms >= 0")
+    named = bundles.items() if isinstance(bundles, Mapping) else [(model_name(Path(b)), b) for b in bundles]
+    models: dict[str, Model] = {}
+    for name, path in named:
+        if name in models:
+            raise ConfigError(f"two bundles are named {name!r}; give them distinct names ({{name: path}})")
+        models[name] = Model(name, load_bundle(path))
+    server = Server(models, settings)
+    routes = [
+        Route("/predict", server.endpoint("/predict", "seed", server.seed_predict), methods=["POST"]),
+        Route("/predict/{model}", server.endpoint("/predict/{model}", "seed", server.seed_predict), methods=["POST"]),
+        Route("/ping", server.ping, methods=["GET"]),
+        Route("/predictions/{model}", server.endpoint("/predictions/{model}", "torchserve", server.ts_predict),
+              methods=["POST", "PUT"]),
+        Route("/models", server.endpoint("/models", "torchserve", server.ts_models), methods=["GET"]),
+        Route("/models/{model}", server.endpoint("/models/{model}", "torchserve", server.ts_model), methods=["GET"]),
+        Route("/v1/models/{model}/predict",
+              server.endpoint("/v1/models/{model}/predict", "native", server.native_predict), methods=["POST"]),
+        Route("/healthz", server.healthz, methods=["GET"]),
+        Route("/readyz", server.readyz, methods=["GET"]),
+        Route("/metrics", server.metrics_route, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=server.lifespan)
+    app.state.server = server
+    return app
+
+
+class Server:
+    """State and handlers behind one app."""
+
+    def __init__(self, models: dict[str, Model], settings: Settings) -> None:
+        self.models, self.settings = models, settings
+        self.default = next(iter(models))
+        self.metrics = ServerMetrics()
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.decoding = 0  # images in or waiting for the decode pool
+        self.max_decoding = settings.max_queue * max(1, len(models))
+        self._loader: asyncio.Task | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.decode_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+        self._loader = asyncio.get_running_loop().create_task(self._load_all())
+        try:
+            yield
+        finally:
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+            for model in self.models.values():
+                model.ready = False
+                if model.batcher is not None:
+                    await model.batcher.stop()
+                if model.executor is not None:
+                    model.executor.shutdown(wait=True)
+            self.decode_pool.shutdown(wait=True)
+
+    async def _load_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        for model in self.models.values():
+            started = time.perf_counter()
+            model.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model.name}")
+            try:
+                model.predictor = await loop.run_in_executor(model.executor, self._load, model.bundle)
+            except Exception:
+                log.exception("model %s (%s) could not be loaded; it will answer 503", model.name, model.bundle.path)
+                continue
+            s = self.settings
+            model.batcher = Batcher(
+                model.predictor.run, model.executor, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
+                max_queue=s.max_queue, on_batch=self.metrics.batch_size.labels(model.name).observe,
+            )
+            model.batcher.start()
+            self.metrics.watch_queue(model.name, lambda b=model.batcher: b.depth)
+            self.metrics.load_seconds.labels(model.name).set(time.perf_counter() - started)
+            model.ready = True
+            log.info("model %s ready (%.2f s)", model.name, time.perf_counter() - started)
+
+    def _load(self, bundle: Bundle) -> Predictor:
+        predictor = Predictor(bundle, threads=self.settings.threads)
+        size = predictor.spec.size
+        predictor.run(np.zeros((1, 3, size, size), np.float32))  # warm-up: first run allocates
+        return predictor
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def endpoint(self, route: str, dialect: str, handler: Callable[[Request], Awaitable[Response]]
+                 ) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a handler: errors in ``dialect``'s shape, 500s generic and logged, metrics."""
+
+        async def wrapped(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except RequestError as e:
+                response = error_response(dialect, e.status, e.code, str(e))
+            except Exception:
+                log.exception("unexpected error on %s %s", request.method, route)
+                response = error_response(dialect, 500, "internal", "inference failed")
+            self.metrics.observe_request(route, response.status_code, time.perf_counter() - started)
+            return response
+
+        return wrapped
+
+    def model(self, name: str | None) -> Model:
+        model = self.models.get(name or self.default)
+        if model is None:
+            raise RequestError(404, "unknown_model", f"Request for unknown model: {str(name)[:100]!r} is not found")
+        if not model.ready:
+            raise unavailable(f"model {model.name!r} is not ready")
+        return model
+
+    async def infer(self, model: Model, data: bytes) -> ClassificationResult:
+        """Encoded image → result: decode in the pool, then through the model's batcher."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.timeout_s
+        if model.predictor is None or model.batcher is None:
+            raise unavailable(f"model {model.name!r} is not ready")
+        if self.decoding >= self.max_decoding:
+            raise unavailable("server busy: too many images being decoded")
+        self.decoding += 1
+        try:
+            x = await loop.run_in_executor(self.decode_pool, model.predictor.prepare, data)
+        except ImageError as e:
+            message = str(e)
+            if e.code == "unsupported_format" and "unsupported" not in message:
+                message = f"unsupported image format: {message}"  # RELIABILITY.md I2's wording
+            raise RequestError(IMAGE_STATUS.get(e.code, 400), e.code, message) from None
+        finally:
+            self.decoding -= 1
+        if loop.time() >= deadline:
+            raise unavailable("deadline exceeded while decoding")
+        scores = await model.batcher.submit(x, deadline)
+        return model.predictor.result(scores)
+
+    async def image_from(self, request: Request, fields: tuple[str, ...]) -> bytes:
+        cap = self.settings.max_body_bytes
+        body = await inputs.read_body(request, cap)
+        if inputs.is_multipart(request):
+            return await inputs.form_file(request, body, fields, cap)
+        return body
+
+    # -- seed ------------------------------------------------------------------------------
+
+    async def seed_predict(self, request: Request) -> Response:
+        model = self.model(request.path_params.get("model") or request.query_params.get("model"))
+        cap = self.settings.max_body_bytes
+        body = await inputs.read_body(request, cap)
+        if inputs.is_multipart(request):
+            data = await inputs.form_file(request, body, ("file",), cap)
+        elif inputs.is_json(request):
+            data = inputs.seed_image(inputs.seed_payload(body), cap)
+        else:
+            data = body
+        result = await self.infer(model, data)
+        pairs = ([(label, float(result.scores[result.classes.index(label)])) for label in result.labels]
+                 if result.multilabel else result.top(self.settings.top_k))
+        preds = {label: str(np.float32(score)) for label, score in pairs}
+        return JSONResponse({"preds": preds, "status": "Success"})
+
+    # -- TorchServe ------------------------------------------------------------------------
+
+    async def ping(self, request: Request) -> Response:
+        return JSONResponse({"status": "Healthy"})
+
+    async def ts_predict(self, request: Request) -> Response:
+        model = self.model(request.path_params["model"])
+        data = await self.image_from(request, ("data", "body", "file"))
+        result = await self.infer(model, data)
+        return JSONResponse(dict(result.top(TORCHSERVE_TOP_K)))
+
+    async def ts_models(self, request: Request) -> Response:
+        return JSONResponse({"models": [{"modelName": n, "modelUrl": n} for n in self.models]})
+
+    async def ts_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        model = self.models.get(name)
+        if model is None:
+            raise RequestError(404, "unknown_model", f"Model not found: {name[:100]!r}")
+        s = self.settings
+        return JSONResponse([{
+            "modelName": name, "modelVersion": "1.0", "modelUrl": name, "runtime": "onnxruntime",
+            "minWorkers": 1, "maxWorkers": 1, "batchSize": s.max_batch, "maxBatchDelay": s.max_wait_ms,
+            "loadedAtStartup": True,
+            "workers": [{"id": "0", "status": "READY" if model.ready else "LOADING"}],
+            "task": model.bundle.task, "classes": list(model.bundle.classes),
+        }])
+
+    # -- native ----------------------------------------------------------------------------
+
+    async def native_predict(self, request: Request) -> Response:
+        started = time.perf_counter()
+        model = self.model(request.path_params["model"])
+        data = await self.image_from(request, ("file",))
+        result = await self.infer(model, data)
+        out = result.to_dict(self.settings.top_k)
+        return JSONResponse({"model": model.name, **out, "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
+
+    # -- health and metrics ----------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        states = {name: m.ready for name, m in self.models.items()}
+        if all(states.values()):
+            return JSONResponse({"status": "ready", "models": states})
+        return JSONResponse({"status": "loading", "models": states}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+def error_response(dialect: str, status: int, code: str, message: str) -> JSONResponse:
+    """An error in the shape each dialect's clients expect; 503s carry Retry-After."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    if dialect == "seed":
+        body: Any = {"status": "Error", "error": message}
+    elif dialect == "torchserve":
+        body = {"code": status, "type": TORCHSERVE_TYPES.get(status, "BadRequestException"), "message": message}
+    else:
+        body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def serve(
+    bundles: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "info",
+    **options: Any,
+) -> None:
+    """Run the app with uvicorn until interrupted (SIGINT/SIGTERM: finish in-flight requests).
+
+    options: :func:`create_app`'s keyword arguments.
+    """
+    import uvicorn
+
+    app = create_app(bundles, **options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)

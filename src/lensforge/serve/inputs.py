@@ -1,0 +1,120 @@
+"""Getting image bytes out of a request, within caps: raw bodies, multipart, the seed JSON.
+
+Everything here raises :class:`RequestError` with the status RELIABILITY.md gives the case;
+nothing here decodes an image (that runs in the decode pool).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
+
+from lensforge.errors import RequestError
+
+MAX_FORM_FIELDS = 16  # a prediction needs one file; thousands of parts is an attack (M2)
+MAX_FORM_FILES = 4
+_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``cap`` bytes.
+
+    A declared ``Content-Length`` over the cap is refused before reading (B1); a chunked body
+    is counted while it streams (B2); a malformed length is 400 (B3).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        text = declared.strip()
+        if not text.isdigit():
+            raise RequestError(400, "invalid_content_length", "invalid Content-Length header")
+        if int(text) > cap:
+            raise RequestError(413, "body_too_large", f"request body too large: over {cap} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise RequestError(413, "body_too_large", f"request body too large: over {cap} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away mid-upload: nothing to answer, not a 5xx (B9)
+        raise RequestError(400, "client_disconnected", "client disconnected") from None
+    return b"".join(chunks)
+
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+def is_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+async def form_file(request: Request, body: bytes, names: tuple[str, ...], cap: int) -> bytes:
+    """The bytes of the first file field among ``names`` in an already read multipart body."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(
+            max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=cap
+        )
+    except (MultiPartException, HTTPException) as e:
+        detail = getattr(e, "message", None) or getattr(e, "detail", None) or "malformed multipart body"
+        raise RequestError(400, "invalid_multipart", f"invalid multipart body: {detail}") from None
+    try:
+        for name in names:
+            value = form.get(name)
+            if isinstance(value, UploadFile):
+                return await value.read()  # the filename is never used (M5)
+        raise RequestError(400, "missing_file", f"missing file field {names[0]!r}")
+    finally:
+        await form.close()
+
+
+def seed_payload(body: bytes) -> dict[str, Any]:
+    """The seed clients' JSON: an object, or a JSON string that holds one (double-encoded)."""
+    try:
+        payload = json.loads(body)
+        if isinstance(payload, str):
+            payload = json.loads(payload)
+    except (ValueError, RecursionError):  # RecursionError: nesting thousands deep (J1)
+        raise RequestError(400, "invalid_json", "invalid JSON body") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, "invalid_json", "the JSON body must be an object with 'raw_file'")
+    return payload
+
+
+def seed_image(payload: dict[str, Any], cap: int, *, allow_local: bool = False, allow_remote: bool = False) -> bytes:
+    """Image bytes from the seed keys: ``raw_file`` (base64), ``local_url``, ``remote_url``."""
+    if "raw_file" in payload:
+        return decode_base64(payload["raw_file"], cap)
+    if "local_url" in payload:
+        raise RequestError(403, "local_disabled", "local paths are disabled")
+    if "remote_url" in payload:
+        raise RequestError(403, "remote_disabled", "remote URLs are disabled")
+    raise RequestError(400, "missing_image", "expected one of the keys 'raw_file', 'local_url', 'remote_url'")
+
+
+def decode_base64(text: Any, cap: int) -> bytes:
+    """Strict base64 (an optional ``data:image/...;base64,`` prefix) → bytes, at most ``cap``."""
+    if not isinstance(text, str):
+        raise RequestError(400, "invalid_base64", "invalid base64: 'raw_file' must be a string")
+    text = _DATA_URL.sub("", text, count=1)
+    if len(text) // 4 * 3 > cap:  # judged on the encoded length, before decoding (J3)
+        raise RequestError(413, "image_too_large", f"image too large: over {cap} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "invalid_base64", "invalid base64") from None
