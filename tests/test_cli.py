@@ -417,3 +417,28 @@ def test_bench_json(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(out)
     assert {(r["batch"], r["mode"]) for r in report["rows"]} == {(1, "model"), (1, "e2e"), (2, "model"), (2, "e2e")}
     assert all(r["img_s"] > 0 for r in report["rows"]) and report["recommendation"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "b", "--max-body-mb", "inf"],
+        ["serve", "b", "--timeout", "nan"],
+        ["serve", "b", "--max-wait-ms", "0"],
+        ["bench", "b", "--seconds", "-1"],
+        ["export", "b", "--to", "onnx-int8", "--max-drop", "nan"],
+    ],
+)
+def test_float_options_must_be_finite(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "must be" in err and "Traceback" not in err
+
+
+def test_bench_accepts_the_current_directory_as_bundle(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(env.bundle)
+    code, out, err = run_cli(["bench", ".", "--batch-sizes", "1", "--threads", "1", "--seconds", "0.02",
+                              "--no-torch", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["rows"]

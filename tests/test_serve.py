@@ -374,3 +374,19 @@ def test_batcher_refuses_expired_inputs_without_running_them() -> None:
     assert isinstance(late, RequestError) and late.status == 503 and "deadline" in str(late)
     assert isinstance(full, RequestError) and full.status == 503 and "queue full" in str(full)
     assert ran == [1, 1]  # the expired input never ran
+
+
+def test_a_stalled_body_gets_408_at_the_deadline(shapes_bundle: Path, jpegs: list[bytes]) -> None:
+    """B4: a client that promises more bytes than it sends is answered at the deadline and
+    does not hold the server."""
+    app = create_app([shapes_bundle], timeout_s=1.0)
+    with LiveServer(app) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        head = (b"POST /predictions/run HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: 100000\r\n\r\n" + jpegs[0][:100])
+        started = time.monotonic()
+        answer = _raw_http(port, head)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert time.monotonic() - started < 5
+        ok = requests.post(server.url + "/predictions/run", data=jpegs[0], timeout=30)
+        assert ok.status_code == 200

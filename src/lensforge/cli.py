@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -268,8 +269,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif args.to == "all":
         from lensforge.export.parity import export_all, print_report
 
-        report = export_all(bundle.path, out, calib=args.calib, max_drop=args.max_drop, force=args.force,
-                            overwrite=args.overwrite, reporter=ui)
+        report = export_all(bundle.path, out, calib=args.calib, calib_dir=args.calib_dir, method=args.method,
+                            max_drop=args.max_drop, force=args.force, name=args.name, overwrite=args.overwrite,
+                            reporter=ui)
         (out / "parity.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
         print_report(report, console)
         console.print(f"[bold cyan]›[/] Written: {escape(str(out))} (parity table in parity.json)")
@@ -304,7 +306,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     bundle = Path(args.bundle)
     # the exports `lensforge export` writes beside a bundle are compared with it automatically
-    siblings = [bundle.with_name(f"{bundle.resolve().name}-{p}") for p in ("fp16", "int8")]
+    siblings = [default_export_dir(bundle, target) for target in ("onnx-fp16", "onnx-int8")]
     bundles = [bundle, *(s for s in siblings if s.is_dir()), *(Path(b) for b in args.also)]
     report = benchmark(
         bundles, batch_sizes=args.batch_sizes, threads=args.threads or None, seconds=args.seconds,
@@ -386,6 +388,23 @@ def make_predictor(args: argparse.Namespace, bundle: Any) -> Any:
     providers = [p.strip() for item in (args.provider or []) for p in item.split(",") if p.strip()] or None
     return Predictor(bundle, threads=args.threads, providers=providers, fallback=args.fallback,
                      optimization=args.optimization, cache_optimized=args.cache_optimized)
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
 
 
 def dflt(key: str) -> str:
@@ -474,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--name", help="model name for Triton / TorchServe (default: the bundle's directory name)")
     x.add_argument("--calib", type=positive_int, default=200, help="int8: calibration images from the training split (default 200)")
     x.add_argument("--calib-dir", help="int8: calibrate on the images in this folder instead")
-    x.add_argument("--max-drop", type=float, default=1.0, help="int8: refuse if accuracy drops more points than this (default 1.0)")
+    x.add_argument("--max-drop", type=finite_float, default=1.0, help="int8: refuse if accuracy drops more points than this (default 1.0)")
     x.add_argument("--force", action="store_true", help="int8: keep the model even past --max-drop")
     x.add_argument("--method", choices=("static", "dynamic"), default="static", help="int8 quantisation (default static QDQ)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -488,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--also", action="append", default=[], metavar="BUNDLE", help="another bundle to compare (repeatable)")
     b.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
     b.add_argument("--threads", type=int_list, help="comma-separated thread counts (default: all cores, and 1)")
-    b.add_argument("--seconds", type=float, default=2.0, help="time per format and cell (default 2)")
+    b.add_argument("--seconds", type=positive_float, default=2.0, help="time per format and cell (default 2)")
     b.add_argument("--images", action="append", metavar="PATH", help="images or folders for the end-to-end rows "
                                                                       "(default: the bundle's test split)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch eager row")
@@ -504,10 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=positive_int, default=8000)
     sv.add_argument("--max-batch", type=positive_int, default=16, help="dynamic batching: images per model call (default 16)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="dynamic batching: wait this long to fill a batch (default 5)")
+    sv.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="dynamic batching: wait this long to fill a batch (default 5)")
     sv.add_argument("--max-queue", type=positive_int, default=64, help="queued images per model before 503 (default 64)")
-    sv.add_argument("--max-body-mb", type=float, default=20.0, help="request body cap in MB (default 20)")
-    sv.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds (default 10)")
+    sv.add_argument("--max-body-mb", type=positive_float, default=20.0, help="request body cap in MB (default 20)")
+    sv.add_argument("--timeout", type=positive_float, default=10.0, help="per-request deadline in seconds (default 10)")
     sv.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: all cores)")
     sv.set_defaults(func=cmd_serve)
 

@@ -96,14 +96,18 @@ def export_all(
     out_root: str | os.PathLike[str],
     *,
     calib: int = 200,
+    calib_dir: str | os.PathLike[str] | None = None,
+    method: str = "static",
     max_drop: float = 1.0,
     force: bool = False,
+    name: str | None = None,
     overwrite: bool = False,
     reporter: Reporter | None = None,
 ) -> ParityReport:
     """Export ``bundle`` to every target under ``out_root`` and measure each against fp32.
 
-    calib, max_drop, force: as :func:`export_int8`. Without ``force`` an int8 export refused
+    calib, calib_dir, method, max_drop, force: as :func:`export_int8`; name: the Triton /
+    TorchServe model name (default: the run directory's name). Without ``force`` an int8 export refused
     by its accuracy guard (or for want of calibration images) is a row with the refusal as
     its note, and the other targets are still written; with ``force`` any failure raises.
     overwrite: replace existing target directories; without it an existing one is refused
@@ -115,7 +119,9 @@ def export_all(
     existing = [str(out_root / t) for t in TARGETS if (out_root / t).exists()]
     if existing and not overwrite:
         raise ExportError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace them")
-    name = model_name(src, None)
+    name = model_name(src, name)
+    if importlib.util.find_spec("model_archiver") is None:  # fail before minutes of fp16/int8 work
+        raise ExportError("torch-model-archiver is not installed: pip install torch-model-archiver")
 
     ui.step(f"Exporting fp16 to {out_root / 'fp16'}")
     fp16 = export_fp16(src, out_root / "fp16", overwrite=overwrite)
@@ -123,7 +129,8 @@ def export_all(
     int8: Path | None = None
     int8_note = None
     try:
-        int8 = export_int8(src, out_root / "int8", calib=calib, max_drop=max_drop, force=force, overwrite=overwrite)
+        int8 = export_int8(src, out_root / "int8", calib=calib, calib_dir=Path(calib_dir) if calib_dir else None,
+                           method=method, max_drop=max_drop, force=force, overwrite=overwrite)
     except ExportError as e:
         if force:
             raise

@@ -164,8 +164,8 @@ class Server:
                 if model.batcher is not None:
                     await model.batcher.stop()
                 if model.executor is not None:
-                    model.executor.shutdown(wait=True)
-            self.decode_pool.shutdown(wait=True)
+                    model.executor.shutdown(wait=False, cancel_futures=True)
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)  # never block the loop at exit
 
     async def _load_all(self) -> None:
         loop = asyncio.get_running_loop()
@@ -247,7 +247,7 @@ class Server:
 
     async def image_from(self, request: Request, fields: tuple[str, ...]) -> bytes:
         cap = self.settings.max_body_bytes
-        body = await inputs.read_body(request, cap)
+        body = await inputs.read_body(request, cap, self.settings.timeout_s)
         if inputs.is_multipart(request):
             return await inputs.form_file(request, body, fields, cap)
         return body
@@ -257,11 +257,13 @@ class Server:
     async def seed_predict(self, request: Request) -> Response:
         model = self.model(request.path_params.get("model") or request.query_params.get("model"))
         cap = self.settings.max_body_bytes
-        body = await inputs.read_body(request, cap)
+        body = await inputs.read_body(request, cap, self.settings.timeout_s)
         if inputs.is_multipart(request):
             data = await inputs.form_file(request, body, ("file",), cap)
         elif inputs.is_json(request):
-            data = inputs.seed_image(inputs.seed_payload(body), cap)
+            # up to max_body_bytes of JSON and base64: parsed in the pool, never on the event loop
+            data = await asyncio.get_running_loop().run_in_executor(
+                self.decode_pool, lambda: inputs.seed_image(inputs.seed_payload(body), cap))
         else:
             data = body
         result = await self.infer(model, data)

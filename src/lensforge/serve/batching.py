@@ -95,7 +95,7 @@ class Batcher:
         self._arrived.set()
         try:
             return await asyncio.wait_for(item.future, max(0.0, deadline - loop.time()))
-        except TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):  # distinct classes before Python 3.11
             raise unavailable("deadline exceeded while waiting for the model") from None
 
     async def _loop(self) -> None:
@@ -131,7 +131,7 @@ class Batcher:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
+            except (asyncio.TimeoutError, TimeoutError):  # distinct classes before Python 3.11
                 return
 
     async def _run_batch(self, live: list[_Item]) -> None:

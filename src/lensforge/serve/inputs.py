@@ -6,6 +6,8 @@ nothing here decodes an image (that runs in the decode pool).
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import binascii
 import json
@@ -24,12 +26,18 @@ MAX_FORM_FILES = 4
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 
 
-async def read_body(request: Request, cap: int) -> bytes:
+async def read_body(request: Request, cap: int, timeout_s: float | None = None) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed ``cap`` bytes.
 
     A declared ``Content-Length`` over the cap is refused before reading (B1); a chunked body
-    is counted while it streams (B2); a malformed length is 400 (B3).
+    is counted while it streams (B2); a malformed length is 400 (B3); a body that does not
+    arrive within ``timeout_s`` (a stalled or 1 B/s client) is 408 (B4/B5).
     """
+    if timeout_s is not None:
+        try:
+            return await asyncio.wait_for(read_body(request, cap), timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise RequestError(408, "body_timeout", f"request body not received within {timeout_s:g} s") from None
     declared = request.headers.get("content-length")
     if declared is not None:
         text = declared.strip()
@@ -96,8 +104,10 @@ def seed_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def seed_image(payload: dict[str, Any], cap: int, *, allow_local: bool = False, allow_remote: bool = False) -> bytes:
-    """Image bytes from the seed keys: ``raw_file`` (base64), ``local_url``, ``remote_url``."""
+def seed_image(payload: dict[str, Any], cap: int) -> bytes:
+    """Image bytes from the seed keys: ``raw_file`` (base64). ``local_url`` and ``remote_url``
+    are refused: reading server paths and fetching URLs need the guards of RELIABILITY.md
+    (P and U rows), which are not built yet."""
     if "raw_file" in payload:
         return decode_base64(payload["raw_file"], cap)
     if "local_url" in payload:
