@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lensforge.errors import BundleError, ExportError
-from lensforge.runtime.bundle import Bundle, load_bundle
+from lensforge.runtime.bundle import Bundle, display_name
 
 # Both servers accept this (TorchServe's model-archiver enforces exactly this pattern; Triton
 # uses the name as a directory and in URLs, so the same rule keeps it safe there).
@@ -25,16 +24,10 @@ class TensorSig:
     shape: tuple[int, ...]
 
 
-def as_bundle(bundle: str | os.PathLike[str] | Bundle) -> Bundle:
-    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-
-
 def model_name(bundle: Bundle, name: str | None) -> str:
     """``name`` checked, or one derived from the bundle's directory (``runs/shapes/bundle`` → ``shapes``)."""
     if name is None:
-        path = bundle.path.resolve()
-        base = path.parent.name if path.name == "bundle" else path.name
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).lstrip("-_.") or "lensforge"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", display_name(bundle.path)).lstrip("-_.") or "lensforge"
     if not NAME_PATTERN.match(name):
         raise ExportError(
             f"invalid model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit"

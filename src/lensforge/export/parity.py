@@ -33,7 +33,8 @@ import onnxruntime as ort
 
 from lensforge.data.records import Record, targets
 from lensforge.errors import ExportError, ImageError
-from lensforge.export._serving import as_bundle, model_name
+from lensforge.export._serving import model_name
+from lensforge.runtime.bundle import as_bundle
 from lensforge.evaluation import headline_metric, held_out, metric_points
 from lensforge.export.quantize import export_fp16, export_int8
 from lensforge.export.torchserve import export_torchserve

@@ -37,8 +37,8 @@ from lensforge.runtime.bundle import (
     SPLIT_FILE,
     WEIGHTS_FILE,
     Bundle,
+    as_bundle,
     atomic_directory,
-    load_bundle,
     write_meta,
 )
 from lensforge.runtime.predictor import Predictor
@@ -66,7 +66,7 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    src = _load(bundle)
+    src = as_bundle(bundle)
     out = Path(out)
     _check_out(src, out, overwrite)
     records, split_name = held_out(src, ("val", "test"))
@@ -133,7 +133,7 @@ def export_int8(
         raise ExportError(f"unknown int8 method {method!r}; use one of {', '.join(METHODS)}")
     if method == "static" and calib < 1:
         raise ExportError(f"calib must be at least 1 image, got {calib}")
-    src = _load(bundle)
+    src = as_bundle(bundle)
     out = Path(out)
     _check_out(src, out, overwrite)
     calib_images = _calibration_images(src, calib, calib_dir) if method == "static" else ([], "")
@@ -347,10 +347,6 @@ def _random_batch(src: Bundle) -> np.ndarray:
 
 
 # -- bundle plumbing -----------------------------------------------------------------------------
-
-
-def _load(bundle: str | os.PathLike[str] | Bundle) -> Bundle:
-    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
 
 
 def _check_out(src: Bundle, out: Path, overwrite: bool) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lensforge.errors import ExportError
 from lensforge.export import torchserve_handler
-from lensforge.export._serving import as_bundle, model_name
+from lensforge.export._serving import model_name
+from lensforge.runtime.bundle import as_bundle
 from lensforge.runtime.bundle import META_FILE, Bundle
 
 log = logging.getLogger(__name__)

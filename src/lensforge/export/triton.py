@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 from lensforge.errors import BundleError, ExportError
-from lensforge.export._serving import TensorSig, as_bundle, model_name, onnx_signature
+from lensforge.export._serving import TensorSig, model_name, onnx_signature
+from lensforge.runtime.bundle import as_bundle
 from lensforge.runtime.bundle import Bundle, atomic_directory
 
 log = logging.getLogger(__name__)

@@ -66,6 +66,18 @@ class Bundle:
         return self.path.name
 
 
+def as_bundle(bundle: str | os.PathLike[str] | Bundle) -> Bundle:
+    """A loaded bundle, whether given as one or as its directory."""
+    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+
+
+def display_name(path: Path) -> str:
+    """What a bundle is called in servers and exports: its directory's name, or the run
+    directory's when the bundle sits at ``<run>/bundle`` (``runs/shapes/bundle`` → ``shapes``)."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name == "bundle" else path.name
+
+
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read and check a bundle directory; every problem is a one-line :class:`BundleError`."""
     p = Path(path)

@@ -3,6 +3,7 @@
 Imports onnxruntime, numpy, Pillow and Starlette only — never torch.
 """
 
-from lensforge.serve.app import create_app, model_name, serve
+from lensforge.runtime.bundle import display_name as model_name
+from lensforge.serve.app import create_app, serve
 
 __all__ = ["create_app", "model_name", "serve"]

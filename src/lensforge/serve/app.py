@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from lensforge.errors import ConfigError, ImageError, RequestError
 from lensforge.runtime import Bundle, ClassificationResult, Predictor, load_bundle
+from lensforge.runtime.bundle import display_name
 from lensforge.serve import inputs
 from lensforge.serve.batching import RETRY_AFTER_S, Batcher, unavailable
 from lensforge.serve.metrics import ServerMetrics
@@ -75,12 +76,6 @@ class Settings:
     top_k: int = 5
 
 
-def model_name(path: Path) -> str:
-    """A bundle's name: its directory, or the run directory when the bundle dir is ``bundle``."""
-    path = path.resolve()
-    return path.parent.name if path.name == "bundle" else path.name
-
-
 def create_app(
     bundles: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]],
     *,
@@ -94,7 +89,7 @@ def create_app(
 ) -> Starlette:
     """The ASGI app serving ``bundles`` (the first is the default model).
 
-    bundles: bundle directories, named by :func:`model_name`, or a ``{name: directory}`` map.
+    bundles: bundle directories, named by :func:`lensforge.runtime.bundle.display_name`, or a ``{name: directory}`` map.
     max_batch / max_wait_ms: dynamic batching per model. max_queue: inputs that may wait per
     model (and images being decoded at once); more are refused with 503 + Retry-After.
     max_body_bytes: request body cap (413 above it). timeout_s: per-request deadline; a
@@ -110,7 +105,7 @@ def create_app(
         raise ConfigError("no bundle to serve; pass at least one bundle directory")
     if max_body_bytes < 1 or timeout_s <= 0 or top_k < 1 or max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
         raise ConfigError("max_body_bytes, timeout_s, top_k, max_batch and max_queue must be positive, max_wait_ms >= 0")
-    named = bundles.items() if isinstance(bundles, Mapping) else [(model_name(Path(b)), b) for b in bundles]
+    named = bundles.items() if isinstance(bundles, Mapping) else [(display_name(Path(b)), b) for b in bundles]
     models: dict[str, Model] = {}
     for name, path in named:
         if name in models:
