@@ -33,7 +33,7 @@ import numpy as np
 from lensforge.evaluation import headline_metric
 from lensforge.errors import ConfigError, DataError, ImageError
 from lensforge.hardware import cpu_count, describe
-from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle, load_bundle
+from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
 from lensforge.ui import Reporter
 
@@ -468,22 +468,12 @@ def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], np.ndarray
 
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
         return None, "torch and timm are not installed"
-    info = bundle.meta.get("model")
-    weights = bundle.path / WEIGHTS_FILE
-    if not weights.is_file():
-        return None, f"{bundle.name} has no {WEIGHTS_FILE}"
-    if not isinstance(info, dict) or not isinstance(info.get("backbone"), str):
-        return None, f"{bundle.name}'s lensforge.json names no backbone"
     try:
         import torch
-        from safetensors.torch import load_file
 
-        from lensforge.models import Classifier, ScoresModel, create_backbone
+        from lensforge.models import load_bundle_model
 
-        backbone, _ = create_backbone(info["backbone"], pretrained=False, image_size=bundle.input_spec.size)
-        classifier = Classifier(backbone, int(info.get("num_classes", len(bundle.classes))), head=str(info.get("head", "linear")))
-        classifier.load_state_dict(load_file(str(weights)))
-        model = ScoresModel(classifier, bundle.task == "multilabel").eval()
+        model = load_bundle_model(bundle)
     except Exception as e:  # any failure (missing module, unknown backbone, shapes) only drops the row
         log.info("torch eager row skipped", exc_info=True)
         return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"

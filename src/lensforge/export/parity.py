@@ -234,19 +234,13 @@ def _torch_scores(src: Bundle, batch: np.ndarray) -> tuple[np.ndarray | None, st
     if not (src.path / WEIGHTS_FILE).is_file():
         return None, f"{WEIGHTS_FILE} is not in the bundle"
     import torch
-    from safetensors.torch import load_file
 
-    from lensforge.models import Classifier, ScoresModel, create_backbone
+    from lensforge.models import load_bundle_model
 
-    info = src.meta.get("model", {})
     try:
-        backbone, _ = create_backbone(info["backbone"], pretrained=False,
-                                      image_size=src.meta.get("config", {}).get("image_size", src.input_spec.size))
-        model = Classifier(backbone, len(src.classes), head=info.get("head", "linear"))
-        model.load_state_dict(load_file(str(src.path / WEIGHTS_FILE)))
+        scores_model = load_bundle_model(src)
     except Exception as e:  # noqa: BLE001 - ModelError, weights that do not fit...: a note, not a failed export
         return None, f"could not rebuild the torch model: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    scores_model = ScoresModel(model, src.task == "multilabel").eval()
     with torch.no_grad():
         return _run_in_batches(lambda x: scores_model(torch.from_numpy(x)).numpy(), batch), None
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lensforge.runtime.bundle import Bundle
 
 
 class Classifier(nn.Module):
@@ -46,3 +51,26 @@ class ScoresModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+
+
+def load_bundle_model(bundle: Bundle) -> ScoresModel:
+    """The bundle's classifier rebuilt in torch from ``weights.safetensors`` and the model
+    facts in ``lensforge.json`` (backbone, head; classes and input size from the bundle), in
+    eval mode. No pretrained download. Raises ModelError when the bundle lacks what it takes;
+    weights that do not fit raise from ``load_state_dict``."""
+    from safetensors.torch import load_file
+
+    from lensforge.errors import ModelError
+    from lensforge.models.backbones import create_backbone
+    from lensforge.runtime.bundle import WEIGHTS_FILE
+
+    weights = bundle.path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"{bundle.path} has no {WEIGHTS_FILE}")
+    info = bundle.meta.get("model")
+    if not isinstance(info, dict) or not isinstance(info.get("backbone"), str):
+        raise ModelError(f"{bundle.path}'s lensforge.json names no backbone")
+    backbone, _ = create_backbone(info["backbone"], pretrained=False, image_size=bundle.input_spec.size)
+    classifier = Classifier(backbone, len(bundle.classes), head=str(info.get("head", "linear")))
+    classifier.load_state_dict(load_file(str(weights)))
+    return ScoresModel(classifier, bundle.task == "multilabel").eval()
