@@ -509,7 +509,21 @@ def test_wrong_source_type_is_a_type_error() -> None:
 def test_output_is_new_and_carries_no_metadata() -> None:
     data = with_orientation(uniform("RGB", (1, 2, 3)), "JPEG", 1)
     img = decode_image(data)
-    assert img.info == {} and type(img) is Image.Image
+    assert img.info == {"original_size": img.size} and type(img) is Image.Image  # nothing from the file
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_original_size_survives_a_reduced_jpeg_decode(orientation: int) -> None:
+    """Detectors map boxes back to full-resolution pixels: the decoder must say what they were."""
+    big = Image.new("RGB", (1600, 1000), (90, 120, 30))
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[274] = orientation
+    big.save(buf, "JPEG", exif=exif.tobytes())
+    img = decode_image(buf.getvalue(), min_size=200)
+    displayed = (1000, 1600) if orientation == 6 else (1600, 1000)
+    assert img.info["original_size"] == displayed
+    assert max(img.size) <= 800 and (img.size[0] > img.size[1]) == (displayed[0] > displayed[1])
 
 
 # --- EXIF orientation --------------------------------------------------------------------

@@ -347,10 +347,10 @@ def test_batcher_refuses_expired_inputs_without_running_them() -> None:
 
     ran: list[int] = []
 
-    def slow(batch: np.ndarray) -> np.ndarray:
+    def slow(batch: list[np.ndarray]) -> list[np.ndarray]:
         ran.append(len(batch))
         time.sleep(0.2)
-        return batch * 2
+        return [x * 2 for x in batch]
 
     async def scenario() -> list[object]:
         loop = asyncio.get_running_loop()

@@ -23,9 +23,17 @@ class ImageError(DataError):
     ``too_small`` (400), ``unreadable`` (400).
     """
 
+    HTTP_STATUS = {"empty": 400, "unsupported_format": 415, "corrupt": 400, "too_large": 413,
+                   "too_small": 400, "unreadable": 400}
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status every server dialect answers this with (RELIABILITY.md, I rows)."""
+        return self.HTTP_STATUS.get(self.code, 400)
 
 
 class ModelError(LensforgeError):

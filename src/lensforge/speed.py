@@ -373,7 +373,8 @@ def _runners(
             return torch_run(batch, threads)
 
         def e2e(sources: list[bytes]) -> list[Any]:
-            return [ref.result(s) for s in model(np.stack([ref.prepare(b) for b in sources]))]
+            xs = [ref.prepare(b) for b in sources]
+            return [ref.result(s, x) for s, x in zip(model(np.stack(xs)), xs)]
 
         out[TORCH_LABEL] = (model, e2e)
     return out

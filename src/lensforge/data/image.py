@@ -187,7 +187,9 @@ def decode_image(
     max_side: optional cap on either side (rejects 65535x1-style extremes).
     min_side: smaller sides are ``too_small``.
 
-    The output is EXIF-oriented and has empty ``info``. See the module docstring for the
+    The output is EXIF-oriented; its ``info`` holds only ``"original_size"``: (width, height)
+    of the full-resolution image as displayed, which differs from ``size`` after a reduced
+    JPEG decode. See the module docstring for the
     mode-conversion policy. Raises :class:`ImageError` for anything wrong with the image;
     ``ValueError``/``TypeError`` for invalid arguments.
     """
@@ -197,11 +199,13 @@ def decode_image(
         img = _open_image(fp, allowed, where)
         try:
             _check_dimensions(img.size, max_pixels, max_side, min_side, where)
+            stored = img.size
             if min_size is not None and isinstance(img, JpegImagePlugin.JpegImageFile):
                 if min(img.size) >= 2 * min_size:
                     # libjpeg picks the largest 1/2, 1/4, 1/8 scale keeping both sides >= min_size.
                     img.draft("RGB", (min_size, min_size))
             _load(img, where)
+            loaded = img.size
             oriented = _apply_orientation(img)
             out = to_rgb(oriented)
             if out is img:
@@ -209,7 +213,10 @@ def decode_image(
         finally:
             if fp is not source:  # Image.close() closes the file too: never the caller's
                 img.close()
-    out.info = {}
+    turned = oriented.size != loaded  # EXIF orientations 5-8 swap the sides
+    # the only metadata kept: the full-resolution size as displayed, so detectors can map
+    # boxes found on a draft-decoded (reduced) image back to the original pixels
+    out.info = {"original_size": (stored[1], stored[0]) if turned else stored}
     return out
 
 

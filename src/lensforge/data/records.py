@@ -1,8 +1,8 @@
 """The one record type every dataset format produces.
 
 A dataset is a list of :class:`Record` plus the class list. Readers for class folders, CSV
-tables (and later COCO / YOLO) all produce these; splitting, training, inspection and
-evaluation read nothing else.
+tables, COCO / Roboflow exports and YOLO txt all produce these; splitting, training,
+inspection and evaluation read nothing else.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-TASKS = ("classify", "multilabel")  # what a Dataset, a config and a bundle can hold
+TASKS = ("classify", "multilabel", "detect")  # what a Dataset, a config and a bundle can hold
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the image as displayed (EXIF applied)
 
 
 @dataclass(frozen=True)
@@ -23,13 +25,36 @@ class Record:
 
     path: absolute path of the image file.
     labels: indices into ``Dataset.classes``; exactly one for single-label data, zero or
-        more for multi-label data.
+        more for multi-label data; for detection, the class of each box (same length as
+        ``boxes``, possibly empty: an image with no objects is a negative example).
     split: "train", "val" or "test" when the data came pre-split, else None.
+    boxes: detection only: one xyxy box per object, float pixels of the image as displayed
+        (EXIF orientation applied), already clipped to the image.
+    crowd: detection only: COCO ``iscrowd`` flag per box (empty means none is a crowd).
+        Crowd boxes are not trained on; evaluation treats them as COCO does (ignored regions).
+    size: (width, height) of the image when the format states it (COCO, YOLO after reading).
     """
 
     path: Path
     labels: tuple[int, ...]
     split: str | None = None
+    boxes: tuple[Box, ...] = ()
+    crowd: tuple[bool, ...] = ()
+    size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.boxes and len(self.boxes) != len(self.labels):
+            raise ValueError(f"{self.path}: {len(self.boxes)} boxes but {len(self.labels)} labels; need one label per box")
+        if self.crowd and len(self.crowd) != len(self.boxes):
+            raise ValueError(f"{self.path}: {len(self.crowd)} crowd flags for {len(self.boxes)} boxes")
+
+    def box_array(self) -> np.ndarray:
+        """float32 (N, 4) xyxy boxes (N may be 0)."""
+        return np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+
+    def crowd_array(self) -> np.ndarray:
+        """bool (N,) crowd flag per box."""
+        return np.asarray(self.crowd, dtype=bool) if self.crowd else np.zeros(len(self.boxes), dtype=bool)
 
 
 @dataclass
@@ -38,8 +63,9 @@ class Dataset:
 
     root: the directory (or the CSV file's directory) paths are relative to in reports and
         in the saved split.
-    task: "classify" (one label per image) or "multilabel".
-    fmt: the format the reader detected, e.g. "folders", "split-folders", "csv".
+    task: "classify" (one label per image), "multilabel" or "detect" (boxes per image).
+    fmt: the format the reader detected, e.g. "folders", "split-folders", "csv", "coco",
+        "roboflow-coco", "yolo".
     skipped: (path, reason) for entries the reader could not use (missing files, ...).
     """
 
@@ -49,6 +75,7 @@ class Dataset:
     task: str = "classify"
     fmt: str = "folders"
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the reader fixed or decided (clipped boxes, merged classes), for inspect and train to show
 
     @property
     def presplit(self) -> bool:

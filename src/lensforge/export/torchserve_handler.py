@@ -7,7 +7,10 @@ the TorchServe environment needs lensforge's serving install (``pip install lens
 onnxruntime, numpy, Pillow; no torch is imported here).
 
 Each request's ``data`` or ``body`` is an encoded image; the answer per request is
-TorchServe's image-classifier format: the top 5 ``{label: score}``, best first. An image
+TorchServe's own format: for classifiers its image-classifier answer, the top 5
+``{label: score}``, best first; for detectors its object-detector answer, a list of
+``{label: [x1, y1, x2, y2], "score": s}`` (original pixels, boxes above the bundle's tuned
+score threshold). An image
 that cannot be decoded answers ``{"error": code, "message": ...}`` with a 4xx status for
 that request only; the rest of the batch is still served.
 """
@@ -20,7 +23,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TOP_K = 5
-_STATUS = {"empty": 400, "unsupported_format": 415, "corrupt": 400, "too_large": 413, "too_small": 400, "unreadable": 400}
 
 
 class LensforgeHandler:
@@ -55,14 +57,22 @@ class LensforgeHandler:
             except ImageError as e:
                 answers[i] = {"error": e.code, "message": str(e)}
                 if hasattr(context, "set_response_status"):
-                    context.set_response_status(_STATUS.get(e.code, 400), str(e), idx=i)
+                    context.set_response_status(e.http_status, str(e), idx=i)
         if ready:
-            import numpy as np
-
-            scores = predictor.run(np.stack([x for _, x in ready]))
-            for (i, _), s in zip(ready, scores):
-                answers[i] = dict(predictor.result(s).top(TOP_K))
+            outputs = predictor.run_many([x for _, x in ready])
+            for (i, x), out in zip(ready, outputs):
+                answers[i] = torchserve_answer(predictor.result(out, x))
         return answers  # type: ignore[return-value]
+
+
+def torchserve_answer(result: Any) -> Any:
+    """A result in TorchServe's format: top-5 ``{label: score}`` for a classification,
+    ``[{label: [x1, y1, x2, y2], "score": s}, ...]`` for detections (as its object detector)."""
+    if hasattr(result, "boxes"):
+        kept = result.above()
+        return [{label: [float(v) for v in box], "score": float(score)}
+                for label, box, score in zip(kept.labels, kept.boxes, kept.scores)]
+    return dict(result.top(TOP_K))
 
 
 def _payload(request: Any) -> bytes:

@@ -1,6 +1,8 @@
 """The bundle: the directory training writes and everything after it reads.
 
-    model.onnx           images float32 (N, 3, S, S) → scores float32 (N, C)
+    model.onnx           classify/multilabel: images float32 (N, 3, S, S) → scores float32 (N, C)
+                         detect: images float32 (1, 3, H, W) in [0, 1] → boxes float32 (K, 4) xyxy
+                         input pixels, scores float32 (K,), labels int64 (K,) 0-based class ids
     weights.safetensors  the torch weights, for further training (never pickled)
     lensforge.json       task, classes, input spec, thresholds, metrics, parity, versions, config
     split.json           which images were train / val / test (so evaluate never tests on training data)
@@ -24,7 +26,8 @@ import numpy as np
 
 from lensforge.data.records import TASKS
 from lensforge.errors import BundleError
-from lensforge.runtime.preprocess import InputSpec
+from lensforge.runtime.results import DEFAULT_THRESHOLD
+from lensforge.runtime.preprocess import DetectSpec, InputSpec
 
 FORMAT_VERSION = 1
 META_FILE = "lensforge.json"
@@ -50,7 +53,21 @@ class Bundle:
 
     @property
     def input_spec(self) -> InputSpec:
+        """Classification models' preprocessing (see :attr:`detect_spec` for detectors)."""
+        if self.task == "detect":
+            raise BundleError(f"{self.path} holds a detector; it has a detect_spec, not a classifier input spec")
         return InputSpec.from_dict(self.meta["input"])
+
+    @property
+    def detect_spec(self) -> DetectSpec:
+        if self.task != "detect":
+            raise BundleError(f"{self.path} holds a {self.task} model, not a detector")
+        return DetectSpec.from_dict(self.meta["input"])
+
+    @property
+    def score_threshold(self) -> float:
+        """Detectors: the score from which a box counts as found (tuned for F-beta on validation)."""
+        return float(self.meta.get("score_threshold", DEFAULT_THRESHOLD))
 
     @property
     def thresholds(self) -> np.ndarray | None:
@@ -136,10 +153,15 @@ def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
                 f"got {_short(th)}"
             )
 
+    detect = meta["task"] == "detect"
+    fields = "min_size, max_size, mean, std" if detect else "size, resize, mean, std"
     if not isinstance(meta["input"], dict):
-        raise BundleError(f"{bad} 'input' must be an object (size, resize, mean, std), got {_short(meta['input'])}")
+        raise BundleError(f"{bad} 'input' must be an object ({fields}), got {_short(meta['input'])}")
+    st = meta.get("score_threshold")
+    if st is not None and (not isinstance(st, (int, float)) or isinstance(st, bool) or not 0 <= st <= 1):
+        raise BundleError(f"{bad} 'score_threshold' must be a number in [0, 1], got {_short(st)}")
     try:
-        InputSpec.from_dict(meta["input"])
+        (DetectSpec if detect else InputSpec).from_dict(meta["input"])
     except KeyError as e:
         raise BundleError(f"{bad} the input spec has no {e} entry") from None
     except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)

@@ -21,12 +21,14 @@ from lensforge.data.image import decode_image, to_rgb
 from lensforge.errors import BundleError, ImageError, ProviderError
 from lensforge.hardware import cpu_count, cpu_model
 from lensforge.runtime.bundle import Bundle, load_bundle
-from lensforge.runtime.preprocess import preprocess
-from lensforge.runtime.results import ClassificationResult
+from lensforge.runtime.preprocess import DetectSpec, InputSpec, detector_input, preprocess
+from lensforge.runtime.results import ClassificationResult, DetectionResult
 
 log = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+Result = Union[ClassificationResult, DetectionResult]
+DETECT_OUTPUTS = ("boxes", "scores", "labels")  # a detector graph's outputs, in this order
 
 # short names users type → onnxruntime's provider names
 PROVIDERS = {
@@ -58,7 +60,8 @@ OPTIMIZATION_LEVELS = {
 
 
 class Predictor:
-    """Load a bundle once, then turn images into :class:`ClassificationResult`.
+    """Load a bundle once, then turn images into results: :class:`ClassificationResult` for
+    classify / multilabel bundles, :class:`DetectionResult` for detectors.
 
     bundle: a bundle directory (or an already loaded :class:`Bundle`).
     threads: onnxruntime intra-op threads; default all cores this process may use. Give
@@ -78,6 +81,9 @@ class Predictor:
     go through the safe decoder (allow-list, pixel cap, EXIF; large JPEGs decoded at a
     reduced DCT scale, as in training); PIL images and arrays count as already decoded and
     are only converted to RGB. All then get the bundle's preprocessing.
+
+    Detectors run one image per onnxruntime call (images keep their own sizes); their
+    boxes come back in original-image pixels.
     """
 
     def __init__(
@@ -91,10 +97,15 @@ class Predictor:
         cache_optimized: bool = False,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.spec = self.bundle.input_spec
+        self.task = self.bundle.task
+        self.detector = self.task == "detect"
+        # classifiers have an InputSpec (resize + crop), detectors a DetectSpec (sizes the graph resizes to)
+        self.spec: InputSpec | None = None if self.detector else self.bundle.input_spec
+        self.detect_spec: DetectSpec | None = self.bundle.detect_spec if self.detector else None
         self.classes = tuple(self.bundle.classes)
-        self.multilabel = self.bundle.task == "multilabel"
+        self.multilabel = self.task == "multilabel"
         self.thresholds = self.bundle.thresholds
+        self.score_threshold = self.bundle.score_threshold
         if optimization not in OPTIMIZATION_LEVELS:
             raise ProviderError(
                 f"unknown graph optimization {optimization!r}; use one of {', '.join(OPTIMIZATION_LEVELS)}"
@@ -117,6 +128,11 @@ class Predictor:
             log.warning("execution provider(s) %s did not start; running on %s", ", ".join(failed), ", ".join(self.providers))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        if self.detector:
+            names = tuple(o.name for o in outputs)
+            if names != DETECT_OUTPUTS:
+                raise BundleError(f"{self.bundle.path}: a detector must output {', '.join(DETECT_OUTPUTS)}; this model outputs {', '.join(names)}")
+            return
         n_out = outputs[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.classes):
             raise BundleError(f"{self.bundle.path}: the model has {n_out} outputs but the bundle lists {len(self.classes)} classes")
@@ -179,35 +195,69 @@ class Predictor:
             if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
                 raise ImageError("unreadable", f"arrays must be HxWx3 uint8 RGB, got {source.shape} {source.dtype}")
             return Image.fromarray(source, "RGB")
-        return decode_image(source, min_size=self.spec.resize)
+        return decode_image(source, min_size=self.detect_spec.min_size if self.detect_spec else self.spec.resize)
 
     def prepare(self, source: ImageSource) -> np.ndarray:
-        """Source → float32 (3, S, S) model input."""
-        return preprocess(self.load(source), self.spec)
+        """Source → model input: classifiers float32 (3, S, S); detectors float32 (3, h, w)
+        in [0, 1], with the original (width, height) kept as :func:`original_size` reads it."""
+        img = self.load(source)
+        if self.detect_spec is None:
+            return preprocess(img, self.spec)
+        x, _ = detector_input(img, self.detect_spec)
+        return DetectorInput.wrap(x, img.info.get("original_size") or img.size)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, S, S) → scores float32 (N, C)."""
+        """Classifiers: float32 (N, 3, S, S) → scores float32 (N, C)."""
+        if self.detector:
+            raise TypeError("run() is for classifiers; detectors use run_detector() per image")
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
-    def result(self, scores: np.ndarray) -> ClassificationResult:
-        return ClassificationResult(scores, self.classes, self.multilabel, self.thresholds)
+    def run_detector(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Detectors: float32 (3, h, w) in [0, 1] → boxes float32 (K, 4) xyxy in the input's
+        pixels, scores float32 (K,), class ids int64 (K,)."""
+        boxes, scores, labels = self.session.run(
+            list(DETECT_OUTPUTS), {self.input_name: np.ascontiguousarray(np.asarray(x)[None], dtype=np.float32)})
+        return boxes, scores, labels
+
+    def run_many(self, items: Sequence[np.ndarray]) -> list[object]:
+        """Prepared inputs → raw outputs, one per item, in order: one batched call for
+        classifiers, one call per image for detectors. What the server's batcher calls."""
+        if not items:
+            return []
+        if self.detector:
+            return [self.run_detector(x) for x in items]
+        return list(self.run(np.stack(items)))
+
+    def result(self, output: object, prepared: np.ndarray | None = None) -> Result:
+        """Raw output of one item (from :meth:`run_many`) → its result. Detectors need the
+        ``prepared`` input it came from, to map boxes back to original pixels."""
+        if not self.detector:
+            return ClassificationResult(output, self.classes, self.multilabel, self.thresholds)
+        if prepared is None:
+            raise TypeError("a detector's result() needs the prepared input the output came from")
+        boxes, scores, labels = output  # type: ignore[misc]
+        w, h = original_size(prepared)
+        factor = prepared.shape[2] / w  # original pixels → input pixels
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / np.float32(factor)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        return DetectionResult(boxes, scores, labels, self.classes, self.score_threshold, (w, h))
 
     # -- convenience ----------------------------------------------------------------------
 
-    def predict(self, source: ImageSource) -> ClassificationResult:
+    def predict(self, source: ImageSource) -> Result:
         """One image → its result."""
-        return self.result(self.run(self.prepare(source)[None])[0])
+        return self.predict_batch([source])[0]
 
-    def predict_batch(self, sources: Sequence[ImageSource]) -> list[ClassificationResult]:
-        """Several images, run as one batch; results in input order."""
-        if not sources:
-            return []
-        scores = self.run(np.stack([self.prepare(s) for s in sources]))
-        return [self.result(s) for s in scores]
+    def predict_batch(self, sources: Sequence[ImageSource]) -> list[Result]:
+        """Several images, run as one batch (classifiers) or one by one (detectors); results
+        in input order."""
+        items = [self.prepare(s) for s in sources]
+        return [self.result(out, x) for out, x in zip(self.run_many(items), items)]
 
     def predict_many(
         self, sources: Iterable[ImageSource], batch_size: int = 16, decode_threads: int = 2
-    ) -> Iterator[tuple[ImageSource, ClassificationResult | ImageError]]:
+    ) -> Iterator[tuple[ImageSource, Result | ImageError]]:
         """Stream results over many images (folders, whole splits).
 
         Decoding runs in a small thread pool (Pillow releases the GIL while decoding) while
@@ -236,15 +286,39 @@ class Predictor:
 
     def _run_chunk(
         self, chunk: list[ImageSource], items: list[np.ndarray | ImageError]
-    ) -> Iterator[tuple[ImageSource, ClassificationResult | ImageError]]:
+    ) -> Iterator[tuple[ImageSource, Result | ImageError]]:
         ok = [x for x in items if isinstance(x, np.ndarray)]
-        scores = iter(self.run(np.stack(ok))) if ok else iter(())
+        outputs = iter(self.run_many(ok))
         for src, item in zip(chunk, items):
-            yield src, (item if isinstance(item, ImageError) else self.result(next(scores)))
+            yield src, (item if isinstance(item, ImageError) else self.result(next(outputs), item))
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.bundle.path)!r}, task={self.bundle.task}, classes={len(self.classes)}, "
                 f"providers={self.providers})")
+
+
+class DetectorInput(np.ndarray):
+    """A detector's prepared input: the float32 (3, h, w) array, carrying the original
+    image's (width, height) so boxes can be mapped back after batching and threading."""
+
+    original_size: tuple[int, int]
+
+    @classmethod
+    def wrap(cls, x: np.ndarray, size: tuple[int, int]) -> DetectorInput:
+        out = x.view(cls)
+        out.original_size = (int(size[0]), int(size[1]))
+        return out
+
+    def __array_finalize__(self, obj: object) -> None:
+        self.original_size = getattr(obj, "original_size", (0, 0))
+
+
+def original_size(x: np.ndarray) -> tuple[int, int]:
+    """(width, height) of the image a prepared detector input came from."""
+    size = getattr(x, "original_size", None)
+    if not size or not size[0]:
+        return int(x.shape[2]), int(x.shape[1])  # a plain array: it is its own original
+    return size
 
 
 def resolve_providers(names: Sequence[str], *, fallback: bool = False) -> list[str]:

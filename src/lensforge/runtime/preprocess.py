@@ -63,6 +63,65 @@ class InputSpec:
         )
 
 
+@dataclass(frozen=True)
+class DetectSpec:
+    """A detector's input: the exported graph takes one float32 (1, 3, H, W) RGB image with
+    values in [0, 1] at any H, W, and normalises and resizes it itself (torchvision's
+    GeneralizedRCNNTransform, inside the graph), so the shorter side becomes ``min_size``
+    unless the longer would pass ``max_size``. The Predictor only shrinks images that are
+    larger than that before handing them over (less memory, same result), and maps the boxes
+    back to original pixels.
+    """
+
+    min_size: int = 512
+    max_size: int = 853
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if not 32 <= self.min_size <= self.max_size:
+            raise ValueError(f"need 32 <= min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {list(values)}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be > 0 for every channel, got {list(self.std)}")
+
+    def scale_for(self, width: int, height: int) -> float:
+        """The factor the graph will resize a ``width`` x ``height`` image by (torchvision's rule)."""
+        return min(self.min_size / min(width, height), self.max_size / max(width, height))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectSpec:
+        return cls(
+            min_size=int(d["min_size"]),
+            max_size=int(d["max_size"]),
+            mean=_floats(d["mean"], "mean"),  # type: ignore[arg-type]
+            std=_floats(d["std"], "std"),  # type: ignore[arg-type]
+        )
+
+
+def detector_input(img: Image.Image, spec: DetectSpec) -> tuple[np.ndarray, float]:
+    """Decoded RGB image → (float32 (3, h, w) in [0, 1], factor from original to h, w pixels).
+
+    Images the graph would shrink are shrunk here first, to exactly the size the graph would
+    choose, so a 12-MP photo never becomes a 150 MB tensor; smaller ones pass unchanged
+    (factor 1) and the graph enlarges them itself.
+    """
+    w, h = img.size
+    scale = spec.scale_for(w, h)
+    factor = 1.0
+    if scale < 1:
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        factor = nw / w
+    x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)), factor
+
+
 def _floats(values: Any, name: str) -> tuple[float, ...]:
     # A JSON string would otherwise pass as a sequence of digits: "123" -> (1.0, 2.0, 3.0).
     if not isinstance(values, (list, tuple)):

@@ -36,7 +36,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lensforge.errors import ConfigError, ImageError, RequestError
-from lensforge.runtime import Bundle, ClassificationResult, Predictor, load_bundle
+from lensforge.export.torchserve_handler import torchserve_answer  # the one TorchServe answer format (no torch)
+from lensforge.runtime import Bundle, DetectionResult, Predictor, load_bundle
+from lensforge.runtime.predictor import Result
 from lensforge.runtime.bundle import display_name
 from lensforge.serve import inputs
 from lensforge.serve.batching import RETRY_AFTER_S, Batcher, unavailable
@@ -45,12 +47,9 @@ from lensforge.serve.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MB: a large phone JPEG is ~10 MB
-IMAGE_STATUS = {"empty": 400, "unsupported_format": 415, "corrupt": 400, "too_large": 413,
-                "too_small": 400, "unreadable": 400}
 TORCHSERVE_TYPES = {400: "BadRequestException", 403: "ForbiddenException", 404: "ModelNotFoundException",
                     413: "RequestEntityTooLargeException", 415: "UnsupportedMediaTypeException",
                     500: "InternalServerException", 503: "ServiceUnavailableException"}
-TORCHSERVE_TOP_K = 5  # what TorchServe's image_classifier handler returns
 
 
 @dataclass
@@ -174,7 +173,7 @@ class Server:
                 continue
             s = self.settings
             model.batcher = Batcher(
-                model.predictor.run, model.executor, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
+                model.predictor.run_many, model.executor, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue, on_batch=self.metrics.batch_size.labels(model.name).observe,
             )
             model.batcher.start()
@@ -185,8 +184,12 @@ class Server:
 
     def _load(self, bundle: Bundle) -> Predictor:
         predictor = Predictor(bundle, threads=self.settings.threads)
-        size = predictor.spec.size
-        predictor.run(np.zeros((1, 3, size, size), np.float32))  # warm-up: first run allocates
+        if predictor.detect_spec is not None:
+            side = predictor.detect_spec.min_size
+            predictor.run_many([np.zeros((3, side, side), np.float32)])  # warm-up: first run allocates
+        else:
+            size = predictor.spec.size
+            predictor.run_many([np.zeros((3, size, size), np.float32)])
         return predictor
 
     # -- plumbing -------------------------------------------------------------------------
@@ -217,7 +220,7 @@ class Server:
             raise unavailable(f"model {model.name!r} is not ready")
         return model
 
-    async def infer(self, model: Model, data: bytes) -> ClassificationResult:
+    async def infer(self, model: Model, data: bytes) -> Result:
         """Encoded image → result: decode in the pool, then through the model's batcher."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.timeout_s
@@ -232,13 +235,13 @@ class Server:
             message = str(e)
             if e.code == "unsupported_format" and "unsupported" not in message:
                 message = f"unsupported image format: {message}"  # RELIABILITY.md I2's wording
-            raise RequestError(IMAGE_STATUS.get(e.code, 400), e.code, message) from None
+            raise RequestError(e.http_status, e.code, message) from None
         finally:
             self.decoding -= 1
         if loop.time() >= deadline:
             raise unavailable("deadline exceeded while decoding")
-        scores = await model.batcher.submit(x, deadline)
-        return model.predictor.result(scores)
+        output = await model.batcher.submit(x, deadline)
+        return model.predictor.result(output, x)
 
     async def image_from(self, request: Request, fields: tuple[str, ...]) -> bytes:
         cap = self.settings.max_body_bytes
@@ -262,10 +265,7 @@ class Server:
         else:
             data = body
         result = await self.infer(model, data)
-        pairs = ([(label, float(result.scores[result.classes.index(label)])) for label in result.labels]
-                 if result.multilabel else result.top(self.settings.top_k))
-        preds = {label: str(np.float32(score)) for label, score in pairs}
-        return JSONResponse({"preds": preds, "status": "Success"})
+        return JSONResponse({"preds": seed_preds(result, self.settings.top_k), "status": "Success"})
 
     # -- TorchServe ------------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class Server:
         model = self.model(request.path_params["model"])
         data = await self.image_from(request, ("data", "body", "file"))
         result = await self.infer(model, data)
-        return JSONResponse(dict(result.top(TORCHSERVE_TOP_K)))
+        return JSONResponse(torchserve_answer(result))
 
     async def ts_models(self, request: Request) -> Response:
         return JSONResponse({"models": [{"modelName": n, "modelUrl": n} for n in self.models]})
@@ -302,7 +302,7 @@ class Server:
         model = self.model(request.path_params["model"])
         data = await self.image_from(request, ("file",))
         result = await self.infer(model, data)
-        out = result.to_dict(self.settings.top_k)
+        out = result.to_dict() if isinstance(result, DetectionResult) else result.to_dict(self.settings.top_k)
         return JSONResponse({"model": model.name, **out, "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     # -- health and metrics ----------------------------------------------------------------
@@ -319,6 +319,19 @@ class Server:
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+def seed_preds(result: Result, top_k: int) -> Any:
+    """The seed contract's ``preds``: ``{label: "score"}`` (labels above their threshold for
+    multi-label, top-k for single-label; scores as strings, as the seed apps sent them); for
+    detectors a list of ``{"label", "score", "box": [x1, y1, x2, y2]}`` above the tuned threshold."""
+    if isinstance(result, DetectionResult):
+        kept = result.above()
+        return [{"label": label, "score": str(np.float32(score)), "box": [float(v) for v in box]}
+                for label, score, box in zip(kept.labels, kept.scores, kept.boxes)]
+    pairs = ([(label, float(result.scores[result.classes.index(label)])) for label in result.labels]
+             if result.multilabel else result.top(top_k))
+    return {label: str(np.float32(score)) for label, score in pairs}
 
 
 def error_response(dialect: str, status: int, code: str, message: str) -> JSONResponse:

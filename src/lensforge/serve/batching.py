@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,8 @@ class _Item:
 class Batcher:
     """Group concurrent inputs of one model into batches.
 
-    run: float32 (N, ...) → (N, ...) scores; called in ``executor``, one batch at a time.
+    run: a list of prepared inputs → a list of outputs, one per input, in order
+        (:meth:`Predictor.run_many`); called in ``executor``, one batch at a time.
     max_batch: most inputs per call. max_wait_ms: how long the first input of a batch waits
     for company. max_queue: inputs that may wait; one more is refused with 503.
     on_batch: called with each batch's size (metrics).
@@ -42,7 +44,7 @@ class Batcher:
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[list[np.ndarray]], Sequence[Any]],
         executor: Executor,
         *,
         max_batch: int = 16,
@@ -80,8 +82,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(unavailable("server is shutting down"))
 
-    async def submit(self, x: np.ndarray, deadline: float) -> np.ndarray:
-        """Queue one input and wait for its row of the batch output.
+    async def submit(self, x: np.ndarray, deadline: float) -> Any:
+        """Queue one input and wait for its output (its row of the batch output).
 
         Raises a 503 :class:`RequestError` when the queue is full, or when ``deadline``
         (event-loop time) passes before the input has run (it is then never run).
@@ -137,7 +139,7 @@ class Batcher:
     async def _run_batch(self, live: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            scores = await loop.run_in_executor(self._executor, self._run, np.stack([i.x for i in live]))
+            scores = await loop.run_in_executor(self._executor, self._run, [i.x for i in live])
             if len(scores) != len(live):
                 raise RuntimeError(f"model returned {len(scores)} rows for a batch of {len(live)}")
         except Exception:
