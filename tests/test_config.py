@@ -39,7 +39,7 @@ def test_paths_are_accepted(tmp_path: Path) -> None:
         ("data: x\ndropout: 1.5\n", "dropout = 1.5 is out of range"),
         ("data: x\nlr: -1\n", "lr = -1 is out of range"),
         ("data: x\nmax_steps: 0\n", "max_steps = 0 is out of range"),
-        ("data: x\ntask: detect\n", "task must be one of"),
+        ("data: x\ntask: segment\n", "task must be one of"),
         ("data: x\nepochz: 3\n", "unknown config keys: epochz"),
         ("- just\n- a list\n", "must hold a mapping"),
         ("data: [unclosed\n", "is not valid YAML"),

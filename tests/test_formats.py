@@ -175,8 +175,9 @@ BAD_LAYOUTS: list[tuple[str, Callable[[Path, MakeImage], Path], dict, str]] = [
         "empty class folders: dogs",
     ),
     ("loose images", lambda p, mk: mk(p / "d" / "a.png").parent, {}, "no class folders"),
-    ("unknown fmt", lambda p, mk: _two_classes(p, mk), {"fmt": "coco"}, "unknown dataset format"),
-    ("unknown task", lambda p, mk: _two_classes(p, mk), {"task": "detect"}, "unknown task"),
+    ("unknown fmt", lambda p, mk: _two_classes(p, mk), {"fmt": "tfrecord"}, "unknown dataset format"),
+    ("unknown task", lambda p, mk: _two_classes(p, mk), {"task": "segment"}, "unknown task"),
+    ("detect on folders", lambda p, mk: _two_classes(p, mk), {"task": "detect"}, "task 'detect' needs"),
     ("csv forced, none there", lambda p, mk: _two_classes(p, mk), {"fmt": "csv"}, "no CSV file"),
     ("two csvs", lambda p, mk: _two_csvs(p), {}, "none is named labels.csv"),
     (

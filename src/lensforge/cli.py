@@ -184,6 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from lensforge.data.formats import list_images
+    from lensforge.runtime.draw import save_annotated
 
     predictor = make_predictor(args, args.bundle)
     paths = list_images(args.inputs)
@@ -196,6 +197,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = []
     failed = 0
     t0 = time.perf_counter()
+    annotate_dir = Path(args.annotate) if args.annotate else None
+    taken = {p.resolve() for p in paths}  # --annotate never overwrites an input
+    if annotate_dir:
+        try:
+            annotate_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create --annotate directory {annotate_dir}: {e.strerror}") from None
     try:
         out = open(args.output, "w", encoding="utf-8") if args.output else None
     except OSError as e:
@@ -209,6 +217,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     doc = {"path": str(src), "error": str(res)}
                 else:
                     doc = {"path": str(src), **res.to_dict(k=args.top)}
+                    if annotate_dir:
+                        doc["annotated"] = str(save_annotated(src, res, annotate_dir, taken=taken))
                 if args.json or out:
                     print(json.dumps(doc), file=out or sys.stdout)
                 rows.append(doc)
@@ -232,6 +242,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             console.print(f"[dim]… {len(rows) - args.show} more (use --json or --output for all)[/]")
         console.print(f"[bold cyan]›[/] {len(rows)} images in {dt:.2f} s ({len(rows) / max(dt, 1e-9):.1f} img/s)"
                       + (f", [red]{failed} unreadable[/]" if failed else ""))
+        if annotate_dir:
+            console.print(f"[bold cyan]›[/] Annotated images in {escape(str(annotate_dir))}")
     return 1 if failed and failed == len(rows) else 0
 
 
@@ -329,7 +341,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bundles = dict(zip(args.name, args.bundles))
     serve(bundles, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024), timeout_s=args.timeout,
-          threads=args.threads)
+          threads=args.threads, workers=args.workers, strict=args.strict, drain_s=args.drain, grace_s=args.grace,
+          local_roots=args.allow_local_root, allow_remote=args.allow_remote)
     return 0
 
 
@@ -411,7 +424,14 @@ def dflt(key: str) -> str:
     """" (default: X)" from TrainConfig, the one place defaults live."""
     from lensforge.config import TrainConfig
 
-    return f" (default: {getattr(TrainConfig(), key)})"
+    from lensforge.config import TASK_DEFAULTS
+
+    value = getattr(TrainConfig(), key)
+    if key == "beta":
+        return " (default: 1 for multi-label, 2 for detection)"
+    if value is None and key in TASK_DEFAULTS["detect"]:
+        return f" (default: {TASK_DEFAULTS['classify'][key]} for classifiers, {TASK_DEFAULTS['detect'][key]} for detectors)"
+    return f" (default: {value})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,24 +456,30 @@ def build_parser() -> argparse.ArgumentParser:
     i = data.add_parser("inspect", help="formats, classes, counts, broken/duplicate/odd images",
                         description="Report what lensforge sees in a dataset: format, classes, counts per split, image "
                                     "sizes, unreadable and duplicate files (also across splits), and odd images.")
-    i.add_argument("data", help="dataset directory or CSV file")
-    i.add_argument("--format", choices=("folders", "split-folders", "csv"), help="skip auto-detection")
-    i.add_argument("--task", choices=("classify", "multilabel"), help="read a path,label CSV as multi-label")
+    i.add_argument("data", help="dataset directory, CSV file, COCO JSON or YOLO data.yaml")
+    i.add_argument("--format", choices=("folders", "split-folders", "csv", "coco", "roboflow-coco", "yolo"),
+                   help="skip auto-detection")
+    i.add_argument("--task", choices=("classify", "multilabel", "detect"), help="read a path,label CSV as multi-label")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--fast", action="store_true", help="read image headers only (no full decode: misses truncation)")
     i.set_defaults(func=cmd_inspect)
 
-    t = sub.add_parser("train", help="fine-tune a classifier (or fit a linear probe) and write a bundle",
-                       description="Train on DATA (class folders, train/val/test folders, or a CSV) and write a run "
+    t = sub.add_parser("train", help="fine-tune a classifier or detector (or fit a linear probe) and write a bundle",
+                       description="Train on DATA (class folders, train/val/test folders, a CSV, a COCO / Roboflow COCO "
+                                   "export or a YOLO data.yaml) and write a run "
                                    "directory with a bundle: model.onnx, weights.safetensors, lensforge.json. "
                                    "Options override --config; the resolved config is saved in the run.")
     t.add_argument("data", help="dataset directory or CSV file")
     t.add_argument("--config", help="YAML file with any TrainConfig keys (command-line options win)")
-    t.add_argument("--task", choices=("classify", "multilabel"), help="default: what the data says")
-    t.add_argument("--format", choices=("folders", "split-folders", "csv"), help="default: auto-detect")
+    t.add_argument("--task", choices=("classify", "multilabel", "detect"), help="default: what the data says")
+    t.add_argument("--format", choices=("folders", "split-folders", "csv", "coco", "roboflow-coco", "yolo"),
+                   help="default: auto-detect")
     t.add_argument("--out", help="run directory (default: runs/<data>-<task>)")
-    t.add_argument("--backbone", help="efficientnet_lite0 (default, offline weights), resnet50, vit_b16, dino_vits16, or any timm name")
-    t.add_argument("--weights", help="backbone weights file (.safetensors, or a state dict read with weights_only=True)")
+    t.add_argument("--backbone", help="classifiers: efficientnet_lite0 (default, offline weights), resnet50, vit_b16, "
+                   "dino_vits16, or any timm name; detectors: lite0_fpn (default, offline ImageNet backbone), "
+                   "fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn (COCO weights from the hub)")
+    t.add_argument("--weights", help="weights file (.safetensors, or a state dict read with weights_only=True): a backbone "
+                   "for classifiers, a whole detector checkpoint (e.g. COCO Faster R-CNN saved to disk) for detectors")
     t.add_argument("--no-pretrained", action="store_true", help="random init (tests, or training from scratch)")
     t.add_argument("--head", choices=("linear", "mlp"), help=f"classifier head{dflt('head')}")
     t.add_argument("--probe", action="store_true", help="logistic regression on frozen features instead of fine-tuning")
@@ -462,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive_int, help=f"images per step{dflt('batch_size')}")
     t.add_argument("--lr", type=float, help=f"backbone learning rate; the new head uses 10x{dflt('lr')}")
     t.add_argument("--label-smoothing", type=float, help=f"single-label only{dflt('label_smoothing')}")
-    t.add_argument("--beta", type=float, help=f"multi-label thresholds maximise F-beta on validation (1 = F1, 2 = F2){dflt('beta')}")
+    t.add_argument("--beta", type=positive_float,
+                   help=f"multi-label thresholds / the detection score threshold maximise F-beta on validation (1 = F1, 2 = F2){dflt('beta')}")
     t.add_argument("--split", help="TEST[,VAL] fractions for data that is not pre-split (default 0.2,0.2)")
     t.add_argument("--seed", type=int, help=f"split and training seed{dflt('seed')}")
     t.add_argument("--patience", type=int, help=f"early stopping patience in epochs, 0 = off{dflt('patience')}")
@@ -527,7 +554,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=positive_int, default=64, help="queued images per model before 503 (default 64)")
     sv.add_argument("--max-body-mb", type=positive_float, default=20.0, help="request body cap in MB (default 20)")
     sv.add_argument("--timeout", type=positive_float, default=10.0, help="per-request deadline in seconds (default 10)")
-    sv.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: all cores)")
+    sv.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: all cores, divided by --workers)")
+    sv.add_argument("--workers", type=positive_int, default=1, help="server processes; one that dies is restarted (default 1)")
+    sv.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                    help="exit if a model does not load (default: strict for one bundle; with several, a broken one answers 503)")
+    sv.add_argument("--drain", type=float, default=1.0, metavar="S",
+                    help="on SIGTERM: seconds /readyz says 503 before the port closes (default 1)")
+    sv.add_argument("--grace", type=positive_float, default=30.0, metavar="S",
+                    help="on SIGTERM: seconds accepted requests may take to finish (default 30)")
+    sv.add_argument("--allow-local-root", action="append", default=[], metavar="DIR",
+                    help="let seed 'local_url' read regular files under DIR (repeatable; relative paths start in the "
+                         "first). Off by default: any client can then read every image under DIR, so give a "
+                         "dedicated image folder, never / or a home directory")
+    sv.add_argument("--allow-remote", action="store_true",
+                    help="let seed 'remote_url' make the server download http(s) URLs. Off by default: the server "
+                         "then fetches for its clients (SSRF); private, loopback and cloud-metadata addresses stay "
+                         "refused, but only enable it where clients may reach the public internet through you")
     sv.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("predict", help="predict images or folders with a bundle (ONNX Runtime)",
@@ -538,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="also write JSON lines to this file")
     pr.add_argument("--top", type=positive_int, default=3, help="labels to show per image (default 3)")
     pr.add_argument("--batch-size", type=positive_int, default=16)
+    pr.add_argument("--annotate", metavar="DIR",
+                    help="also write each image with its result drawn on it to DIR (<stem>.jpg; inputs are never overwritten)")
     add_runtime_options(pr)
     pr.add_argument("--show", type=positive_int, default=20, help="rows in the console table (default 20)")
     pr.set_defaults(func=cmd_predict)

@@ -15,6 +15,14 @@ from lensforge.data.records import TASKS
 from lensforge.errors import ConfigError
 
 ACTIONS = ("overwrite", "resume")  # flags for one invocation, never saved with a run
+# Settings whose good value depends on the task; None in a config means "this table's value".
+# Detectors see whole images (not 224-px crops), need a few images per step on a CPU, and
+# fine-tune a detection head that SGD-style large learning rates destabilise.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classify": {"image_size": 224, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05},
+    "multilabel": {"image_size": 224, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05},
+    "detect": {"image_size": 512, "batch_size": 4, "lr": 3e-4, "weight_decay": 1e-4},
+}
 _RANGE_HINTS = {
     "lr": "> 0", "weight_decay": ">= 0", "warmup_epochs": ">= 0", "label_smoothing": "in [0, 1)", "dropout": "in [0, 1)",
     "beta": "> 0; 1 = F1, 2 = F2", "workers": ">= 0", "patience": ">= 0, 0 = off", "probe_c": "> 0", "max_parity": "> 0",
@@ -25,24 +33,24 @@ _RANGE_HINTS = {
 @dataclass
 class TrainConfig:
     data: str = ""  # dataset directory or CSV file
-    task: str | None = None  # classify | multilabel; None = what the data says
-    format: str | None = None  # folders | split-folders | csv; None = auto-detect
+    task: str | None = None  # classify | multilabel | detect; None = what the data says
+    format: str | None = None  # folders | split-folders | csv | coco | roboflow-coco | yolo; None = auto-detect
     out: str | None = None  # run directory; default runs/<data name>-<task>
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite0"  # detectors: lite0_fpn (= efficientnet_lite0), fasterrcnn_resnet50_fpn[_v2], ...
     pretrained: bool = True
     weights: str | None = None  # local weights file for the backbone (safetensors / state dict)
     head: str = "linear"  # linear | mlp
     probe: bool = False  # logistic regression on frozen features instead of fine-tuning
-    image_size: int = 224
+    image_size: int | None = None  # classifiers: input side (224); detectors: shorter image side (512); None = TASK_DEFAULTS
     epochs: int = 10
-    batch_size: int = 32
-    lr: float = 5e-4  # backbone learning rate; the new head learns 10x faster
-    weight_decay: float = 0.05
+    batch_size: int | None = None  # None = TASK_DEFAULTS (32 classifiers, 4 detectors)
+    lr: float | None = None  # backbone learning rate (classifier heads learn 10x faster); None = TASK_DEFAULTS
+    weight_decay: float | None = None  # None = TASK_DEFAULTS
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     dropout: float = 0.2
     patience: int = 5  # early stopping: epochs without a better validation metric
-    beta: float = 1.0  # multi-label thresholds maximise F-beta on validation
+    beta: float | None = None  # thresholds maximise F-beta on validation; None = 1 (multi-label), 2 (detection: recall matters more)
     test_fraction: float = 0.2  # of all images, when the data is not pre-split
     val_fraction: float = 0.2  # of the rest
     seed: int = 0
@@ -73,19 +81,31 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {v}")
-        if self.image_size < 32:
+        if self.image_size is not None and self.image_size < 32:
             raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
-        if self.epochs < 1 or self.batch_size < 1:
+        if self.epochs < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ConfigError("epochs and batch_size must be at least 1")
         ranges = {
-            "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "warmup_epochs": self.warmup_epochs >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1, "dropout": 0 <= self.dropout < 1, "beta": self.beta > 0,
+            "lr": self.lr is None or self.lr > 0, "weight_decay": self.weight_decay is None or self.weight_decay >= 0,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1, "dropout": 0 <= self.dropout < 1,
+            "beta": self.beta is None or self.beta > 0,
             "workers": self.workers >= 0, "patience": self.patience >= 0, "probe_c": self.probe_c > 0,
             "max_parity": self.max_parity > 0, "max_steps": self.max_steps == -1 or self.max_steps > 0,
         }
         for name, ok in ranges.items():
             if not ok:
                 raise ConfigError(f"{name} = {getattr(self, name)!r} is out of range ({_RANGE_HINTS[name]})")
+        return self
+
+    def resolve(self, task: str) -> "TrainConfig":
+        """Fill the task-dependent settings left as None (see TASK_DEFAULTS) once the task is
+        known; the saved config then records the values actually used."""
+        for key, value in TASK_DEFAULTS[task].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.beta is None:
+            self.beta = 2.0 if task == "detect" else 1.0
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +161,8 @@ def _check_type(name: str, value: Any) -> None:
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
         "str | None": value is None or isinstance(value, str),
+        "int | None": value is None or (isinstance(value, int) and not isinstance(value, bool)),
+        "float | None": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
         "dict[str, Any]": isinstance(value, dict),
     }.get(hint, True)
     if not ok:

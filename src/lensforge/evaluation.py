@@ -4,6 +4,7 @@ and per-image predictions. No torch: an exported model is evaluated as it will b
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from lensforge.data.records import Dataset, Record, targets
 from lensforge.errors import DataError
 from lensforge.runtime.bundle import SPLIT_FILE, Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
-from lensforge.runtime.results import DEFAULT_THRESHOLD
+from lensforge.runtime.results import DEFAULT_THRESHOLD, DetectionResult
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalResult:
-    task: str  # "classify" or "multilabel"
+    task: str  # "classify", "multilabel" or "detect"
     metrics: dict[str, Any]
     out_dir: Path | None
     split: str  # which images were evaluated, in words
@@ -106,7 +107,7 @@ def align_classes(bundle: Bundle, ds: Dataset, records: list[Record]) -> list[Re
             f"the data has classes the model does not know: {', '.join(sorted(used & set(unknown))[:5])}; "
             f"the model knows {', '.join(bundle.classes[:10])}"
         )
-    return [Record(r.path, tuple(index[ds.classes[i]] for i in r.labels), r.split) for r in records]
+    return [dataclasses.replace(r, labels=tuple(index[ds.classes[i]] for i in r.labels)) for r in records]
 
 
 def evaluate(
@@ -130,6 +131,9 @@ def evaluate(
     records = align_classes(b, ds, records)
     pred = predictor or Predictor(b)
     ui.step(f"Evaluating {b.path} on {len(records)} images: {described}")
+    out = Path(out_dir) if out_dir else default_eval_dir(b)
+    if b.task == "detect":
+        return _evaluate_detector(b, pred, records, described, out, ui)
     with ui.track("Predicting", len(records)) as advance:
         done, y, s, failed = score_records(pred, records, len(b.classes), multilabel, advance)
     if failed:
@@ -138,9 +142,70 @@ def evaluate(
         raise DataError("no image could be evaluated")
     metrics = compute_metrics(y, s, b.classes, multilabel, None if b.thresholds is None else list(b.thresholds))
     metrics["evaluated_on"] = described
-    out = Path(out_dir) if out_dir else default_eval_dir(b)
     written = write_report(out, b, done, y, s, metrics)
     return EvalResult(b.task, metrics, out, described, len(failed), written)
+
+
+def score_detections(
+    predictor: Predictor, records: Sequence[Record], progress: Callable[[int], None] | None = None,
+) -> tuple[list[Record], list[DetectionResult], list[tuple[Record, str]]]:
+    """Run a detector's Predictor over records: (scored records, their results — every
+    detection, low scores included —, failures (record, reason))."""
+    done: list[Record] = []
+    results: list[DetectionResult] = []
+    failed: list[tuple[Record, str]] = []
+    for r, (_, res) in zip(records, predictor.predict_many([str(r.path) for r in records], batch_size=8)):
+        if progress:
+            progress(1)
+        if isinstance(res, Exception):
+            failed.append((r, str(res)))
+            continue
+        done.append(r)
+        results.append(res)  # type: ignore[arg-type]
+    return done, results, failed
+
+
+def _evaluate_detector(b: Bundle, pred: Predictor, records: list[Record], described: str, out: Path,
+                       ui: Reporter) -> EvalResult:
+    from lensforge.metrics.detection import detection_metrics
+
+    with ui.track("Detecting", len(records)) as advance:
+        done, results, failed = score_detections(pred, records, advance)
+    if failed:
+        ui.warn(f"{len(failed)} image(s) could not be read and were left out, e.g. {failed[0][0].path}: {failed[0][1]}")
+    if not done:
+        raise DataError("no image could be evaluated")
+    beta = float(b.meta.get("threshold_tuning", {}).get("beta", 2.0))
+    metrics = detection_metrics(done, results, b.classes, b.score_threshold, beta=beta)
+    metrics["evaluated_on"] = described
+    written = write_detection_report(out, done, results, metrics)
+    return EvalResult(b.task, metrics, out, described, len(failed), written)
+
+
+def write_detection_report(out: Path, records: Sequence[Record], results: Sequence[DetectionResult],
+                           metrics: dict[str, Any]) -> list[Path]:
+    """metrics.json, predictions.csv (one row per detection at or above the threshold) and the
+    plots: PR curves, per-class AP, F-beta against the threshold, and a grid of images with
+    ground truth beside predictions."""
+    from lensforge.metrics import detection_plots as dp
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    threshold = float(metrics["threshold"])
+    with (out / "predictions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "score", "x1", "y1", "x2", "y2"])
+        for r, res in zip(records, results):
+            kept = res.above(threshold)
+            for label, score, box in zip(kept.labels, kept.scores, kept.boxes):
+                w.writerow([str(r.path), label, f"{score:.5f}", *(f"{v:.1f}" for v in box)])
+    written = [
+        dp.plot_detection_pr_curves(metrics, out / "pr_curves.png"),
+        dp.plot_ap_bars(metrics, out / "per_class_ap.png"),
+        dp.plot_fbeta_curve(metrics, out / "fbeta_threshold.png"),
+        dp.plot_detection_grid(records, results, out / "examples.png", threshold=threshold),
+    ]
+    return [Path(p) for p in written]
 
 
 def default_eval_dir(b: Bundle) -> Path:
@@ -213,8 +278,8 @@ def held_out(src: Bundle, order: tuple[str, ...]) -> tuple[list[Record], str | N
 
 
 def headline_metric(src: Bundle) -> str:
-    """The one number a bundle is judged by: accuracy, or mAP for multi-label."""
-    return "mAP" if src.task == "multilabel" else "accuracy"
+    """The one number a bundle is judged by: accuracy, mAP for multi-label, COCO mAP for detectors."""
+    return {"multilabel": "mAP", "detect": "map"}.get(src.task, "accuracy")
 
 
 def metric_points(src: Bundle, y: np.ndarray, scores: np.ndarray) -> float | None:

@@ -16,10 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lensforge.data.records import Box
 from lensforge.errors import DataError
 
 CLASSIFY_CLASSES = ("circle", "square", "triangle", "cross")
 MULTILABEL_CLASSES = ("circle", "square", "triangle")
+DETECT_CLASSES = ("circle", "square", "triangle")
+DETECT_SUPERCATEGORY = "shapes"  # Roboflow's dummy category id 0, named like the dataset
+_DETECT_FOLDERS = ("train", "valid", "test")  # Roboflow's split folders
 MARKER = ".lensforge-demo"  # hidden, so readers ignore it; lets a rerun replace its own files
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down: smooth, antialiased edges
 _JPEG_QUALITY = 90
@@ -147,7 +151,7 @@ def _prepare_root(root: Path, params: dict) -> None:
                 f"{root} is not empty and was not made by make_demo_dataset; choose a new or "
                 "empty folder"
             )
-        for name in (*CLASSIFY_CLASSES, "images"):
+        for name in (*CLASSIFY_CLASSES, "images", *_DETECT_FOLDERS):
             shutil.rmtree(root / name, ignore_errors=True)
         (root / "labels.csv").unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -207,4 +211,118 @@ def make_demo_dataset(
         image.save(root / rel)
         lines.append(f"{rel},{';'.join(shapes)}")
     (root / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _shape_extent(shape: str, cx: float, cy: float, r: float, angle: float) -> Box:
+    """The xyxy box of a shape as :func:`_shape_mask` draws it (exact, from its corners)."""
+    if shape == "circle":
+        return (cx - r, cy - r, cx + r, cy + r)
+    if shape == "square":
+        h = r / math.sqrt(2)
+        pts = _rotated([(-h, -h), (h, -h), (h, h), (-h, h)], angle, cx, cy)
+    else:
+        corners = (-math.pi / 2 + i * 2 * math.pi / 3 for i in range(3))
+        pts = _rotated([(r * math.cos(t), r * math.sin(t)) for t in corners], angle, cx, cy)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _overlap(a: Box, b: Box) -> float:
+    """Intersection area over the smaller box's area."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w * h / smaller
+
+
+def _render_objects(
+    rng: np.random.Generator, size: int, max_objects: int
+) -> tuple[Image.Image, list[tuple[int, Box]]]:
+    """One image and its (class index, xyxy box) objects; about 1 in 8 images has none."""
+    img = _background(rng, size)
+    n = 0 if rng.uniform() < 0.125 else int(rng.integers(1, max_objects + 1))
+    objects: list[tuple[int, Box]] = []
+    for _ in range(n):
+        cls = int(rng.integers(len(DETECT_CLASSES)))
+        for _attempt in range(20):  # rejection sampling: objects may touch, never hide
+            r = rng.uniform(0.10, 0.225) * size  # the shape spans 20-45 % of the side
+            cx, cy = rng.uniform(r, size - r, size=2)
+            angle = rng.uniform(0, 2 * math.pi)
+            box = _shape_extent(DETECT_CLASSES[cls], cx, cy, r, angle)
+            if all(_overlap(box, other) < 0.05 for _, other in objects):
+                break
+        else:
+            continue  # no room left for this object
+        _paint(img, _shape_mask(DETECT_CLASSES[cls], size, cx, cy, r, angle), rng)
+        clipped = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], size), min(box[3], size))
+        objects.append((cls, clipped))
+    image = Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8))
+    _clutter(image, rng)
+    return image, objects
+
+
+def make_demo_detection(
+    root: str | Path,
+    *,
+    n_train: int = 160,
+    n_val: int = 40,
+    n_test: int = 40,
+    size: int = 256,
+    seed: int = 0,
+    max_objects: int = 4,
+) -> Path:
+    """Write a synthetic shapes detection dataset as a Roboflow COCO export; returns ``root``.
+
+    ``root/{train,valid,test}/_annotations.coco.json`` plus ``size`` x ``size`` RGB JPEGs
+    (``img_0001.jpg``...) beside each JSON; ``n_test=0`` leaves out the test folder. Objects
+    are solid-colour shapes of :data:`DETECT_CLASSES` spanning 20-45 % of the image side,
+    0 to ``max_objects`` per image (about 1 in 8 images has none), barely overlapping, on the
+    textured backgrounds of the classification demo. Categories are as Roboflow writes them:
+    id 0 is the dummy :data:`DETECT_SUPERCATEGORY` with no boxes, the shapes are ids 1..3.
+    COCO boxes are [x, y, width, height] float pixels, tight around each shape.
+
+    The same arguments give byte-identical files; a rerun into the same folder replaces an
+    earlier demo, any other non-empty folder is refused (DataError).
+    """
+    if min(n_train, n_val) < 1 or n_test < 0 or size < 64 or not 1 <= max_objects <= 8:
+        raise DataError(
+            "detection demo needs n_train, n_val >= 1, n_test >= 0, size >= 64 and 1 <= "
+            f"max_objects <= 8, got {n_train}, {n_val}, {n_test}, {size}, {max_objects}"
+        )
+    root = Path(root)
+    params = {"task": "detect", "n_train": n_train, "n_val": n_val, "n_test": n_test,
+              "size": size, "seed": seed, "max_objects": max_objects}
+    _prepare_root(root, params)
+    rng = np.random.default_rng(seed)
+    categories = [{"id": 0, "name": DETECT_SUPERCATEGORY, "supercategory": "none"}] + [
+        {"id": i + 1, "name": name, "supercategory": DETECT_SUPERCATEGORY}
+        for i, name in enumerate(DETECT_CLASSES)
+    ]
+    for folder, n in zip(_DETECT_FOLDERS, (n_train, n_val, n_test)):
+        if not n:
+            continue
+        (root / folder).mkdir()
+        images, annotations = [], []
+        for i in range(n):
+            image, objects = _render_objects(rng, size, max_objects)
+            name = f"img_{i + 1:04d}.jpg"
+            image.save(root / folder / name, quality=_JPEG_QUALITY)
+            images.append({"id": i, "file_name": name, "width": size, "height": size})
+            for cls, (x1, y1, x2, y2) in objects:
+                w, h = x2 - x1, y2 - y1
+                annotations.append({
+                    "id": len(annotations), "image_id": i, "category_id": cls + 1,
+                    "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)],
+                    "area": round(w * h, 2), "segmentation": [], "iscrowd": 0,
+                })
+        payload = {"info": {"description": "lensforge synthetic shapes"}, "categories": categories,
+                   "images": images, "annotations": annotations}
+        text = json.dumps(payload, indent=1) + "\n"
+        (root / folder / "_annotations.coco.json").write_text(text, encoding="utf-8")
     return root

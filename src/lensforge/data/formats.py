@@ -1,4 +1,5 @@
-"""Dataset readers: class folders, pre-split folders and label CSVs, all producing a ``Dataset``.
+"""Dataset readers: class folders, pre-split folders, label CSVs, COCO / Roboflow COCO and
+YOLO txt detection data, all producing a ``Dataset``.
 
 Layouts recognised by :func:`read_dataset` (auto-detected, or forced with ``fmt``):
 
@@ -8,6 +9,15 @@ Layouts recognised by :func:`read_dataset` (auto-detected, or forced with ``fmt`
   ``*.csv``) with an image path column and either ``label`` (one class per row),
   ``labels`` (``;``-separated, multi-label, empty = no labels) or one 0/1 column per class
   (multi-label); an optional ``split`` column makes it pre-split.
+- ``roboflow-coco``:  ``root/{train,valid,test}/_annotations.coco.json``  (detection)
+- ``coco``:           a COCO JSON file, or a folder with ``annotations/*.json`` or a
+  top-level ``_annotations.coco.json`` / ``annotations.json``  (detection, see ``coco.py``)
+- ``yolo``:           a ``data.yaml`` with ``names`` (or a folder holding one)  (detection,
+  see ``yolo.py``)
+
+Detection layouts are recognised before the classification ones and always have task
+"detect"; asking for another task on them, or for "detect" on class folders or a CSV, is a
+DataError.
 
 Readers only list and label files; they never open images (``inspect`` does that). Only
 regular files are listed and symlinked folders inside a dataset are not entered, so a FIFO
@@ -33,7 +43,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
-FORMATS = ("folders", "split-folders", "csv")
+CLASSIFY_FORMATS = ("folders", "split-folders", "csv")
+DETECT_FORMATS = ("coco", "roboflow-coco", "yolo")  # readers in coco.py and yolo.py
+FORMATS = CLASSIFY_FORMATS + DETECT_FORMATS
 # Accepted names of the image path column, in order of preference (compared lower-cased).
 PATH_COLUMNS = ("path", "image", "file", "filename", "image_path")
 SINGLE_LABEL_COLUMNS = ("label", "class", "category")
@@ -154,13 +166,29 @@ def _is_split_layout(directory: Path) -> bool:
 
 def detect_format(path: Path) -> str:
     """The layout of ``path``: one of :data:`FORMATS`. Raises DataError when none fits."""
+    # imported here: coco.py and yolo.py use this module's listing helpers
+    from lensforge.data.coco import find_coco_jsons, is_roboflow_layout
+    from lensforge.data.yolo import find_yolo_yaml
+
     if path.is_file():
-        if path.suffix.lower() == ".csv":
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
             return "csv"
+        if suffix == ".json":
+            return "coco"
+        if suffix in (".yaml", ".yml"):
+            return "yolo"
         raise DataError(
-            f"{path} is a file but not a CSV; pass a folder of class folders, a split folder "
-            "(train/val/test) or a labels CSV"
+            f"{path} is a file but not a CSV, COCO JSON or YOLO data.yaml; pass a folder of "
+            "class folders, a split folder (train/val/test), a labels CSV or detection "
+            "annotations"
         )
+    if is_roboflow_layout(path):
+        return "roboflow-coco"
+    if find_yolo_yaml(path) is not None:
+        return "yolo"
+    if find_coco_jsons(path):
+        return "coco"
     if _find_csv(path) is not None:
         return "csv"
     if _is_split_layout(path):
@@ -174,17 +202,20 @@ def detect_format(path: Path) -> str:
 def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = None) -> Dataset:
     """Read a labelled image dataset into records.
 
-    path: a directory (class folders, split folders, or holding a labels CSV) or a CSV file.
-    fmt: force a layout, one of "folders", "split-folders", "csv"; None auto-detects.
-    task: "classify" or "multilabel"; None takes what the layout implies ("classify" for
-        folders and ``path,label`` CSVs, "multilabel" for ``labels`` / 0-1 column CSVs).
+    path: a directory (class folders, split folders, a labels CSV, a COCO / Roboflow / YOLO
+        dataset), a CSV file, a COCO JSON file or a YOLO ``data.yaml``.
+    fmt: force a layout, one of :data:`FORMATS`; None auto-detects.
+    task: "classify", "multilabel" or "detect"; None takes what the layout implies
+        ("detect" for the detection formats, "classify" for folders and ``path,label``
+        CSVs, "multilabel" for ``labels`` / 0-1 column CSVs).
         Folders and ``path,label`` CSVs may be forced to "multilabel" (one label per image;
         a ``label`` cell may then hold ``;``-separated labels). Forcing "classify" on
         multi-label data works only if every image has exactly one label.
 
     Returns a :class:`Dataset` whose record paths are absolute and whose classes are sorted
-    by name (0/1-column CSVs keep the column order). Raises :class:`DataError` with a
-    one-line message for anything a user has to fix.
+    by name (0/1-column CSVs keep the column order; detection formats order classes by
+    category / class id). Raises :class:`DataError` with a one-line message for anything a
+    user has to fix.
     """
     path = Path(path).expanduser()
     if fmt is not None and fmt not in FORMATS:
@@ -203,6 +234,13 @@ def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = No
         )
 
     fmt = fmt or detect_format(path)
+    if fmt in DETECT_FORMATS:
+        return _read_detection(path, fmt, task)
+    if task == "detect":
+        raise DataError(
+            f"{path} is {fmt} classification data (no boxes); task 'detect' needs COCO, "
+            "Roboflow COCO or YOLO annotations — or train with task 'classify'"
+        )
     if fmt == "csv":
         csv_path = path if path.is_file() else _find_csv(path)
         if csv_path is None:
@@ -213,6 +251,30 @@ def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = No
     if fmt == "split-folders":
         return _read_split_folders(path, task)
     return _read_folders(path, task)
+
+
+def _read_detection(path: Path, fmt: str, task: str | None) -> Dataset:
+    from lensforge.data.coco import read_coco, read_roboflow_coco
+    from lensforge.data.yolo import YAML_NAMES, find_yolo_yaml, read_yolo
+
+    if task not in (None, "detect"):
+        raise DataError(
+            f"{path} is a detection dataset ({fmt}: boxes, not image labels); use task "
+            f"'detect', or class folders / a CSV for task {task!r}"
+        )
+    if fmt == "roboflow-coco":
+        if not path.is_dir():
+            raise DataError(f"{path} is not a folder; the roboflow-coco layout needs a folder")
+        return read_roboflow_coco(path)
+    if fmt == "coco":
+        return read_coco(path)
+    yaml_path = path if path.is_file() else find_yolo_yaml(path)
+    if yaml_path is None:
+        raise DataError(
+            f"no {' or '.join(YAML_NAMES)} with 'names' in {path}; pass the YOLO dataset's "
+            "YAML file as DATA"
+        )
+    return read_yolo(yaml_path)
 
 
 # --------------------------------------------------------------------------- folders

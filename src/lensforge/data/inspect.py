@@ -10,6 +10,12 @@ that cross splits = leakage, or carry different labels), entries the reader skip
 missing from a split or with no images, and strong class imbalance. Odd images (grayscale,
 CMYK, 16-bit, palette, alpha, EXIF-rotated, tiny, animated) are notes: lensforge decodes
 them all to RGB, but they are worth knowing about.
+
+Detection datasets (task "detect") get a ``detection`` section too (:func:`_detection`):
+images and boxes per class and split, boxes per image, COCO box-size buckets, images
+without boxes, crowd boxes, the reader's notes (clipped / dropped boxes, merged classes),
+and images whose size in the annotations differs from the file (a problem: the boxes would
+be off).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ TINY_SIDE = 32  # shorter side below this many pixels is "tiny"
 IMBALANCE_WARN = 10.0  # max/min class count at or above this is reported as a problem
 # Upper bounds (exclusive) of the shorter-side buckets; the last bucket is open-ended.
 SIZE_BUCKETS = (32, 64, 128, 256, 512, 1024)
+# COCO's object-size buckets by box area in px: small < 32², medium < 96², large the rest.
+BOX_AREA_BUCKETS = {"small": 32**2, "medium": 96**2}
 ODD_KINDS = {
     "grayscale": "grayscale (L / 1 / LA)",
     "cmyk": "CMYK",
@@ -141,13 +149,16 @@ def inspect_dataset(
 
     Keys: format, task, root, classes, total_images, splits, counts {per_class, per_split,
     table, no_label}, imbalance_ratio, image_sizes, file_formats, unreadable, duplicates,
-    odd_images, skipped, issues (list of one-line problems) and verdict (one line).
+    odd_images, skipped, issues (list of one-line problems) and verdict (one line). For
+    detection, counts are of boxes (not images) and there is a ``detection`` key as well
+    (:func:`_detection`).
     """
     membership = _split_of(ds, splits)
     records = sorted(ds.records, key=ds.relpath)
     total = len(records)
     by_hash: dict[str, list[Record]] = defaultdict(list)
     infos: list[ImageInfo] = []
+    info_of: dict[Record, ImageInfo] = {}
     unreadable: list[dict[str, str]] = []
     odd: dict[str, list[str]] = {kind: [] for kind in ODD_KINDS}
     file_formats: Counter[str] = Counter()
@@ -172,6 +183,7 @@ def inspect_dataset(
                 )
             else:
                 infos.append(info)
+                info_of[record] = info
                 file_formats[info.format or "unknown"] += 1
                 for kind in _odd_kinds(info):
                     odd[kind].append(rel)
@@ -208,6 +220,8 @@ def inspect_dataset(
             "examples": [{"path": p, "reason": why} for p, why in ds.skipped[:MAX_EXAMPLES]],
         },
     }
+    if ds.task == "detect":
+        report["detection"] = _detection(ds, records, membership, split_names, info_of)
     report["issues"] = _issues(report)
     report["verdict"] = _verdict(report)
     return report
@@ -235,6 +249,74 @@ def _counts(
             if split in table[name]:
                 table[name][split] += 1
     return {"per_class": per_class, "per_split": per_split, "table": table, "no_label": no_label}
+
+
+def _spread(values: list[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": float(statistics.median(values)), "max": max(values)}
+
+
+def _detection(
+    ds: Dataset,
+    records: list[Record],
+    membership: dict[Record, str | None],
+    split_names: list[str],
+    info_of: dict[Record, ImageInfo],
+) -> dict[str, Any]:
+    """The detection section of the report.
+
+    Keys: table {class: {split: {images, boxes}}} (split "total" included), boxes (count),
+    boxes_per_image {min, median, max} and per split, box_sizes {small, medium, large} by box
+    area (COCO buckets) overall and per_class, no_boxes {count, per_split, examples}, crowd
+    boxes, size_mismatch {count, examples} (annotated size vs the file's size as displayed),
+    notes (the reader's, verbatim).
+    """
+    columns = [*split_names, "total"]
+    table = {c: {s: {"images": 0, "boxes": 0} for s in columns} for c in ds.classes}
+    sizes = {c: dict.fromkeys(("small", "medium", "large"), 0) for c in ds.classes}
+    per_image: dict[str, list[int]] = {s: [] for s in columns}
+    no_boxes: dict[str, int] = dict.fromkeys(columns, 0)
+    negatives: list[str] = []
+    mismatch: list[dict[str, Any]] = []
+    crowd = 0
+    for r in records:
+        cols = [membership[r], "total"] if membership[r] in split_names else ["total"]
+        boxes = r.box_array()
+        for col in cols:
+            per_image[col].append(len(boxes))
+            no_boxes[col] += not len(boxes)
+        if not len(boxes):
+            negatives.append(ds.relpath(r))
+        for label in set(r.labels):
+            for col in cols:
+                table[ds.classes[label]][col]["images"] += 1
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        for label, area in zip(r.labels, areas.tolist()):
+            name = ds.classes[label]
+            for col in cols:
+                table[name][col]["boxes"] += 1
+            bucket = "small" if area < BOX_AREA_BUCKETS["small"] else (
+                "medium" if area < BOX_AREA_BUCKETS["medium"] else "large")
+            sizes[name][bucket] += 1
+        crowd += int(r.crowd_array().sum())
+        info = info_of.get(r)
+        if r.size is not None and info is not None and tuple(r.size) != info.oriented_size:
+            mismatch.append({"path": ds.relpath(r), "annotated": list(r.size),
+                             "file": list(info.oriented_size)})
+    overall = {k: sum(s[k] for s in sizes.values()) for k in ("small", "medium", "large")}
+    return {
+        "table": table,
+        "boxes": sum(per_image["total"]),
+        "boxes_per_image": _spread(per_image["total"]),
+        "boxes_per_image_per_split": {s: _spread(per_image[s]) for s in split_names},
+        "box_sizes": {**overall, "per_class": sizes},
+        "no_boxes": {"count": no_boxes["total"], "per_split": {s: no_boxes[s] for s in split_names},
+                     "examples": negatives[:MAX_EXAMPLES]},
+        "crowd_boxes": crowd,
+        "size_mismatch": {"count": len(mismatch), "examples": mismatch[:MAX_EXAMPLES]},
+        "notes": list(ds.notes),
+    }
 
 
 def _duplicates(
@@ -287,8 +369,9 @@ def _issues(report: dict[str, Any]) -> list[str]:
         issues.append(f"{skipped} skipped by the reader")
     counts = report["counts"]
     empty = [c for c, n in counts["per_class"].items() if n == 0]
+    unit = "boxes" if report["task"] == "detect" else "images"
     if empty:
-        issues.append(f"classes with no images: {', '.join(empty)}")
+        issues.append(f"classes with no {unit}: {', '.join(empty)}")
     ratio = report["imbalance_ratio"]
     if ratio is not None and ratio >= IMBALANCE_WARN:
         per_class = counts["per_class"]
@@ -297,20 +380,25 @@ def _issues(report: dict[str, Any]) -> list[str]:
         issues.append(
             f"class imbalance {ratio:.1f}:1 ({big} {per_class[big]} vs {small} {per_class[small]})"
         )
-    if report["task"] == "classify":
+    if report["task"] in ("classify", "detect"):
         for split, n in counts["per_split"].items():
             absent = [c for c, row in counts["table"].items() if n and not row[split]]
             if absent and not empty:
-                issues.append(f"{split} split has no images of: {', '.join(absent)}")
+                issues.append(f"{split} split has no {unit} of: {', '.join(absent)}")
+    det = report.get("detection")
+    if det and det["size_mismatch"]["count"]:
+        n = det["size_mismatch"]["count"]
+        issues.append(f"{_plural(n, 'image')} whose annotated size differs from the file")
     return issues
 
 
 def _verdict(report: dict[str, Any]) -> str:
     issues = report["issues"]
     if not issues:
+        boxes = f", {_plural(report['detection']['boxes'], 'box', 'boxes')}" if "detection" in report else ""
         return (
             f"OK: {_plural(len(report['classes']), 'class', 'classes')}, "
-            f"{_plural(report['total_images'], 'image')}, no problems"
+            f"{_plural(report['total_images'], 'image')}{boxes}, no problems"
         )
     return f"{_plural(len(issues), 'problem')}: {'; '.join(issues)}"
 
@@ -342,6 +430,14 @@ def print_inspection(report: dict[str, Any], console: Console) -> None:
         head.add_row("[bold]imbalance[/]", ratio)
     console.print(head)
 
+    if "detection" in report:
+        _print_detection(report, console)
+    else:
+        _print_class_table(report, console)
+    _print_sizes_and_problems(report, console)
+
+
+def _print_class_table(report: dict[str, Any], console: Console) -> None:
     counts = report["counts"]
     classes = Table(title="Images per class", title_justify="left")
     classes.add_column("class")
@@ -361,6 +457,45 @@ def print_inspection(report: dict[str, Any], console: Console) -> None:
     )
     console.print(classes)
 
+
+def _print_detection(report: dict[str, Any], console: Console) -> None:
+    det = report["detection"]
+    columns = [*report["splits"], "total"]
+    table = Table(title="Images / boxes per class", title_justify="left")
+    table.add_column("class")
+    for col in columns:
+        table.add_column(f"{col}\nimages", justify="right")
+        table.add_column(f"{col}\nboxes", justify="right")
+    for name, row in det["table"].items():
+        cells = [str(row[c][k]) for c in columns for k in ("images", "boxes")]
+        table.add_row(escape(name), *cells)
+    per_split = {**report["counts"]["per_split"], "total": report["total_images"]}
+    no_boxes = {**det["no_boxes"]["per_split"], "total": det["no_boxes"]["count"]}
+    table.add_row("[dim]no boxes[/]", *[x for c in columns for x in (str(no_boxes[c]), "")])
+    totals = [x for c in columns for x in (str(per_split[c]), "")]
+    totals[-1] = str(det["boxes"])
+    table.add_row("[bold]all[/]", *totals)  # images per split; boxes in the last column
+    console.print(table)
+    spread = det["boxes_per_image"]
+    if spread:
+        console.print(
+            f"boxes per image  min {spread['min']}  median {spread['median']:g}  max {spread['max']}"
+            f"   crowd boxes {det['crowd_boxes']}"
+        )
+    sizes = det["box_sizes"]
+    console.print(
+        f"box sizes (area)  small <32²: {sizes['small']}  medium: {sizes['medium']}  "
+        f"large >96²: {sizes['large']}"
+    )
+    if det["notes"]:
+        notes = Table(title="What the reader fixed or decided", title_justify="left")
+        notes.add_column("note")
+        for note in det["notes"]:
+            notes.add_row(escape(note))
+        console.print(notes)
+
+
+def _print_sizes_and_problems(report: dict[str, Any], console: Console) -> None:
     sizes = report["image_sizes"]
     if sizes:
         table = Table(title="Image sizes (px)", title_justify="left")
@@ -396,6 +531,14 @@ def print_inspection(report: dict[str, Any], console: Console) -> None:
         ),
         ("skipped by reader", report["skipped"]["count"], report["skipped"]["examples"]),
     ]
+    if "detection" in report:
+        mismatch = report["detection"]["size_mismatch"]
+        rows.append((
+            "annotated size ≠ file size",
+            mismatch["count"],
+            [f"{m['path']} ({m['annotated'][0]}x{m['annotated'][1]} vs "
+             f"{m['file'][0]}x{m['file'][1]})" for m in mismatch["examples"]],
+        ))
     for name, n, examples in rows:
         if n:
             problems.add_row(name, f"[red]{n}[/]", _examples(examples))

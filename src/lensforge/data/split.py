@@ -5,8 +5,9 @@ files in: records are sorted by their path relative to ``Dataset.root`` first.
 
 Stratification key:
 - single-label data: the record's class;
-- multi-label data: the record's *rarest* label (by frequency in the pool being split), or
-  a separate "no labels" group for negatives. Iterative multi-label stratification would
+- multi-label and detection data: the record's *rarest* label (for detection: the rarest
+  class among its boxes, by frequency in the pool being split), or a separate "no labels"
+  group for negatives (images without boxes). Iterative multi-label stratification would
   balance every label at once; the rarest-label key is a simple approximation that keeps
   rare labels from landing all in one split, which is what matters most for small data.
 Strata with a single member cannot be stratified; they are pooled together (and, if that
@@ -122,7 +123,8 @@ def split_records(
     """
     _check_fraction("test", test)
     _check_fraction("val", val)
-    multilabel = ds.task == "multilabel"
+    # detection records hold one label per box: stratify them like multi-label records
+    multilabel = ds.task in ("multilabel", "detect")
     records = sorted(ds.records, key=ds.relpath)
     if not ds.presplit:
         rest, test_part = _take(records, test, seed, multilabel, "test")

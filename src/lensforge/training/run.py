@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    task: str  # "classify" or "multilabel"
+    task: str  # "classify", "multilabel" or "detect"
     run_dir: Path
     bundle_dir: Path
     metrics: dict[str, Any]  # {"val": {...}, "test": {...}}
-    parity: float  # max |ONNX - torch| on real validation images
+    parity: float  # max |ONNX - torch| score difference on real validation images
     skipped_images: int
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the whole train() call
@@ -101,7 +101,7 @@ def make_split(ds: Dataset, cfg: TrainConfig, run_dir: Path) -> dict[str, list[R
 
 
 def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **overrides: Any) -> TrainResult:
-    """Train a classifier and write its run directory and bundle.
+    """Train a classifier or detector and write its run directory and bundle.
 
     ``lensforge.train(data="images/", epochs=5)`` works as well as passing a TrainConfig.
     Returns where everything went and the validation/test metrics.
@@ -114,22 +114,32 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
 
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task)
     cfg.task = ds.task
+    cfg.resolve(ds.task)
     import lightning as L
 
     L.seed_everything(cfg.seed, verbose=False)
-    # the backbone (name, weights file) is checked before anything is written, so a typo
+    # the model (name, weights file) is checked before anything is written, so a typo
     # leaves no run directory behind
-    backbone, bb_cfg = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size)
-    spec = InputSpec.for_size(
-        cfg.image_size, crop_pct=float(bb_cfg.get("crop_pct", 0.875)),
-        mean=tuple(bb_cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(bb_cfg.get("std", (0.229, 0.224, 0.225))),
-        interpolation=bb_cfg.get("interpolation") if bb_cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear",
-    )
+    if ds.task == "detect":
+        from lensforge.training.detect import build_detector, train_detector_in
+
+        if cfg.probe:
+            raise ConfigError("--probe fits a classifier head on frozen features; detectors are fine-tuned (drop --probe)")
+        detector = build_detector(cfg, len(ds.classes))
+        work = lambda run_dir: train_detector_in(run_dir, cfg, ds, detector, ui)  # noqa: E731
+    else:
+        backbone, bb_cfg = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size)
+        spec = InputSpec.for_size(
+            cfg.image_size, crop_pct=float(bb_cfg.get("crop_pct", 0.875)),
+            mean=tuple(bb_cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(bb_cfg.get("std", (0.229, 0.224, 0.225))),
+            interpolation=bb_cfg.get("interpolation") if bb_cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear",
+        )
+        work = lambda run_dir: _train_in(run_dir, cfg, ds, backbone, spec, ui)  # noqa: E731
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(Path(cfg.data), ds.task, cfg.probe)
     fresh = not run_dir.exists()
     previous = prepare_run_dir(cfg, run_dir)
     try:
-        result = _train_in(run_dir, cfg, ds, backbone, spec, ui)
+        result = work(run_dir)
     except TrainingInterrupted:
         _discard(previous)  # the new run is resumable, and replacing the old one was asked for
         raise
