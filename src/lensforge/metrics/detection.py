@@ -22,8 +22,9 @@ Every dict returned is JSON-ready (plain ``float``/``int``/``list``/``None``): i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,9 +57,9 @@ _COCO_STATS: tuple[tuple[str, bool, float | None, str, int], ...] = (
 _AREAS = ("all", "small", "medium", "large")  # COCO's area-range order in eval arrays
 _MAX_DETS = (1, 10, 100)
 
-# Candidate (detection, box) pairs are built a chunk of images at a time, so a crowded split
+# Candidate (detection, box) pairs are built a chunk of detections at a time, so a crowded split
 # (hundreds of boxes and detections per image) never needs more than about this many pairs.
-_PAIRS_PER_CHUNK = 4_000_000
+_PAIRS_PER_CHUNK = 1_000_000  # ~100 MB of temporaries
 
 # The F-beta curve stored in metrics.json is sampled at up to this many thresholds (the exact
 # curve has one point per distinct score: half a million for 5,000 images x 100 detections).
@@ -434,6 +435,8 @@ def fbeta_curve(
 
 
 def _at(m: Matches, threshold: float, beta: float) -> dict[str, Any]:
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite score, got {threshold}")
     hit = (m.scores >= np.float32(threshold)) & ~m.ignored
     tp = int((hit & m.tp).sum())
     fp = int((hit & ~m.tp).sum())

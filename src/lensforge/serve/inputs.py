@@ -7,11 +7,14 @@ nothing here decodes an image (that runs in the decode pool).
 from __future__ import annotations
 
 import asyncio
-
 import base64
 import binascii
+import functools
 import json
 import re
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -20,6 +23,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 
 from lensforge.errors import RequestError
+from lensforge.serve import fetch
 
 MAX_FORM_FIELDS = 16  # a prediction needs one file; thousands of parts is an attack (M2)
 MAX_FORM_FILES = 4
@@ -104,17 +108,44 @@ def seed_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def seed_image(payload: dict[str, Any], cap: int) -> bytes:
-    """Image bytes from the seed keys: ``raw_file`` (base64). ``local_url`` and ``remote_url``
-    are refused: reading server paths and fetching URLs need the guards of RELIABILITY.md
-    (P and U rows), which are not built yet."""
-    if "raw_file" in payload:
-        return decode_base64(payload["raw_file"], cap)
-    if "local_url" in payload:
-        raise RequestError(403, "local_disabled", "local paths are disabled")
-    if "remote_url" in payload:
-        raise RequestError(403, "remote_disabled", "remote URLs are disabled")
+SEED_KEYS = ("raw_file", "local_url", "remote_url")  # checked in this order: the first present wins
+
+
+def seed_source(payload: dict[str, Any]) -> tuple[str, Any]:
+    """(key, value) of the image in a seed payload: the first of :data:`SEED_KEYS` present."""
+    for key in SEED_KEYS:
+        if key in payload:
+            return key, payload[key]
     raise RequestError(400, "missing_image", "expected one of the keys 'raw_file', 'local_url', 'remote_url'")
+
+
+def seed_image(payload: dict[str, Any], cap: int, *, local_roots: Sequence[Path] = (), allow_remote: bool = False,
+               timeout_s: float = 10.0) -> bytes:
+    """Image bytes from the seed keys: ``raw_file`` (base64), ``local_url`` (a file under one
+    of ``local_roots``; none: 403) or ``remote_url`` (only with ``allow_remote``; fetched
+    within ``timeout_s``, in this thread). At most ``cap`` bytes; the guards are in
+    :mod:`lensforge.serve.fetch` (RELIABILITY.md P and U rows)."""
+    key, value = seed_source(payload)
+    if key == "raw_file":
+        return decode_base64(value, cap)
+    if key == "local_url":
+        return fetch.read_local(value, local_roots, cap)
+    if not allow_remote:
+        raise RequestError(403, "remote_disabled", "remote URLs are disabled")
+    return fetch.fetch_remote_limited(value, cap=cap, timeout_s=timeout_s)
+
+
+async def seed_data(body: bytes, cap: int, pool: Executor | None, *, local_roots: Sequence[Path] = (),
+                    allow_remote: bool = False, timeout_s: float = 10.0) -> bytes:
+    """:func:`seed_image` of a seed JSON body, off the event loop: parsing, base64 and local
+    files in ``pool`` (the decode pool), remote fetches in the fetch pool so that a slow
+    upstream never holds a decode thread."""
+    loop = asyncio.get_running_loop()
+    payload = await loop.run_in_executor(pool, seed_payload, body)
+    if allow_remote and seed_source(payload)[0] == "remote_url":
+        return await fetch.fetch_remote_async(payload["remote_url"], cap=cap, timeout_s=timeout_s)
+    return await loop.run_in_executor(pool, functools.partial(
+        seed_image, payload, cap, local_roots=local_roots, allow_remote=allow_remote, timeout_s=timeout_s))
 
 
 def decode_base64(text: Any, cap: int) -> bytes:
