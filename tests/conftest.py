@@ -104,3 +104,34 @@ def tiny_train() -> dict[str, object]:
 def _isolated_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Probe features are cached per user; tests use a cache of their own."""
     os.environ["LENSFORGE_CACHE"] = str(tmp_path_factory.mktemp("lensforge-cache"))
+
+
+# -- a tiny trained detector, shared by the detection, predictor and server tests -----------
+
+# a tiny learning rate keeps the new box head near its initial state, so it still proposes boxes
+# (parity, drawing and every server dialect then have real detections to compare)
+TINY_DETECT: dict[str, object] = {"image_size": 96, "epochs": 1, "max_steps": 2, "batch_size": 4, "lr": 1e-6}
+
+
+@pytest.fixture(scope="session")
+def detect_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated Roboflow COCO export: 12 / 6 / 6 images of 96 x 96 with 0-3 shapes each."""
+    from lensforge.data.demo import make_demo_detection
+
+    root = tmp_path_factory.mktemp("detect") / "data"
+    return make_demo_detection(root, n_train=12, n_val=6, n_test=6, size=96, max_objects=3)
+
+
+@pytest.fixture(scope="session")
+def detect_run(tmp_path_factory: pytest.TempPathFactory, detect_dir: Path) -> object:
+    """``TrainResult`` of the offline Lite0-FPN Faster R-CNN after 2 steps on :func:`detect_dir`."""
+    import lensforge
+
+    out = tmp_path_factory.mktemp("detect-run") / "run"
+    return lensforge.train(data=str(detect_dir), out=str(out), **TINY_DETECT)
+
+
+@pytest.fixture(scope="session")
+def detect_bundle(detect_run: object) -> Path:
+    """The bundle directory of :func:`detect_run` (read-only: copy it before breaking it)."""
+    return Path(detect_run.bundle_dir)  # type: ignore[attr-defined]

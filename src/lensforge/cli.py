@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -148,7 +149,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = result.metrics.get("test") or result.metrics.get("val")
     if test:
         console.print()
-        print_report(test, result.task, console)
+        if result.task == "detect":
+            from lensforge.evaluation import print_detection_report
+
+            print_detection_report(test, console)
+        else:
+            print_report(test, result.task, console)
     _print_summary(result)
     return 0
 
@@ -159,7 +165,8 @@ def _print_summary(result: Any) -> None:
     t.add_row("run directory", str(result.run_dir))
     t.add_row("ONNX vs torch", f"max |Δscore| {result.parity:.2e}")
     for split, m in result.metrics.items():
-        headline = {k: m[k] for k in ("accuracy", "f1_macro", "mAP", "f1_micro", "exact_match") if m.get(k) is not None}
+        headline = {k: m[k] for k in ("accuracy", "f1_macro", "mAP", "f1_micro", "exact_match", "map", "map50")
+                    if isinstance(m.get(k), (int, float))}
         t.add_row(f"{split} metrics", "  ".join(f"{k} {v:.3f}" for k, v in headline.items()))
     if result.skipped_images:
         t.add_row("skipped images", str(result.skipped_images))
@@ -177,7 +184,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.metrics, indent=2))
         return 0
-    print_report(res.metrics, res.task, console)
+    if res.task == "detect":
+        from lensforge.evaluation import print_detection_report
+
+        print_detection_report(res.metrics, console)
+    else:
+        print_report(res.metrics, res.task, console)
     console.print(f"[bold cyan]›[/] Report, predictions.csv and plots in {escape(str(res.out_dir))}")
     return 0
 
@@ -216,7 +228,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     failed += 1
                     doc = {"path": str(src), "error": str(res)}
                 else:
-                    doc = {"path": str(src), **res.to_dict(k=args.top)}
+                    doc = {"path": str(src), **(res.to_dict() if predictor.detector else res.to_dict(k=args.top))}
                     if annotate_dir:
                         doc["annotated"] = str(save_annotated(src, res, annotate_dir, taken=taken))
                 if args.json or out:
@@ -229,11 +241,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.json:
         t = Table(show_lines=False)
         t.add_column("image", overflow="fold")
-        t.add_column("prediction")
-        t.add_column(f"top {args.top}", overflow="fold")
+        t.add_column("objects found" if predictor.detector else "prediction")
+        t.add_column(f"best {args.top}" if predictor.detector else f"top {args.top}", overflow="fold")
         for doc in rows[: args.show]:
             if "error" in doc:
                 t.add_row(escape(doc["path"]), "[red]error[/]", escape(doc["error"]))
+            elif predictor.detector:
+                found = doc["detections"]
+                counts = Counter(d["label"] for d in found)
+                t.add_row(escape(doc["path"]), escape(", ".join(f"{n} {label}" for label, n in counts.items())) or "[dim](nothing)[/]",
+                          escape("  ".join(f"{d['label']} {d['score']:.3f}" for d in found[: args.top])))
             else:
                 t.add_row(escape(doc["path"]), escape(", ".join(doc["labels"])) or "[dim](none)[/]",
                           escape("  ".join(f"{d['label']} {d['score']:.3f}" for d in doc["top"])))
@@ -362,10 +379,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 EPILOG = """examples:
   lensforge demo                              train and check a model on generated data (~1 min)
+  lensforge demo --task detect                the same for an object detector (~4 min)
   lensforge data inspect photos/              what lensforge sees in your folder
   lensforge train photos/ --epochs 10         fine-tune EfficientNet-Lite0 (offline weights)
   lensforge train labels.csv --task multilabel --backbone resnet50 --weights r50.safetensors
   lensforge train photos/ --probe             logistic regression on frozen features (fast baseline)
+  lensforge train roboflow_export/            Faster R-CNN on a COCO / Roboflow / YOLO dataset (detected)
+  lensforge predict runs/x-detect/bundle imgs/ --annotate out/   boxes drawn on every image
   lensforge evaluate runs/photos-classify/bundle photos/
   lensforge predict runs/photos-classify/bundle new_photos/ --json
   lensforge export runs/photos-classify/bundle --to onnx-int8
@@ -446,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate a small dataset, train, evaluate and predict on it",
                        description="Generate a synthetic shapes dataset, then run inspect → train → evaluate → predict.")
     d.add_argument("--dir", default="lensforge-demo", help="where data and runs go (default: ./lensforge-demo)")
-    d.add_argument("--task", choices=("classify", "multilabel"), default="classify")
+    d.add_argument("--task", choices=("classify", "multilabel", "detect"), default="classify")
     d.add_argument("--epochs", type=positive_int, default=None, help="override the demo's epoch count")
     d.set_defaults(func=cmd_demo)
 

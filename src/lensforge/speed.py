@@ -150,7 +150,12 @@ def benchmark(
     """
     ui = reporter or Reporter()
     batch_sizes, thread_counts = _check_args(bundles, batch_sizes, threads, seconds)
-    formats = _formats([b if isinstance(b, Bundle) else load_bundle(b) for b in bundles])
+    loaded = [b if isinstance(b, Bundle) else load_bundle(b) for b in bundles]
+    detectors = [str(b.path) for b in loaded if b.task == "detect"]
+    if detectors:
+        raise ConfigError(f"{detectors[0]} is a detector: `lensforge bench` times classifier batches; "
+                          "for detectors run bench/detect.py (Predictor vs torch eager per image)")
+    formats = _formats(loaded)
     base = formats[0]  # _formats puts the fp32 baseline first
     notes: list[str] = []
     if len({(f.bundle.input_spec, len(f.bundle.classes)) for f in formats}) > 1:

@@ -116,6 +116,9 @@ def export_all(
     """
     ui = reporter or Reporter()
     src = as_bundle(bundle)
+    if src.task == "detect":
+        raise ExportError(f"{src.path} is a detector: --to all compares fp16/int8 classifiers; "
+                          "export a detector with --to triton or --to torchserve")
     out_root = Path(out_root)
     existing = [str(out_root / t) for t in TARGETS if (out_root / t).exists()]
     if existing and not overwrite:

@@ -53,6 +53,14 @@ METHODS = ("static", "dynamic")
 # -- public API --------------------------------------------------------------------------------
 
 
+def _refuse_detectors(src: Bundle) -> None:
+    if src.task == "detect":
+        raise ExportError(
+            f"{src.path} is a detector: fp16 and int8 conversion is built for classifiers (accuracy-checked); "
+            "serve the verified fp32 model.onnx, or export it with --to triton / --to torchserve"
+        )
+
+
 def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write an fp16 copy of ``bundle`` to ``out``; returns ``out``.
 
@@ -68,6 +76,7 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
 
     src = as_bundle(bundle)
     out = Path(out)
+    _refuse_detectors(src)
     _check_out(src, out, overwrite)
     records, split_name = held_out(src, ("val", "test"))
     records = records[:FP16_CHECK_IMAGES]
@@ -135,6 +144,7 @@ def export_int8(
         raise ExportError(f"calib must be at least 1 image, got {calib}")
     src = as_bundle(bundle)
     out = Path(out)
+    _refuse_detectors(src)
     _check_out(src, out, overwrite)
     calib_images = _calibration_images(src, calib, calib_dir) if method == "static" else ([], "")
     records, split_name = held_out(src, ("test", "val"))

@@ -68,8 +68,11 @@ def export_triton(
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     inputs, outputs = onnx_signature(b.model_path)
-    if len(outputs) != 1:
-        raise ExportError(f"{b.model_path} has {len(outputs)} outputs; a lensforge model has one (the class scores)")
+    if b.task == "detect":
+        # a detector takes one image of any size and returns one row per box: no batch axis for Triton to use
+        max_batch_size = 0
+    elif len(outputs) != 1:
+        raise ExportError(f"{b.model_path} has {len(outputs)} outputs; a lensforge classifier has one (the class scores)")
     text = config_text(b, name, inputs, outputs, max_batch_size)
     validate_config(text, inputs, outputs, max_batch_size)
     try:

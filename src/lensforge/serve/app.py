@@ -40,7 +40,7 @@ from lensforge.export.torchserve_handler import torchserve_answer  # the one Tor
 from lensforge.runtime import Bundle, DetectionResult, Predictor, load_bundle
 from lensforge.runtime.predictor import Result
 from lensforge.runtime.bundle import display_name
-from lensforge.serve import inputs
+from lensforge.serve import fetch, inputs, kserve, lifecycle, web
 from lensforge.serve.batching import RETRY_AFTER_S, Batcher, unavailable
 from lensforge.serve.metrics import ServerMetrics
 
@@ -73,6 +73,8 @@ class Settings:
     timeout_s: float = 10
     threads: int | None = None
     top_k: int = 5
+    local_roots: tuple[Path, ...] = ()  # seed local_url: resolved --allow-local-root dirs; empty = off
+    allow_remote: bool = False  # seed remote_url (SSRF guards in serve/fetch.py)
 
 
 def create_app(
@@ -85,6 +87,8 @@ def create_app(
     timeout_s: float = 10,
     threads: int | None = None,
     top_k: int = 5,
+    local_roots: Sequence[str | os.PathLike[str]] = (),
+    allow_remote: bool = False,
 ) -> Starlette:
     """The ASGI app serving ``bundles`` (the first is the default model).
 
@@ -94,12 +98,16 @@ def create_app(
     max_body_bytes: request body cap (413 above it). timeout_s: per-request deadline; a
     request still queued when it passes gets 503 and is not run. threads: onnxruntime
     intra-op threads per model (default: all cores). top_k: labels in seed answers.
+    local_roots: directories whose files seed ``local_url`` may name (default none: 403);
+    each must exist (:class:`~lensforge.errors.ConfigError`). allow_remote: let seed
+    ``remote_url`` fetch public http(s) URLs (default off: 403). See :mod:`lensforge.serve.fetch`.
 
     Bundle metadata is checked now (a :class:`~lensforge.errors.BundleError` names the bad
     one); the onnxruntime sessions load and warm up in the background after startup, while
     ``/healthz`` already answers and ``/readyz`` says 503.
     """
-    settings = Settings(max_batch, max_wait_ms, max_queue, max_body_bytes, timeout_s, threads, top_k)
+    settings = Settings(max_batch, max_wait_ms, max_queue, max_body_bytes, timeout_s, threads, top_k,
+                        local_roots=fetch.resolve_roots(local_roots), allow_remote=allow_remote)
     if not bundles:
         raise ConfigError("no bundle to serve; pass at least one bundle directory")
     if max_body_bytes < 1 or timeout_s <= 0 or top_k < 1 or max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
@@ -124,6 +132,8 @@ def create_app(
         Route("/healthz", server.healthz, methods=["GET"]),
         Route("/readyz", server.readyz, methods=["GET"]),
         Route("/metrics", server.metrics_route, methods=["GET"]),
+        *kserve.routes(server),  # KServe v2 / Triton HTTP
+        *web.routes(server),  # /annotate, the web page at /, /docs and /openapi.json
     ]
     app = Starlette(routes=routes, lifespan=server.lifespan)
     app.state.server = server
@@ -141,6 +151,12 @@ class Server:
         self.decoding = 0  # images in or waiting for the decode pool
         self.max_decoding = settings.max_queue * max(1, len(models))
         self._loader: asyncio.Task | None = None
+        self.draining = False  # set on SIGTERM/SIGINT: not ready, new requests 503, accepted ones finish
+        self.drain_s = lifecycle.DRAIN_S  # how long the port stays open once draining
+
+    def ready(self) -> bool:
+        """Every model loaded and warmed up, and not shutting down (``/readyz``, KServe ready)."""
+        return not self.draining and all(m.ready for m in self.models.values())
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -148,9 +164,12 @@ class Server:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.decode_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
         self._loader = asyncio.get_running_loop().create_task(self._load_all())
+        undo_signals = lifecycle.drain_on_signal(self, self.drain_s)
         try:
             yield
         finally:
+            undo_signals()
+            self.draining = True
             self._loader.cancel()
             await asyncio.gather(self._loader, return_exceptions=True)
             for model in self.models.values():
@@ -216,6 +235,8 @@ class Server:
         model = self.models.get(name or self.default)
         if model is None:
             raise RequestError(404, "unknown_model", f"Request for unknown model: {str(name)[:100]!r} is not found")
+        if self.draining:
+            raise unavailable("server is shutting down")
         if not model.ready:
             raise unavailable(f"model {model.name!r} is not ready")
         return model
@@ -260,8 +281,9 @@ class Server:
             data = await inputs.form_file(request, body, ("file",), cap)
         elif inputs.is_json(request):
             # up to max_body_bytes of JSON and base64: parsed in the pool, never on the event loop
-            data = await asyncio.get_running_loop().run_in_executor(
-                self.decode_pool, lambda: inputs.seed_image(inputs.seed_payload(body), cap))
+            s = self.settings
+            data = await inputs.seed_data(body, cap, self.decode_pool, local_roots=s.local_roots,
+                                          allow_remote=s.allow_remote, timeout_s=s.timeout_s)
         else:
             data = body
         result = await self.infer(model, data)
@@ -312,9 +334,9 @@ class Server:
 
     async def readyz(self, request: Request) -> Response:
         states = {name: m.ready for name, m in self.models.items()}
-        if all(states.values()):
+        if self.ready():
             return JSONResponse({"status": "ready", "models": states})
-        return JSONResponse({"status": "loading", "models": states}, status_code=503,
+        return JSONResponse({"status": "draining" if self.draining else "loading", "models": states}, status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def metrics_route(self, request: Request) -> Response:
@@ -341,6 +363,8 @@ def error_response(dialect: str, status: int, code: str, message: str) -> JSONRe
         body: Any = {"status": "Error", "error": message}
     elif dialect == "torchserve":
         body = {"code": status, "type": TORCHSERVE_TYPES.get(status, "BadRequestException"), "message": message}
+    elif dialect == "kserve":
+        body = {"error": message}  # Triton's shape, what tritonclient reads
     else:
         body = {"error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -352,13 +376,17 @@ def serve(
     port: int = 8000,
     *,
     log_level: str = "info",
+    workers: int = 1,
+    strict: bool | None = None,
+    drain_s: float = lifecycle.DRAIN_S,
+    grace_s: float = lifecycle.GRACE_S,
     **options: Any,
 ) -> None:
-    """Run the app with uvicorn until interrupted (SIGINT/SIGTERM: finish in-flight requests).
+    """Run the app with uvicorn until SIGTERM/SIGINT, then drain and return.
 
+    workers: processes; strict: refuse to start on a model that does not load (default:
+    strict for one bundle); drain_s / grace_s: see :mod:`lensforge.serve.lifecycle`.
     options: :func:`create_app`'s keyword arguments.
     """
-    import uvicorn
-
-    app = create_app(bundles, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    lifecycle.run(bundles, host, port, workers=workers, strict=strict, drain_s=drain_s, grace_s=grace_s,
+                  log_level=log_level, **options)

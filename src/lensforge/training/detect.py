@@ -45,8 +45,9 @@ def detect_spec(cfg: TrainConfig) -> DetectSpec:
 def build_detector(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The Faster R-CNN ``cfg`` asks for, with scale jitter for training. Called before any
     file is written, so a wrong name or weights file leaves nothing behind."""
-    from lensforge.models.detector import create_detector
+    from lensforge.models.detector import create_detector, resolve_detector
 
+    cfg.backbone = resolve_detector(cfg.backbone)  # the saved config names the detector itself (lite0_fpn, ...)
     spec = detect_spec(cfg)
     sizes = tuple(sorted({_round32(spec.min_size * f) for f in JITTER} - {spec.min_size})) + (spec.min_size,)
     # torchvision picks a random min_size per batch while training and the last one in eval
@@ -117,7 +118,7 @@ def load_detection_images(
             img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR,
                              reducing_gap=3.0)
         kept.append(r)
-        images.append(np.asarray(img))
+        images.append(np.array(img))  # writable: torch.from_numpy warns on read-only arrays
         factors.append(img.width / ow)
         advance(1)
     return kept, images, factors, bad

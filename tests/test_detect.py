@@ -1,0 +1,191 @@
+"""Detection end to end: train a few steps → ONNX bundle verified against torch → Predictor
+(no torch) → evaluate → predict --annotate, and the errors between them."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lensforge.cli import main
+from lensforge.errors import BundleError, DataError
+from lensforge.runtime import DetectionResult, Predictor, load_bundle
+from lensforge.runtime.predictor import DetectorInput
+
+
+def test_training_writes_a_verified_detector_bundle(detect_run: object, detect_bundle: Path) -> None:
+    b = load_bundle(detect_bundle)
+    assert b.task == "detect" and b.classes == ["circle", "square", "triangle"]  # dummy category 0 is not a class
+    spec = b.detect_spec
+    assert spec.min_size == 96 and spec.max_size == 160
+    parity = b.meta["parity"]
+    assert parity["min_box_iou"] >= 0.99 and parity["boxes_compared"] > 0  # real boxes were compared
+    assert 0 <= b.score_threshold <= 1 and b.meta["threshold_tuning"]["beta"] == 2.0
+    for split in ("val", "test"):
+        m = b.meta["metrics"][split]
+        assert {"map", "map50", "map75", "mar100"} <= set(m)
+    run = Path(detect_run.run_dir)  # type: ignore[attr-defined]
+    for name in ("metrics.json", "predictions.csv", "pr_curves.png", "per_class_ap.png", "fbeta_threshold.png",
+                 "examples.png"):
+        assert (run / "eval" / name).stat().st_size > 0, name
+    assert (detect_bundle / "weights.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_predictor_returns_boxes_in_original_pixels(detect_bundle: Path, detect_dir: Path) -> None:
+    p = Predictor(detect_bundle)
+    path = sorted((detect_dir / "test").glob("*.jpg"))[0]
+    by_path = p.predict(path)
+    assert isinstance(by_path, DetectionResult) and by_path.image_size == (96, 96)
+    by_bytes = p.predict(path.read_bytes())
+    np.testing.assert_allclose(by_bytes.boxes, by_path.boxes, atol=1e-4)
+    assert len(by_path) > 0  # an untrained head still proposes boxes above the 0.05 floor
+    assert (by_path.boxes >= 0).all() and (by_path.boxes[:, 2] <= 96).all() and (by_path.boxes[:, 3] <= 96).all()
+    # a 4x larger copy: the Predictor shrinks it to the model's size, and maps boxes back to its pixels
+    big = Image.open(path).convert("RGB").resize((384, 384), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    res = p.predict(buf.getvalue())
+    assert res.image_size == (384, 384) and res.boxes[:, 2:].max() > 96  # not left in model-input pixels
+    assert (res.boxes[:, 2] <= 384).all() and (res.boxes[:, 3] <= 384).all()
+
+
+def test_box_mapping_is_exact_for_a_known_output(detect_bundle: Path) -> None:
+    """result() divides by the shrink factor and clips to the original image."""
+    p = Predictor(detect_bundle)
+    prepared = DetectorInput.wrap(np.zeros((3, 96, 128), np.float32), (384, 288))  # shrunk by 1/3
+    output = (np.array([[3, 6, 30, 60], [90, 0, 200, 96]], np.float32), np.array([0.9, 0.4], np.float32),
+              np.array([2, 0], np.int64))
+    r = p.result(output, prepared)
+    np.testing.assert_allclose(r.boxes, [[9, 18, 90, 180], [270, 0, 384, 288]])  # 200*3 clipped to 384
+    assert r.labels == ["triangle", "circle"] and r.image_size == (384, 288)
+    assert len(r.above(0.5)) == 1
+
+
+def test_cli_predict_json_and_annotate(detect_bundle: Path, detect_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    images = sorted((detect_dir / "test").glob("*.jpg"))[:2]
+    out = tmp_path / "drawn"
+    code = main(["predict", str(detect_bundle), *map(str, images), "--json", "--annotate", str(out)])
+    assert code == 0
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(docs) == 2
+    for doc in docs:
+        assert {"detections", "threshold", "image_size"} <= set(doc)
+        for d in doc["detections"]:
+            assert d["label"] in ("circle", "square", "triangle") and len(d["box"]) == 4
+            assert d["score"] >= doc["threshold"]
+        drawn = Image.open(doc["annotated"])
+        assert drawn.size == (96, 96)
+
+
+def test_cli_evaluate_writes_the_coco_report(detect_bundle: Path, detect_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", str(detect_bundle), str(detect_dir), "--out", str(tmp_path / "ev"), "--json"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "the test split saved at training time" and metrics["n"] == 6
+    assert metrics["threshold"] == pytest.approx(load_bundle(detect_bundle).score_threshold)
+    # the same numbers the bundle recorded at training time, recomputed from disk
+    assert metrics["map50"] == pytest.approx(load_bundle(detect_bundle).meta["metrics"]["test"]["map50"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda det, cls, ddir, sdir: ["evaluate", str(cls), str(ddir)], "detect"),  # classifier on boxes
+        (lambda det, cls, ddir, sdir: ["evaluate", str(det), str(sdir)], "detect"),  # detector on class folders
+        (lambda det, cls, ddir, sdir: ["train", str(ddir), "--probe", "--out", "x"], "--probe"),
+        (lambda det, cls, ddir, sdir: ["train", str(ddir), "--backbone", "yolo9000", "--out", "x"], "unknown detector"),
+        (lambda det, cls, ddir, sdir: ["train", str(ddir), "--task", "classify", "--out", "x"], "detect"),
+    ],
+    ids=["classifier-on-coco", "detector-on-folders", "probe-detector", "unknown-detector", "classify-on-coco"],
+)
+def test_wrong_model_for_the_data_is_one_clear_error(make_args: object, message: str, detect_bundle: Path,
+                                                     shapes_bundle: Path, detect_dir: Path, shapes_dir: Path,
+                                                     capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(make_args(detect_bundle, shapes_bundle, detect_dir, shapes_dir))  # type: ignore[operator]
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_zero_boxes_in_train_is_refused(detect_dir: Path, tmp_path: Path) -> None:
+    import lensforge
+
+    data = tmp_path / "data"
+    shutil.copytree(detect_dir, data)
+    ann = data / "train" / "_annotations.coco.json"
+    doc = json.loads(ann.read_text())
+    doc["annotations"] = []
+    ann.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="train"):
+        lensforge.train(data=str(data), out=str(tmp_path / "run"), image_size=96, max_steps=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_detector_bundle_checks(detect_bundle: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "b"
+    shutil.copytree(detect_bundle, bad)
+    meta = json.loads((bad / "lensforge.json").read_text())
+    meta["score_threshold"] = 3
+    (bad / "lensforge.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="score_threshold"):
+        load_bundle(bad)
+    meta["score_threshold"] = 0.5
+    meta["input"] = {"size": 224, "resize": 256, "mean": [0, 0, 0], "std": [1, 1, 1]}  # a classifier's spec
+    (bad / "lensforge.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="min_size"):
+        load_bundle(bad)
+
+
+def test_detection_result_validates_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        DetectionResult(np.zeros((2, 3)), np.zeros(2), np.zeros(2), ("a",))
+    with pytest.raises(ValueError, match="one score and one class id per box"):
+        DetectionResult(np.zeros((2, 4)), np.zeros(1), np.zeros(2), ("a",))
+    with pytest.raises(ValueError, match="class ids"):
+        DetectionResult(np.zeros((1, 4)), np.zeros(1), np.array([3]), ("a",))
+    empty = DetectionResult(np.zeros((0, 4)), [], [], ("a",))
+    assert len(empty) == 0 and empty.to_dict()["detections"] == []
+
+
+def test_every_http_dialect_serves_the_detector(detect_bundle: Path, detect_dir: Path) -> None:
+    """One detector behind the seed, TorchServe, native, annotate and KServe-v2 routes; every
+    answer is the Predictor's detections above the tuned threshold, in each dialect's shape."""
+    import requests
+    import tritonclient.http as triton
+
+    from lensforge.serve import create_app
+    from serving import LiveServer
+
+    image = sorted((detect_dir / "test").glob("*.jpg"))[0]
+    data = image.read_bytes()
+    expected = Predictor(detect_bundle).predict(data).above()
+    with LiveServer(create_app({"det": detect_bundle})) as s:
+        ts = requests.post(f"{s.url}/predictions/det", data=data, timeout=30)
+        assert ts.status_code == 200
+        assert [list(d)[0] for d in ts.json()] == expected.labels  # TorchServe's object-detector shape
+        for d, box, score in zip(ts.json(), expected.boxes, expected.scores):
+            label = next(k for k in d if k != "score")
+            np.testing.assert_allclose(d[label], box, atol=1e-3)
+            assert d["score"] == pytest.approx(float(score), abs=1e-5)
+        seed = requests.post(f"{s.url}/predict", json=json.dumps({"raw_file": __import__("base64").b64encode(data).decode()}),
+                             timeout=30).json()
+        assert seed["status"] == "Success" and [p["label"] for p in seed["preds"]] == expected.labels
+        native = requests.post(f"{s.url}/v1/models/det/predict", files={"file": ("x.jpg", data)}, timeout=30).json()
+        assert [d["label"] for d in native["detections"]] == expected.labels and native["image_size"] == [96, 96]
+        drawn = requests.post(f"{s.url}/annotate?format=png", files={"file": ("x.jpg", data)}, timeout=30)
+        assert drawn.status_code == 200 and Image.open(io.BytesIO(drawn.content)).size == (96, 96)
+        client = triton.InferenceServerClient(s.url.removeprefix("http://"))
+        inp = triton.InferInput("image", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([data], dtype=object), binary_data=True)
+        out = client.infer("det", [inp])
+        np.testing.assert_allclose(out.as_numpy("boxes").reshape(-1, 4), expected.boxes, atol=1e-3)
+        np.testing.assert_array_equal(out.as_numpy("class_ids").reshape(-1), expected.class_ids)
