@@ -16,7 +16,7 @@ else
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean browser
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/lensforge demo
 
-test: $(VENV)/.installed
+# headless Chromium + chromedriver for tests/test_web.py (Debian packages); skipped where apt-get
+# is missing or fails (not root, offline): the browser test then skips, saying why
+browser:
+	@test -x /usr/bin/chromedriver || ! command -v apt-get >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } || \
+		echo "warning: could not install chromium (tests/test_web.py will skip)"
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
