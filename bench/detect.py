@@ -14,36 +14,27 @@ Goals (issue #4): ORT >= 1.5x torch; R50-FPN at 800 px <= 1.5 s per image (the s
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import timeit
 from PIL import Image
 
 from lensforge.export.onnx import export_detector
 from lensforge.hardware import cpu_count, describe
-from lensforge.models.detector import IMAGENET_MEAN, IMAGENET_STD, ExportableDetector, create_detector
+from lensforge.models.detector import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ExportableDetector,
+    create_detector,
+)
 from lensforge.runtime import DetectSpec, Predictor
 from lensforge.runtime.bundle import MODEL_FILE, write_meta
 
 SIZES = {"lite0_fpn": 512, "fasterrcnn_mobilenet_v3_large_fpn": 640, "fasterrcnn_resnet50_fpn": 800,
          "fasterrcnn_resnet50_fpn_v2": 800}
-
-
-def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -79,8 +70,8 @@ def main() -> None:
                 with torch.inference_mode():
                     model([to_tensor(Image.open(photo).convert("RGB"))])
 
-            t_torch = timeit(torch_e2e, args.repeats)
-            t_ort = timeit(lambda: predictor.predict(photo), args.repeats)
+            t_torch = timeit(torch_e2e, args.repeats, warmup=1)
+            t_ort = timeit(lambda: predictor.predict(photo), args.repeats, warmup=1)
             n = len(predictor.predict(photo))
             rows.append((f"{name} @ {size}px", t_torch, t_ort, n))
 

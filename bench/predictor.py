@@ -13,14 +13,12 @@ Goal: >= 2x at batch 1 (issue #3).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+from _timing import timeit
 from PIL import Image
 
 from lensforge.export.onnx import export_onnx
@@ -28,18 +26,6 @@ from lensforge.hardware import cpu_count, describe
 from lensforge.models import Classifier, ScoresModel, create_backbone
 from lensforge.runtime import InputSpec, Predictor
 from lensforge.runtime.bundle import MODEL_FILE, write_meta
-
-
-def timeit(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def make_bundle(model: torch.nn.Module, spec: InputSpec, classes: list[str], dest: Path) -> None:

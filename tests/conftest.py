@@ -77,6 +77,20 @@ def shapes_bundle(shapes_run: object) -> Path:
 
 
 @pytest.fixture(scope="session")
+def predictor(shapes_bundle: Path) -> object:
+    """A Predictor on :func:`shapes_bundle` (the reference the server tests compare with)."""
+    from lensforge.runtime import Predictor
+
+    return Predictor(shapes_bundle)
+
+
+@pytest.fixture(scope="session")
+def jpegs(shapes_dir: Path) -> list[bytes]:
+    """Every fifth JPEG of :func:`shapes_dir`, as bytes (8 images over the 4 classes)."""
+    return [p.read_bytes() for p in sorted(shapes_dir.glob("*/*.jpg"))[::5]]
+
+
+@pytest.fixture(scope="session")
 def multilabel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated multi-label CSV dataset: 24 PNGs of 64 x 64 in images/, labels.csv."""
     from lensforge.data.demo import make_demo_dataset

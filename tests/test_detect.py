@@ -116,14 +116,24 @@ def test_wrong_model_for_the_data_is_one_clear_error(make_args: object, message:
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
-def test_zero_boxes_in_train_is_refused(detect_dir: Path, tmp_path: Path) -> None:
+def _no_annotations(doc: dict) -> None:
+    doc["annotations"] = []
+
+
+def _all_crowd(doc: dict) -> None:
+    for a in doc["annotations"]:
+        a["iscrowd"] = 1  # crowd regions are not trained on
+
+
+@pytest.mark.parametrize("edit", [_no_annotations, _all_crowd], ids=["no-annotations", "only-crowd-boxes"])
+def test_zero_boxes_in_train_is_refused(detect_dir: Path, tmp_path: Path, edit: object) -> None:
     import lensforge
 
     data = tmp_path / "data"
     shutil.copytree(detect_dir, data)
     ann = data / "train" / "_annotations.coco.json"
     doc = json.loads(ann.read_text())
-    doc["annotations"] = []
+    edit(doc)  # type: ignore[operator]
     ann.write_text(json.dumps(doc))
     with pytest.raises(DataError, match="train"):
         lensforge.train(data=str(data), out=str(tmp_path / "run"), image_size=96, max_steps=1)
@@ -189,3 +199,95 @@ def test_every_http_dialect_serves_the_detector(detect_bundle: Path, detect_dir:
         out = client.infer("det", [inp])
         np.testing.assert_allclose(out.as_numpy("boxes").reshape(-1, 4), expected.boxes, atol=1e-3)
         np.testing.assert_array_equal(out.as_numpy("class_ids").reshape(-1), expected.class_ids)
+
+
+def _train_records(detect_dir: Path) -> list:
+    from lensforge.data.formats import read_dataset
+
+    return [r for r in read_dataset(detect_dir).records if r.split == "train"]
+
+
+def test_validation_resizes_like_the_exported_graph() -> None:
+    """Training raises torchvision's max_size for the scale jitter; validation (which picks the
+    best checkpoint) must cap wide images at the bundle's max_size, as the ONNX graph does."""
+    import torch
+
+    from lensforge.config import TrainConfig
+    from lensforge.training.detect import DetectorModule, build_detector, detect_spec
+
+    cfg = TrainConfig(data="x", image_size=96, pretrained=False).resolve("detect")
+    model = build_detector(cfg, 3).eval()
+    module = DetectorModule(model, cfg, ("a", "b", "c"), None, 1)
+    spec = detect_spec(cfg)
+    train_max = model.transform.max_size
+    assert train_max > spec.max_size  # room for the upscaled jitter sizes
+    wide = [torch.zeros(3, 96, 320)]  # 10:3, wider than max_size / min_size allows
+    module.on_validation_epoch_start()
+    seen = model.transform(wide)[0].image_sizes[0]
+    s = spec.scale_for(320, 96)
+    assert seen == (round(96 * s), round(320 * s)) == (48, 160)
+    module.on_validation_epoch_end()
+    assert model.transform.max_size == train_max  # training resumes with its own sizes
+
+
+def test_export_is_checked_on_training_images_without_a_val_split(detect_dir: Path) -> None:
+    """No val images: the export is traced and verified on real (training) images, not on
+    noise, where a trained detector finds nothing to compare."""
+    from lensforge.data.image import decode_image
+    from lensforge.runtime.preprocess import DetectSpec
+    from lensforge.training.detect import DetectionImages, parity_images
+
+    train = _train_records(detect_dir)
+    checks = parity_images(DetectionImages([], [], [], train=False), train, DetectSpec(min_size=96, max_size=160))
+    assert len(checks) == 4
+    first = np.asarray(decode_image(train[0].path), np.float32).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(checks[0][0].numpy(), first, atol=1e-6)
+
+
+def test_training_warns_when_the_annotated_size_differs_from_the_file(
+    detect_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+    import logging
+
+    from lensforge.runtime.preprocess import DetectSpec
+    from lensforge.training.detect import load_detection_images
+
+    train = _train_records(detect_dir)[:2]
+    spec = DetectSpec(min_size=96, max_size=160)
+    with caplog.at_level(logging.WARNING, logger="lensforge.training.detect"):
+        load_detection_images(train, spec, 1.0)
+    assert not caplog.records  # the generated sizes match
+    rotated = [dataclasses.replace(train[0], size=(48, 96)), train[1]]  # e.g. an EXIF-rotated file's stored size
+    with caplog.at_level(logging.WARNING, logger="lensforge.training.detect"):
+        kept = load_detection_images(rotated, spec, 1.0)[0]
+    assert len(kept) == 2 and "1 image(s) differ in size from their annotations" in caplog.text
+    assert "annotated 48x96, file 96x96" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("now", "classes", "expected"),
+    [
+        ({}, ["a", "b"], None),  # the CLI's --resume reloads config.yaml: everything matches
+        ({"image_size": 512}, ["a", "b"], "image_size 96 (now 512)"),  # lensforge.train(resume=True) without it
+        ({"backbone": "fasterrcnn_resnet50_fpn"}, ["a", "b"], "backbone 'lite0_fpn' (now 'fasterrcnn_resnet50_fpn')"),
+        ({}, ["b", "a"], "classes a, b (the data now has b, a)"),  # another box head: the checkpoint cannot load
+    ],
+    ids=["same", "other-size", "other-detector", "other-classes"],
+)
+def test_resume_refuses_another_detector(tmp_path: Path, now: dict, classes: list[str], expected: str | None) -> None:
+    import dataclasses
+    import re
+
+    from lensforge.config import TrainConfig
+    from lensforge.errors import ConfigError
+    from lensforge.training.detect import check_resumable
+
+    cfg = TrainConfig(data="d", backbone="lite0_fpn", image_size=96).resolve("detect")
+    cfg.save(tmp_path / "config.yaml", classes=["a", "b"])
+    resumed = dataclasses.replace(cfg, resume=True, **now)
+    if expected is None:
+        check_resumable(tmp_path, resumed, classes)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            check_resumable(tmp_path, resumed, classes)

@@ -196,6 +196,9 @@ BAD_COCO = [
         {"id": 1, "file_name": "a.jpg", "width": 9, "height": 9}] * 2)), "image id 1 is listed twice"),
     ("images all missing", _missing_all, "2 of 2 images listed in"),
     ("no boxes in train", lambda r, mk: _roboflow(r, mk, train=_with(_simple(), annotations=[])), "train split of"),
+    # crowd regions are not trained on: a train split of only crowd boxes has nothing to learn
+    ("only crowd boxes in train", lambda r, mk: _roboflow(r, mk, train=_with(_simple(), annotations=[
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "iscrowd": 1}])), "has no boxes (iscrowd"),
     ("only degenerate boxes", lambda r, mk: _roboflow(r, mk, train=_with(_simple(), annotations=[
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 5]}])), "1 degenerate boxes dropped"),
     ("no categories at all", lambda r, mk: _write(r, _with(_simple(), categories=[]), mk), "defines no categories"),
@@ -249,6 +252,38 @@ def test_coco2017_layout(tmp_path: Path, make_image: MakeImage) -> None:
     }
     one = read_dataset(tmp_path / "annotations" / "instances_val2017.json")  # base = parent
     assert one.root == tmp_path.absolute() and [r.split for r in one.records] == ["val"]
+
+
+@pytest.mark.parametrize(
+    ("json_name", "expected_files", "described"),
+    [
+        # the training file itself: its held-out images saved at training time
+        ("instances_train2017.json", ["t2.jpg"], "the val split saved at training time"),
+        # the val file under the same root is other data, not the training data changed
+        ("instances_val2017.json", ["v0.jpg", "v1.jpg"], "the val folder"),
+    ],
+)
+def test_evaluation_picks_images_of_the_file_given(
+    tmp_path: Path, make_image: MakeImage, json_name: str, expected_files: list[str], described: str
+) -> None:
+    from lensforge.data.split import save_split, split_records
+    from lensforge.evaluation import choose_records
+    from lensforge.runtime.bundle import SPLIT_FILE, Bundle
+
+    cats = _cats((1, "person"), dummy=None)
+    (tmp_path / "annotations").mkdir()
+    for split, n in (("train", 3), ("val", 2)):
+        names = [f"{split[0]}{i}.jpg" for i in range(n)]
+        payload = _coco([(name, 32, 24) for name in names], [(i, 1, [4, 4, 10, 10]) for i in range(1, n + 1)], cats)
+        for name in names:
+            make_image(tmp_path / "images" / f"{split}2017" / name, size=(32, 24))
+        (tmp_path / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(payload))
+    trained_on = read_dataset(tmp_path / "annotations" / "instances_train2017.json")
+    bundle = Bundle(tmp_path / "bundle", {"task": "detect", "classes": ["person"], "data": {"root": str(tmp_path)}})
+    save_split(split_records(trained_on, val=0.3, seed=0), trained_on, bundle.path / SPLIT_FILE)
+    ds = read_dataset(tmp_path / "annotations" / json_name)
+    records, what = choose_records(bundle, ds, None)
+    assert ([r.path.name for r in records], what) == (expected_files, described)
 
 
 def test_coco_json_without_width_height_reads_the_header(tmp_path: Path, make_image: MakeImage) -> None:

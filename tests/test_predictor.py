@@ -24,11 +24,6 @@ from lensforge.runtime import ClassificationResult, Predictor
 from lensforge.runtime.bundle import META_FILE, atomic_directory, load_bundle
 
 
-@pytest.fixture(scope="module")
-def predictor(shapes_bundle: Path) -> Predictor:
-    return Predictor(shapes_bundle)
-
-
 def _sources(path: Path) -> dict[str, object]:
     data = path.read_bytes()
     with Image.open(path) as im:

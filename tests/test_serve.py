@@ -32,16 +32,6 @@ def live(shapes_bundle: Path) -> Iterator[LiveServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def predictor(shapes_bundle: Path) -> Predictor:
-    return Predictor(shapes_bundle)
-
-
-@pytest.fixture(scope="module")
-def jpegs(shapes_dir: Path) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(shapes_dir.glob("*/*.jpg"))[::5]]
-
-
 def _clean(response: requests.Response, *paths: Path) -> None:
     """No traceback, no server path in any body."""
     text = response.text

@@ -50,16 +50,6 @@ def client(live: LiveServer) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(url=f"127.0.0.1:{live.port}")
 
 
-@pytest.fixture(scope="module")
-def predictor(shapes_bundle: Path) -> Predictor:
-    return Predictor(shapes_bundle)
-
-
-@pytest.fixture(scope="module")
-def jpegs(shapes_dir: Path) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(shapes_dir.glob("*/*.jpg"))[::5]]
-
-
 def _clean(response: requests.Response, *paths: Path) -> None:
     """A Triton error body: ``{"error": str}``, with no traceback and no server path."""
     assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str)

@@ -44,11 +44,6 @@ def live(shapes_bundle: Path) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="module")
-def predictor(shapes_bundle: Path) -> Predictor:
-    return Predictor(shapes_bundle)
-
-
-@pytest.fixture(scope="module")
 def one_per_class(shapes_dir: Path) -> list[Path]:
     return [min(d.glob("*.jpg")) for d in sorted(p for p in shapes_dir.iterdir() if p.is_dir())]
 

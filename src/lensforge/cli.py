@@ -62,7 +62,7 @@ class ConsoleReporter(Reporter):
             yield lambda n=1: progress.advance(task, n)
 
     def epoch(self, row: dict[str, Any]) -> None:
-        keys = [k for k in ("train_loss", "val_loss", "val_acc", "val_f1", "val_map") if k in row]
+        keys = [k for k in ("train_loss", "val_loss", "val_acc", "val_f1", "val_map", "val_map50") if k in row]
         if not self._epoch_header:
             console.print("  " + "epoch".ljust(8) + "".join(k.rjust(12) for k in keys))
             self._epoch_header = True

@@ -20,7 +20,7 @@ DEMO_SETTINGS = {"classify": (80, 6, 5e-4), "multilabel": (120, 8, 2e-3)}
 GOAL = {"classify": ("accuracy", 0.9), "multilabel": ("mAP", 0.9), "detect": ("map50", 0.5)}
 # detection: (train, val, test images, side in px, epochs, learning rate); sized so the whole
 # demo stays under 5 minutes on 2 cores with the offline Lite0-FPN detector
-DETECT_DEMO = {"n_train": 160, "n_val": 40, "n_test": 40, "size": 192, "epochs": 5, "lr": 5e-4}
+DETECT_DEMO = {"n_train": 160, "n_val": 40, "n_test": 40, "size": 128, "epochs": 5, "lr": 5e-4}
 
 
 def run_demo(

@@ -77,7 +77,7 @@ def choose_records(bundle: Bundle, ds: Dataset, split: str | None) -> tuple[list
     same_data = Path(bundle.meta.get("data", {}).get("root", "")).resolve() == ds.root.resolve()
     if split == "all":
         return list(ds.records), "all images"
-    if same_data and (bundle.path / SPLIT_FILE).is_file():
+    if same_data and (bundle.path / SPLIT_FILE).is_file() and _shares_images(bundle.path / SPLIT_FILE, ds):
         from lensforge.data.split import load_split
 
         saved = load_split(bundle.path / SPLIT_FILE, ds)
@@ -95,6 +95,19 @@ def choose_records(bundle: Bundle, ds: Dataset, split: str | None) -> tuple[list
         raise DataError(f"{ds.root} is neither the training data nor split into folders: there is no {split!r} split; "
                         "leave out --split to evaluate every image")
     return list(ds.records), "all images (this data was not used for training)"
+
+
+def _shares_images(split_file: Path, ds: Dataset) -> bool:
+    """Whether any image of the saved split is in ``ds``. One root can hold several datasets
+    (COCO 2017: annotations/instances_train2017.json and instances_val2017.json; YOLO: two
+    YAMLs in one folder): evaluating on the other one is new data, not the training data
+    changed, so it must not be mapped onto the saved split."""
+    try:
+        payload = json.loads(split_file.read_text(encoding="utf-8"))
+        saved = {rel for rels in payload["splits"].values() for rel in rels}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True  # load_split says what is wrong with the file
+    return any(ds.relpath(r) in saved for r in ds.records)
 
 
 def align_classes(bundle: Bundle, ds: Dataset, records: list[Record]) -> list[Record]:

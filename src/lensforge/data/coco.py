@@ -524,11 +524,11 @@ def _build(root: Path, files: list[_CocoFile], fmt: str) -> Dataset:
         seen[r.path] = r.split
     splits = {f.split for f in files}
     train = [r for r in records if r.split == "train" or "train" not in splits]
-    if not any(r.boxes for r in train):
+    if not any(len(r.boxes) > sum(r.crowd) for r in train):  # iscrowd regions are not trained on
         where = "train split" if "train" in splits else "dataset"
         dropped = f" ({len(tally.degenerate)} degenerate boxes dropped)" if tally.degenerate else ""
         raise DataError(
-            f"the {where} of {root} has no boxes{dropped}; annotate some images (or check "
+            f"the {where} of {root} has no boxes (iscrowd regions do not count){dropped}; annotate some images (or check "
             f"that {_first(str(f.path) for f in files)} is the right file)"
         )
     if tally.clipped:

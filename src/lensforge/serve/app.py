@@ -47,6 +47,10 @@ from lensforge.serve.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MB: a large phone JPEG is ~10 MB
+# Longest side / shortest side the server accepts. A classifier resizes the shorter side up to
+# its input size, so a 65535x1 PNG (a few hundred bytes) would become a 350-megapixel image
+# (1 GB, seconds of CPU); 100:1 leaves room for panoramas and long screenshots.
+MAX_ASPECT = 100
 TORCHSERVE_TYPES = {400: "BadRequestException", 403: "ForbiddenException", 404: "ModelNotFoundException",
                     413: "RequestEntityTooLargeException", 415: "UnsupportedMediaTypeException",
                     500: "InternalServerException", 503: "ServiceUnavailableException"}
@@ -251,7 +255,7 @@ class Server:
             raise unavailable("server busy: too many images being decoded")
         self.decoding += 1
         try:
-            x = await loop.run_in_executor(self.decode_pool, model.predictor.prepare, data)
+            x = await loop.run_in_executor(self.decode_pool, prepare_image, model.predictor, data)
         except ImageError as e:
             message = str(e)
             if e.code == "unsupported_format" and "unsupported" not in message:
@@ -341,6 +345,16 @@ class Server:
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+def prepare_image(predictor: Predictor, data: bytes) -> np.ndarray:
+    """Encoded image → the model input (runs in the decode pool): the decoder's checks, then
+    :data:`MAX_ASPECT` on the decoded size, before anything is resized (RELIABILITY.md I5)."""
+    img = predictor.load(data)
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError("too_large", f"image too large: {w}x{h} has an aspect ratio over {MAX_ASPECT}:1")
+    return predictor.prepare(img)  # a decoded image: no second decode
 
 
 def seed_preds(result: Result, top_k: int) -> Any:

@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+from python_multipart.multipart import parse_options_header  # what Starlette's form parser uses
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -27,6 +28,9 @@ from lensforge.serve import fetch
 
 MAX_FORM_FIELDS = 16  # a prediction needs one file; thousands of parts is an attack (M2)
 MAX_FORM_FILES = 4
+MAX_MULTIPART_SLACK = 1024  # bytes allowed before the first / after the closing boundary (M4)
+# RFC 2046 section 5.1.1: 1-70 characters from bchars, not ending in a space
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 
 
@@ -75,6 +79,8 @@ def is_json(request: Request) -> bool:
 async def form_file(request: Request, body: bytes, names: tuple[str, ...], cap: int) -> bytes:
     """The bytes of the first file field among ``names`` in an already read multipart body."""
 
+    check_multipart_frame(request.headers.get("content-type", ""), body)
+
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -93,6 +99,28 @@ async def form_file(request: Request, body: bytes, names: tuple[str, ...], cap: 
         raise RequestError(400, "missing_file", f"missing file field {names[0]!r}")
     finally:
         await form.close()
+
+
+def check_multipart_frame(content_type: str, body: bytes) -> None:
+    """400 for a multipart body whose framing is off before any part is parsed (RELIABILITY.md
+    M4): a missing or non-RFC 2046 boundary (empty, over 70 characters, odd characters), more
+    than :data:`MAX_MULTIPART_SLACK` bytes of preamble before the first boundary, or a body that
+    does not end with its closing boundary (truncated, or a long epilogue). Browsers, curl and
+    requests send neither preamble nor epilogue, so only crafted bodies are refused."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if boundary is None:
+        raise RequestError(400, "invalid_multipart", "invalid multipart body: missing boundary in Content-Type")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise RequestError(400, "invalid_multipart",
+                           "invalid multipart body: the boundary must be 1-70 characters (RFC 2046)")
+    delimiter = b"--" + boundary
+    if body.find(delimiter, 0, MAX_MULTIPART_SLACK + len(delimiter)) < 0:
+        raise RequestError(400, "invalid_multipart",
+                           f"invalid multipart body: no boundary within its first {MAX_MULTIPART_SLACK} bytes")
+    closing = delimiter + b"--"
+    if body.find(closing, max(0, len(body) - MAX_MULTIPART_SLACK - len(closing))) < 0:
+        raise RequestError(400, "invalid_multipart", "invalid multipart body: it must end with its closing "
+                           f"boundary (at most {MAX_MULTIPART_SLACK} bytes after it)")
 
 
 def seed_payload(body: bytes) -> dict[str, Any]:

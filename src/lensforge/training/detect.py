@@ -22,7 +22,7 @@ from torch import nn
 from lensforge.config import TrainConfig
 from lensforge.data.image import decode_image
 from lensforge.data.records import Dataset, Record
-from lensforge.errors import DataError, ImageError
+from lensforge.errors import ConfigError, DataError, ImageError
 from lensforge.runtime.preprocess import DetectSpec
 from lensforge.runtime.results import DetectionResult
 from lensforge.ui import Reporter
@@ -105,6 +105,7 @@ def load_detection_images(
     big = DetectSpec(min_size=round(spec.min_size * scale), max_size=round(spec.max_size * scale),
                      mean=spec.mean, std=spec.std)
     kept, images, factors, bad = [], [], [], []
+    resized: list[str] = []  # annotated size differs from the file: the boxes may not fit the pixels
     for r in records:
         try:
             img = decode_image(r.path, min_size=big.min_size)
@@ -112,7 +113,9 @@ def load_detection_images(
             bad.append((r, str(e)))
             advance(1)
             continue
-        ow, _ = img.info.get("original_size") or img.size
+        ow, oh = img.info.get("original_size") or img.size
+        if r.size is not None and tuple(r.size) != (ow, oh):
+            resized.append(f"{r.path.name} (annotated {r.size[0]}x{r.size[1]}, file {ow}x{oh})")
         s = big.scale_for(*img.size)
         if s < 1:
             img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR,
@@ -121,6 +124,12 @@ def load_detection_images(
         images.append(np.array(img))  # writable: torch.from_numpy warns on read-only arrays
         factors.append(img.width / ow)
         advance(1)
+    if resized:
+        # boxes are in the annotation's pixels, scaled here by the file's size: a resized or
+        # EXIF-rotated file (whose JSON states the stored, unrotated size) trains on boxes
+        # that miss their objects
+        log.warning("%d image(s) differ in size from their annotations, e.g. %s; their boxes may not fit the "
+                    "pixels — `lensforge data inspect` lists them", len(resized), ", ".join(resized[:3]))
     return kept, images, factors, bad
 
 
@@ -135,6 +144,8 @@ class DetectorModule(L.LightningModule):
         self.val = val
         self.steps_per_epoch = max(1, steps_per_epoch)
         self._results: dict[int, DetectionResult] = {}
+        self.eval_max_size = detect_spec(cfg).max_size  # what the exported graph caps the longer side at
+        self._train_max_size: int | None = None
 
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict]], _: int) -> torch.Tensor:
         images, targets = batch
@@ -151,7 +162,17 @@ class DetectorModule(L.LightningModule):
             self._results[i] = DetectionResult(out["boxes"].numpy() / factor, out["scores"].numpy(),
                                                out["labels"].numpy() - 1, self.classes)
 
+    def on_validation_epoch_start(self) -> None:
+        # torchvision resizes with one max_size in training and eval; build_detector raises it
+        # for the scale jitter, but validation (and so the best checkpoint) must see images as
+        # the exported graph and the Predictor will: wide images capped at the bundle's max_size
+        self._train_max_size = self.model.transform.max_size
+        self.model.transform.max_size = self.eval_max_size
+
     def on_validation_epoch_end(self) -> None:
+        if self._train_max_size is not None:
+            self.model.transform.max_size = self._train_max_size
+            self._train_max_size = None
         if not self._results or self.val is None:
             return
         from lensforge.metrics.detection import coco_metrics
@@ -176,15 +197,19 @@ def train_detector_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, model: nn.Mo
     from lensforge.training.run import TrainResult, _write_history, make_split, versions
     from lensforge.hardware import describe
 
-    cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe())
+    if cfg.resume:
+        check_resumable(run_dir, cfg, ds.classes)
+    # the classes are saved too: a resumed run must rebuild the same box head
+    cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes))
     splits = make_split(ds, cfg, run_dir)
-    n_boxes = sum(len(r.boxes) for r in splits["train"])
+    n_boxes = sum(int((~r.crowd_array()).sum()) for r in splits["train"])  # crowd boxes are not trained on
     ui.step(
         f"{ds.fmt} data, detect: {len(ds.classes)} classes, {len(ds.records)} images → train {len(splits['train'])} "
         f"({n_boxes} boxes) / val {len(splits['val'])} / test {len(splits['test'])} (seed {cfg.seed})"
     )
     if n_boxes == 0:
-        raise DataError("the training split has no boxes: a detector cannot learn from negatives only")
+        raise DataError("the training split has no boxes (iscrowd regions are not trained on): a detector cannot "
+                        "learn from negatives only; annotate some training images")
     spec = detect_spec(cfg)
     loaded: dict[str, DetectionImages] = {}
     skipped = 0
@@ -226,6 +251,32 @@ def train_detector_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, model: nn.Mo
     return TrainResult("detect", run_dir, bundle_dir, metrics, parity, skipped, fitted.history)
 
 
+def check_resumable(run_dir: Path, cfg: TrainConfig, classes: Sequence[str]) -> None:
+    """Refuse to resume a detection run with another detector, input size or class list than
+    its ``config.yaml`` records: the checkpoint would not load (another box head) or the run
+    would go on at other sizes than it started with (``lensforge.train(..., resume=True)``
+    from Python does not reload the saved config as the CLI does)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # nothing to compare with: Lightning's checkpoint load is the remaining check
+    if not isinstance(doc, dict):
+        return
+    saved = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    now = {"backbone": cfg.backbone, "image_size": cfg.image_size}
+    differ = [f"{k} {saved[k]!r} (now {v!r})" for k, v in now.items() if k in saved and saved[k] != v]
+    before = doc.get("classes")
+    if isinstance(before, list) and before != list(classes):
+        differ.append(f"classes {', '.join(map(str, before[:8]))} (the data now has {', '.join(classes[:8])})")
+    if differ:
+        raise ConfigError(
+            f"cannot resume {run_dir}: it was started with {'; '.join(differ)}; resume with the run's own settings "
+            f"(`lensforge train {cfg.data} --out {run_dir} --resume` reloads them), or start a new run with --out"
+        )
+
+
 def write_detector_bundle(
     model: nn.Module, ds: Dataset, splits: dict[str, list[Record]], val: DetectionImages, cfg: TrainConfig,
     spec: DetectSpec, bundle_dir: Path, ui: Reporter, history: list[dict[str, Any]],
@@ -248,9 +299,7 @@ def write_detector_bundle(
     model.transform.min_size = (spec.min_size,)  # the graph resizes like evaluation did
     model.transform.max_size = spec.max_size
     graph = ExportableDetector(model).eval()
-    checks = [torch.from_numpy(img).permute(2, 0, 1).float().div(255)[None] for img in val.images[:4]]
-    if not checks:
-        checks = [torch.rand(1, 3, spec.min_size, round(spec.min_size * 4 / 3), generator=torch.Generator().manual_seed(0))]
+    checks = parity_images(val, splits["train"], spec)
     with atomic_directory(bundle_dir, overwrite=True) as tmp:
         ui.step("Exporting the detector to ONNX and checking it against torch")
         export_detector(graph, checks[0], tmp / MODEL_FILE)
@@ -294,6 +343,20 @@ def write_detector_bundle(
         write_meta(tmp, meta)
     final = {name: (recs, [_with_threshold(r, meta["score_threshold"]) for r in res]) for name, (recs, res) in scored.items()}
     return float(parity["max_score_diff"]), metrics, final
+
+
+def parity_images(val: DetectionImages, train: Sequence[Record], spec: DetectSpec, n: int = 4) -> list[torch.Tensor]:
+    """Up to ``n`` float32 (1, 3, h, w) images in [0, 1] to trace and verify the export on:
+    validation images, else training images at the evaluation size (as the classifier export
+    does), random pixels only when none can be read. A trained detector finds nothing on
+    noise, so a check on noise alone would compare no box at all."""
+    images = list(val.images[:n])
+    if not images:
+        images = load_detection_images(list(train)[: 2 * n], spec, 1.0)[1][:n]
+    checks = [torch.from_numpy(img).permute(2, 0, 1).float().div(255)[None] for img in images]
+    if not checks:
+        checks = [torch.rand(1, 3, spec.min_size, round(spec.min_size * 4 / 3), generator=torch.Generator().manual_seed(0))]
+    return checks
 
 
 def _with_threshold(r: DetectionResult, threshold: float) -> DetectionResult:

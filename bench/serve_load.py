@@ -1,0 +1,379 @@
+"""`lensforge serve` under closed-loop load, against its ceiling and the seed Flask app.
+
+One run, one machine, loopback only. The model is EfficientNet-Lite0 at 224 px with random
+weights (speed does not depend on them), exported to a bundle on the fly; every request is a
+640x480 JPEG. Each row is N clients (threads, each with a keep-alive connection, sending the
+next request as soon as the last answer arrives); each row is the median of 3 windows after
+a warm-up (the machine may be shared):
+
+- lensforge serve, raw JPEG body to ``/predict``, dynamic batching on, N = 1, 4, 16, 64;
+- the same with batching off (``--max-batch 1``) at N = 16;
+- lensforge and the seed app with the seed contract (double-encoded JSON, base64 ``raw_file``);
+- the seed app: Flask + gunicorn (2 sync workers) + torch eager (bench/_flask_seed.py), as
+  users run it (torch's default threads) and with 1 torch thread per worker, N = 1, 16; the
+  goal is checked against the better of the two (``--quick``: the tuned one only);
+- the ceiling: the in-process Predictor at its best batch size, end to end (decode +
+  preprocess + run from JPEG bytes, ``predict_many``) and model only (``run`` on tensors).
+
+Reports req/s, p50/p95/p99 latency, errors and the server's peak RSS per row, then the goals:
+serve at 16 clients >= 85 % of the ceiling, >= 4x the seed app, p99 <= 3x p50.
+
+    python bench/serve_load.py            # ~5 min on 2 cores
+    python bench/serve_load.py --quick    # ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from lensforge.export.onnx import export_onnx
+from lensforge.hardware import cpu_count, describe
+from lensforge.models import Classifier, ScoresModel, create_backbone
+from lensforge.runtime import InputSpec, Predictor
+from lensforge.runtime.bundle import MODEL_FILE, WEIGHTS_FILE, write_meta
+
+HERE = Path(__file__).resolve().parent
+BACKBONE, SIZE = "efficientnet_lite0", 224
+
+
+# -- the model and the input --------------------------------------------------------------
+
+
+def make_bundle(dest: Path) -> Path:
+    """EfficientNet-Lite0, 10 classes, random weights: ONNX for lensforge, safetensors for the seed app."""
+    backbone, _ = create_backbone(BACKBONE, pretrained=False)
+    classifier = Classifier(backbone, 10)
+    spec = InputSpec.for_size(SIZE)
+    dest.mkdir(parents=True)
+    export_onnx(ScoresModel(classifier, multilabel=False).eval(), torch.zeros(1, 3, SIZE, SIZE), dest / MODEL_FILE)
+    save_file(classifier.state_dict(), str(dest / WEIGHTS_FILE))
+    write_meta(dest, {"task": "classify", "classes": [f"class_{i}" for i in range(10)], "input": spec.to_dict(),
+                      "model": {"backbone": BACKBONE, "head": "linear"}})
+    return dest
+
+
+def photo() -> bytes:
+    """A 640x480 JPEG with photo-like content (smooth gradients plus noise), ~60 KB."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    base = np.stack([x / 640 * 255, y / 480 * 255, (x + y) / 1120 * 255], -1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def seed_body(jpeg: bytes) -> bytes:
+    """The seed contract: a JSON string holding the JSON object (double-encoded), base64 raw_file."""
+    return json.dumps(json.dumps({"raw_file": base64.b64encode(jpeg).decode()})).encode()
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    port: int
+
+    def pids(self) -> list[int]:
+        """The server and its worker processes (gunicorn forks its workers)."""
+        found = [self.popen.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.popen.pid:
+                        found.append(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return found
+
+    def rss_mb(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start(argv: list[str], port: int, probe: str, env: dict[str, str] | None = None) -> Proc:
+    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE.parent)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"{' '.join(argv)} exited with {popen.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", probe)
+            if conn.getresponse().status == 200:
+                return Proc(popen, port)
+        except OSError:
+            pass
+        time.sleep(0.2)
+    popen.kill()
+    raise RuntimeError(f"{' '.join(argv)} did not answer {probe} within 120 s")
+
+
+def lensforge_serve(bundle: Path, *options: str) -> Proc:
+    port = free_port()
+    argv = [sys.executable, "-m", "lensforge.cli", "serve", str(bundle), "--port", str(port), "--drain", "0", *options]
+    return start(argv, port, "/readyz")
+
+
+def flask_seed(bundle: Path, torch_threads: int | None = None) -> Proc:
+    """gunicorn with 2 sync workers; Flask has no health route: ready when ``/predict`` answers.
+
+    torch_threads: ``SEED_TORCH_THREADS`` (None: torch's default, as the seed apps run)."""
+    port = free_port()
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    argv = [gunicorn, "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(HERE), "--log-level", "warning",
+            "_flask_seed:app"]
+    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "SEED_BUNDLE": str(bundle),
+                                  **({"SEED_TORCH_THREADS": str(torch_threads)} if torch_threads else {})},
+                             cwd=HERE.parent)
+    body = seed_body(photo())
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {popen.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+            if conn.getresponse().status == 200:
+                return Proc(popen, port)
+        except OSError:
+            pass
+        time.sleep(0.3)
+    popen.kill()
+    raise RuntimeError("the seed app did not answer within 180 s")
+
+
+# -- the load generator -------------------------------------------------------------------
+
+
+WINDOWS = 3  # RELIABILITY.md's protocol: several windows per row, report the median one
+
+
+@dataclass
+class Window:
+    name: str
+    clients: int
+    latencies: list[float] = field(default_factory=list)  # seconds, 200s completed inside the windows
+    errors: int = 0
+    rates: list[float] = field(default_factory=list)  # req/s of each window
+    rss_mb: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        """The median window's req/s (the machine is shared: one window can catch a neighbour's burst)."""
+        return statistics.median(self.rates) if self.rates else 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000 if self.latencies else float("nan")
+
+
+def load(proc: Proc, name: str, path: str, body: bytes, content_type: str, clients: int,
+         warmup_s: float, window_s: float, max_requests: int = 200_000) -> Window:
+    """Closed loop: ``clients`` threads, each sends the next request when its answer is in;
+    ``WINDOWS`` back-to-back windows of ``window_s`` after ``warmup_s``."""
+    result = Window(name, clients)
+    begin = time.monotonic() + warmup_s
+    end = begin + WINDOWS * window_s
+    done: list[float] = []  # completion times of the 200s
+    lock = threading.Lock()
+    sent = [0]
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=60)
+        headers = {"Content-Type": content_type}
+        while True:
+            t0 = time.monotonic()
+            with lock:
+                sent[0] += 1
+                if t0 >= end or sent[0] > max_requests:
+                    break
+            try:
+                conn.request("POST", path, body, headers)
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+                if response.getheader("Connection", "").lower() == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=60)
+            t1 = time.monotonic()
+            if begin <= t1 <= end:  # answers completed inside the window count, whenever sent
+                with lock:
+                    if ok:
+                        result.latencies.append(t1 - t0)
+                        done.append(t1)
+                    else:
+                        result.errors += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    peak = 0.0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, proc.rss_mb())
+        time.sleep(0.25)
+    result.rss_mb = peak
+    result.rates = [sum(1 for t in done if begin + i * window_s <= t < begin + (i + 1) * window_s) / window_s
+                    for i in range(WINDOWS)]
+    return result
+
+
+# -- the ceiling --------------------------------------------------------------------------
+
+
+def ceiling(bundle: Path, jpeg: bytes, seconds: float) -> tuple[float, int, float, int]:
+    """Best (img/s, batch) of the in-process Predictor: end to end from JPEG bytes, and model only."""
+    predictor = Predictor(bundle)
+    x = predictor.prepare(jpeg)
+    best_e2e, best_model = (0.0, 0), (0.0, 0)
+    for batch in (1, 4, 8, 16, 32):
+        predictor.run(np.stack([x] * batch))  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            predictor.run(np.stack([x] * batch))
+            n += batch
+        best_model = max(best_model, (n / (time.perf_counter() - t0), batch))
+        images = [jpeg] * max(batch * 4, 32)
+        list(predictor.predict_many(images[:batch], batch_size=batch))  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            n += sum(1 for _ in predictor.predict_many(images, batch_size=batch, decode_threads=cpu_count()))
+        best_e2e = max(best_e2e, (n / (time.perf_counter() - t0), batch))
+    return best_e2e[0], best_e2e[1], best_model[0], best_model[1]
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short windows and fewer rows (~1 min)")
+    ap.add_argument("--window", type=float, help=f"seconds per window, {WINDOWS} windows per row (default 4, quick 1.5)")
+    args = ap.parse_args()
+    window = args.window or (1.5 if args.quick else 4.0)
+    warmup = 1.0 if args.quick else 2.0
+    counts = (1, 16) if args.quick else (1, 4, 16, 64)
+
+    rows: list[Window] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = make_bundle(Path(tmp) / "bundle")
+        jpeg = photo()
+        e2e, e2e_batch, model_only, model_batch = ceiling(bundle, jpeg, window / 2)
+
+        server = lensforge_serve(bundle)
+        try:
+            for n in counts:
+                rows.append(load(server, "lensforge, raw JPEG", "/predict", jpeg, "image/jpeg", n, warmup, window))
+            rows.append(load(server, "lensforge, seed JSON", "/predict", seed_body(jpeg), "application/json", 16,
+                             warmup, window))
+        finally:
+            server.stop()
+        server = lensforge_serve(bundle, "--max-batch", "1")
+        try:
+            rows.append(load(server, "lensforge, batching off", "/predict", jpeg, "image/jpeg", 16, warmup, window))
+        finally:
+            server.stop()
+        # its answers take seconds at 16 clients: a longer warm-up (both workers, torch's
+        # first calls) and windows, so each row holds more than a handful of answers
+        seeds = [("seed app, 1 torch thread", 1)] if args.quick else [("seed app", None), ("seed app, 1 torch thread", 1)]
+        for label, torch_threads in seeds:
+            seed = flask_seed(bundle, torch_threads)
+            try:
+                for n in (16,) if args.quick else (1, 16):
+                    rows.append(load(seed, label, "/predict", seed_body(jpeg), "application/json", n,
+                                     max(warmup, 4.0), 1.5 * window))
+            finally:
+                seed.stop()
+
+    print(f"# lensforge serve under closed-loop load — {BACKBONE} at {SIZE}px, random weights, 640x480 JPEG, loopback")
+    print(f"# {describe()} | onnxruntime threads {cpu_count()} | torch {torch.__version__} (seed app)"
+          f" | per row: median of {WINDOWS} x {window:g} s windows after {warmup:g} s warm-up")
+    print(f"# ceiling, in-process Predictor: end to end {e2e:.1f} img/s (batch {e2e_batch}), "
+          f"model only {model_only:.1f} img/s (batch {model_batch})")
+    print(f"{'server':28} {'N':>3} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'RSS MB':>7}")
+    for r in rows:
+        print(f"{r.name:28} {r.clients:3d} {r.rps:8.1f} {r.pct(50):8.1f} {r.pct(95):8.1f} {r.pct(99):8.1f} "
+              f"{r.errors:6d} {r.rss_mb:7.0f}")
+
+    def row(name: str, n: int) -> Window:
+        return next(r for r in rows if r.name == name and r.clients == n)
+
+    def seed_row(n: int) -> Window:
+        """The better seed variant at ``n`` clients (--quick runs only the tuned one)."""
+        return max((r for r in rows if r.name.startswith("seed app") and r.clients == n), key=lambda r: r.rps)
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    serve16 = row("lensforge, raw JPEG", 16)
+    seed16 = seed_row(16)
+    json16 = row("lensforge, seed JSON", 16)
+    off16 = row("lensforge, batching off", 16)
+    print("# goals at 16 clients")
+    lines = [
+        ("serve / ceiling (end to end)", ratio(serve16.rps, e2e), "   goal >= 0.85"),
+        ("serve / ceiling (model only)", ratio(serve16.rps, model_only), ""),
+        (f"serve / {seed16.name} (seed JSON both)", ratio(json16.rps, seed16.rps), "x  goal >= 4x (better seed)"),
+        (f"serve raw JPEG / {seed16.name}", ratio(serve16.rps, seed16.rps), "x"),
+    ]
+    as_is = [r for r in rows if r.name == "seed app" and r.clients == 16]
+    if as_is:
+        lines.append(("serve / seed app as users run it (seed JSON)", ratio(json16.rps, as_is[0].rps), "x"))
+    lines += [
+        ("p99 / p50", ratio(serve16.pct(99), serve16.pct(50)), "   goal <= 3"),
+        ("batching on / off", ratio(serve16.rps, off16.rps), "x"),
+    ]
+    for label, value, note in lines:
+        print(f"{label:48} {value:7.2f}{note}")
+
+
+if __name__ == "__main__":
+    main()

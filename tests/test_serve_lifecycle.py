@@ -1,0 +1,478 @@
+"""How the server starts, scales and stops (RELIABILITY.md O4-O6, B5 and B7-B9), and the Docker
+packaging that runs it. Real processes on free loopback ports; nothing leaves the machine."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import pytest
+import requests
+import uvicorn
+from PIL import Image
+
+from lensforge.errors import BundleError
+from lensforge.serve import create_app, lifecycle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jpeg(size: tuple[int, int] = (640, 480)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 90)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def wait_for(url: str, timeout: float = 60, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == status:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer {status} within {timeout} s")
+
+
+def serve_process(*args: str) -> subprocess.Popen[str]:
+    """``lensforge serve ...`` as a real process (its own signal handling, as in production)."""
+    return subprocess.Popen([sys.executable, "-m", "lensforge.cli", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+class ThreadServer:
+    """uvicorn in a thread with the production transport settings (h11 head cap, limits)."""
+
+    def __init__(self, app: object, **settings: object) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(lifecycle.uvicorn_config(app, port=self.port, log_level="warning", **settings))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        wait_for(self.url + "/healthz")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def live(shapes_bundle: Path) -> Iterator[ThreadServer]:
+    with ThreadServer(lifecycle.build_app(lifecycle.RunConfig([str(shapes_bundle)], {"max_wait_ms": 5}))) as server:
+        wait_for(server.url + "/readyz")
+        yield server
+
+
+# -- O4: SIGTERM under load -------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    started: float
+    ended: float
+    status: int | str  # HTTP status, or "refused" for a connection error
+    retry_after: str | None = None
+
+
+def test_sigterm_drains_under_load(shapes_bundle: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # batches wait 300 ms for company, so at the signal several requests are certainly inside
+    # the server (decoded, queued in the batcher): they must still be answered 200
+    proc = serve_process(str(shapes_bundle), "--port", str(port), "--max-wait-ms", "300", "--drain", "1", "--grace", "10")
+    try:
+        wait_for(url + "/readyz")
+        body = jpeg()
+        calls: list[Call] = []
+        done = threading.Event()
+
+        def client() -> None:
+            with requests.Session() as s:
+                while not done.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        r = s.post(url + "/predict", data=body, timeout=20)
+                        calls.append(Call(t0, time.monotonic(), r.status_code, r.headers.get("Retry-After")))
+                    except requests.ConnectionError:
+                        calls.append(Call(t0, time.monotonic(), "refused"))
+                        time.sleep(0.05)
+
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(8):
+                pool.submit(client)
+            time.sleep(1.5)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            ready = requests.get(url + "/readyz", timeout=5)
+            code = proc.wait(timeout=1 + 10 + 5)  # drain + grace + slack
+            exited = time.monotonic()
+            done.set()
+    finally:
+        log = stop(proc)
+    assert ready.status_code == 503, ready.text
+    assert code == 0, log[-2000:]
+    assert exited - signalled < 1 + 10
+    before = [c for c in calls if c.started < signalled - 0.05]
+    assert len(before) >= 16 and all(c.status == 200 for c in before), [c.status for c in before]
+    across = [c for c in calls if c.started < signalled < c.ended]
+    assert across and all(c.status == 200 for c in across if c.started < signalled - 0.05)
+    after = [c for c in calls if c.started > signalled]
+    assert {c.status for c in after} <= {503, "refused"}, {c.status for c in after}
+    assert all(c.retry_after for c in after if c.status == 503)
+    assert "Traceback" not in log
+
+
+# -- O6: strict load ------------------------------------------------------------------------
+
+
+def broken_copy(bundle: Path, dest: Path, kind: str) -> Path:
+    shutil.copytree(bundle, dest)
+    model = dest / "model.onnx"
+    data = model.read_bytes()
+    model.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "not_onnx": b"<html>not a model</html>\n"}[kind])
+    return dest
+
+
+@pytest.mark.parametrize(("kind", "cause"), [
+    ("empty", "model.onnx is missing or empty"),
+    ("truncated", "could not be loaded by onnxruntime"),
+    ("not_onnx", "could not be loaded by onnxruntime"),
+])
+def test_check_bundles_names_the_file_and_cause(shapes_bundle: Path, tmp_path: Path, kind: str, cause: str) -> None:
+    broken = broken_copy(shapes_bundle, tmp_path / "b", kind)
+    with pytest.raises(BundleError) as info:
+        lifecycle.check_bundles([shapes_bundle, broken])
+    message = str(info.value)
+    assert str(broken) in message and "model.onnx" in message and cause in message and "\n" not in message
+
+
+def test_strict_serve_exits_with_one_line(shapes_bundle: Path, tmp_path: Path) -> None:
+    broken = broken_copy(shapes_bundle, tmp_path / "b", "truncated")
+    proc = serve_process(str(broken), "--port", str(free_port()))  # one bundle: strict by default
+    proc.wait(timeout=60)
+    out = stop(proc)
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and str(broken / "model.onnx") in lines[0], out
+
+
+def test_lenient_multi_model_serves_the_good_one(shapes_bundle: Path, tmp_path: Path) -> None:
+    broken = broken_copy(shapes_bundle, tmp_path / "b", "not_onnx")
+    with ThreadServer(create_app({"good": shapes_bundle, "bad": broken})) as s:
+        deadline = time.monotonic() + 60
+        while requests.get(s.url + "/models/good", timeout=5).json()[0]["workers"][0]["status"] != "READY":
+            assert time.monotonic() < deadline, "the good model never became ready"
+            time.sleep(0.05)
+        assert requests.post(s.url + "/predict/good", data=jpeg(), timeout=10).status_code == 200
+        bad = requests.post(s.url + "/predict/bad", data=jpeg(), timeout=10)
+        assert bad.status_code == 503 and bad.headers["Retry-After"]
+        assert requests.get(s.url + "/readyz", timeout=5).status_code == 503
+
+
+@pytest.mark.parametrize(("strict", "n", "expected"), [(None, 1, True), (None, 2, False), (False, 1, False), (True, 3, True)])
+def test_strict_default(strict: bool | None, n: int, expected: bool) -> None:
+    assert lifecycle.resolve_strict(strict, n) is expected
+
+
+# -- O5: workers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("threads", "workers", "cores", "expected"), [
+    (None, 1, 2, None), (None, 2, 2, 1), (None, 4, 2, 1), (None, 2, 16, 8), (3, 2, 16, 3),
+])
+def test_worker_threads_never_oversubscribe(monkeypatch: pytest.MonkeyPatch, threads: int | None, workers: int,
+                                            cores: int, expected: int | None) -> None:
+    monkeypatch.setattr(lifecycle, "cpu_count", lambda: cores)
+    assert lifecycle.worker_threads(threads, workers) == expected
+
+
+def workers_of(pid: int) -> set[int]:
+    """uvicorn's worker processes under ``pid`` (spawned interpreters, not the resource tracker)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def test_killed_worker_is_replaced(shapes_bundle: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_process(str(shapes_bundle), "--port", str(port), "--workers", "2", "--drain", "0.2")
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers_of(proc.pid)) < 2 or not _ready(url):
+            assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        first = workers_of(proc.pid)
+        os.kill(min(first), signal.SIGKILL)
+        # the survivor keeps answering while the supervisor replaces the dead one
+        statuses = []
+        deadline = time.monotonic() + 60
+        while not (workers_of(proc.pid) - first) or len(workers_of(proc.pid)) < 2:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            try:
+                statuses.append(requests.post(url + "/predict", data=jpeg(), timeout=10).status_code)
+            except requests.ConnectionError:
+                statuses.append("reset")  # at most the connection the dead worker held
+            time.sleep(0.05)
+        assert statuses.count(200) >= 1 and statuses.count("reset") <= 1, statuses
+        wait_for(url + "/readyz")
+        for _ in range(6):
+            assert requests.post(url + "/predict", data=jpeg(), timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(url + "/readyz", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+# -- B7-B9: transport -------------------------------------------------------------------------
+
+
+def raw(port: int, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes or answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks):
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return b"".join(chunks)
+
+
+BIG = b"a" * 100_000
+CLOSED = b""  # the server hung up without an answer
+
+
+@pytest.mark.parametrize(("name", "request_bytes", "expected"), [
+    ("huge header in one read (B7)", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + BIG + b"\r\n\r\n", {b"431"}),
+    ("many headers (B7)", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(500)) + b"\r\n",
+     {b"431"}),
+    ("huge incomplete head (B7)", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + BIG * 4, {b"400", b"431", CLOSED}),
+    ("huge target (B7)", b"GET /healthz?" + BIG[:20_000] + b" HTTP/1.1\r\nHost: x\r\n\r\n", {b"431"}),
+    ("garbage (B8)", b"\x00\xff\xfe garbage \x01\x02\r\n\r\n", {b"400", CLOSED}),
+    ("no method (B8)", b"/healthz HTTP/1.1\r\n\r\n", {b"400", CLOSED}),
+    ("bad version (B8)", b"GET /healthz HTTP/9\r\nHost: x\r\n\r\n", {b"400", CLOSED}),
+    ("space in target (B8)", b"GET /he althz HTTP/1.1\r\nHost: x\r\n\r\n", {b"400", CLOSED}),
+    ("bad content-length (B8)", b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1e9\r\n\r\n", {b"400", CLOSED}),
+])
+def test_bad_request_heads_are_refused(live: ThreadServer, name: str, request_bytes: bytes, expected: set[bytes]) -> None:
+    answer = raw(live.port, request_bytes)
+    status = answer[9:12] if answer.startswith(b"HTTP/1.1 ") else answer
+    assert status in expected, (name, answer[:200])
+    assert requests.get(live.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_client_gone_while_waiting_frees_the_slot(live: ThreadServer, caplog: pytest.LogCaptureFixture) -> None:
+    body = jpeg()
+    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode())
+    server = live.server.config.loaded_app  # the app under uvicorn's middleware
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):  # the whole request, then hang up before the answer
+            with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
+                s.sendall(head + body)
+        time.sleep(0.5)
+        assert requests.post(live.url + "/predict", data=body, timeout=10).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    metrics = requests.get(live.url + "/metrics", timeout=5).text
+    assert not re.search(r'status="5\d\d"', metrics)
+    app_server = _find_server(server)
+    assert app_server.decoding == 0 and all(m.batcher.depth == 0 for m in app_server.models.values())
+
+
+def _find_server(app: object) -> object:
+    """The lensforge Server behind uvicorn's middleware wrappers."""
+    while not hasattr(getattr(app, "state", None), "server"):
+        app = app.app  # type: ignore[attr-defined]
+    return app.state.server  # type: ignore[attr-defined]
+
+
+def test_draining_flag_answers_503_and_not_ready(shapes_bundle: Path) -> None:
+    app = create_app([shapes_bundle])
+    with ThreadServer(app) as s:
+        wait_for(s.url + "/readyz")
+        app.state.server.draining = True
+        ready = requests.get(s.url + "/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        r = requests.post(s.url + "/predict", data=jpeg(), timeout=5)
+        assert r.status_code == 503 and r.headers["Retry-After"] and "shutting down" in r.text
+        assert requests.get(s.url + "/healthz", timeout=5).status_code == 200  # live while draining
+
+
+# -- packaging --------------------------------------------------------------------------------
+
+
+def test_docker_compose_and_readme_agree() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    compose = (ROOT / "compose.yaml").read_text()
+    readme = (ROOT / "README.md").read_text()
+    requirements = (ROOT / "requirements-serve.txt").read_text()
+    # one install line, shared: the Dockerfile and the README both install the requirements file
+    install = "pip install -r requirements-serve.txt"
+    assert install in readme and re.search(r"pip install [^\n]*-r requirements-serve\.txt", dockerfile)
+    assert [line for line in requirements.splitlines() if line and not line.startswith("#")] == [".[serve]"]
+    instructions = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
+    assert "torch" not in instructions.lower()
+    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.MULTILINE)
+    assert re.search(r"^USER (?!root)\S+", dockerfile, re.MULTILINE)
+    assert "EXPOSE 8000" in dockerfile and "/healthz" in dockerfile.split("HEALTHCHECK", 1)[1]
+    cmd = re.search(r"^CMD (\[.*\])", dockerfile, re.MULTILINE)
+    assert cmd, "Dockerfile has no exec-form CMD"
+    argv = json.loads(cmd.group(1))
+    assert argv[:2] == ["lensforge", "serve"] and argv[argv.index("--host") + 1] == "0.0.0.0"
+    served = argv[2]
+    mount = re.search(r"-\s*(\S+):(\S+):ro\b", compose)
+    assert mount and mount.group(2) == served, (mount and mount.group(0), served)
+    assert re.search(r'"?(127\.0\.0\.1:)?8000:8000"?', compose)
+    assert "docker compose up" in readme
+
+
+def test_connections_over_the_limit_get_503(shapes_bundle: Path) -> None:
+    # uvicorn answers 503 itself past limit_concurrency instead of accepting without bound
+    with ThreadServer(create_app([shapes_bundle]), limit_concurrency=2) as s:
+        held = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # let the server register both connections
+            answer = raw(s.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        finally:
+            for c in held:
+                c.close()
+        time.sleep(0.2)
+        assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
+
+
+class FakeServer:
+    draining = False
+
+
+@pytest.mark.parametrize(("previous", "drains", "handed_on"), [("recorder", True, True), (signal.SIG_IGN, False, False)])
+def test_drain_on_signal_chains_in_front_of_the_handler(previous: object, drains: bool, handed_on: bool) -> None:
+    import asyncio
+
+    calls: list[tuple[int, float]] = []
+    handler = (lambda sig, frame: calls.append((sig, time.monotonic()))) if previous == "recorder" else previous
+    original = signal.signal(signal.SIGTERM, handler)
+    server = FakeServer()
+
+    async def main() -> tuple[bool, int]:
+        undo = lifecycle.drain_on_signal(server, drain_s=0.2)  # type: ignore[arg-type]
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            early = len(calls)  # draining at once, uvicorn told only after drain_s
+            await asyncio.sleep(0.4)
+            return server.draining, early
+        finally:
+            undo()
+
+    try:
+        draining, early = asyncio.run(main())
+        assert signal.getsignal(signal.SIGTERM) is handler  # undo restored it
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert draining is drains and early == 0 and (len(calls) == 1) is handed_on
+
+
+def test_drain_with_default_handler_still_terminates() -> None:
+    # under a server that left SIGTERM at its default, the drain must not swallow the signal
+    code = """
+import asyncio, os, signal
+from lensforge.serve import lifecycle
+
+class S:
+    draining = False
+
+async def main(s):
+    lifecycle.drain_on_signal(s, drain_s=0.1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(0.05)
+    print("draining", s.draining, flush=True)
+    await asyncio.sleep(5)
+
+asyncio.run(main(S()))
+print("survived")
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == -signal.SIGTERM and "draining True" in out.stdout and "survived" not in out.stdout, out
+
+
+@pytest.mark.parametrize("after_a_request", [False, True])
+def test_slowloris_head_is_cut_at_the_deadline(shapes_bundle: Path, after_a_request: bool) -> None:
+    with ThreadServer(create_app([shapes_bundle]), head_timeout_s=0.5) as s:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            if after_a_request:  # a kept-alive connection that then starts a slow head
+                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+            started = time.monotonic()
+            closed = False
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40:
+                try:
+                    c.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                time.sleep(0.05)
+            if not closed:
+                c.settimeout(3)
+                try:
+                    closed = c.recv(1024) == b""
+                except ConnectionResetError:
+                    closed = True
+            assert closed and time.monotonic() - started < 3.5
+        assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
