@@ -239,9 +239,10 @@ def test_export_is_checked_on_training_images_without_a_val_split(detect_dir: Pa
 
     train = _train_records(detect_dir)
     checks = parity_images(DetectionImages([], [], [], train=False), train, DetectSpec(min_size=96, max_size=160))
-    assert len(checks) == 4
+    assert len(checks) == 5  # 4 images + a wide copy of the first (non-square sizes must agree too)
     first = np.asarray(decode_image(train[0].path), np.float32).transpose(2, 0, 1) / 255
     np.testing.assert_allclose(checks[0][0].numpy(), first, atol=1e-6)
+    assert checks[4].shape[2] < checks[4].shape[3]
 
 
 def test_training_warns_when_the_annotated_size_differs_from_the_file(
@@ -291,3 +292,28 @@ def test_resume_refuses_another_detector(tmp_path: Path, now: dict, classes: lis
     else:
         with pytest.raises(ConfigError, match=re.escape(expected)):
             check_resumable(tmp_path, resumed, classes)
+
+
+@pytest.mark.parametrize("size", [(100, 50), (200, 96), (200, 80), (96, 96), (250, 120), (37, 141)])
+def test_onnx_and_torch_agree_at_any_image_size(detect_run: object, detect_bundle: Path, size: tuple[int, int]) -> None:
+    """The graph does not resize (the Predictor does, with Pillow): so no size can make the
+    traced graph sample differently from torch (it did at 50x100 with torchvision's resize inside)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lensforge.export.onnx import verify_detector
+    from lensforge.models.detector import ExportableDetector
+    from lensforge.runtime.preprocess import detector_input
+    from lensforge.training.detect import build_detector
+    from lensforge.config import TrainConfig
+
+    b = load_bundle(detect_bundle)
+    cfg = TrainConfig.from_dict(b.meta["config"]).resolve("detect")
+    cfg.pretrained = False
+    model = build_detector(cfg, len(b.classes)).eval()
+    model.load_state_dict(load_file(str(detect_bundle / "weights.safetensors")))
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    x = torch.from_numpy(detector_input(img, b.detect_spec))[None]
+    parity = verify_detector(ExportableDetector(model).eval(), b.model_path, [x], min_iou=0.99)
+    assert parity["boxes_compared"] > 0 and parity["min_box_iou"] >= 0.99

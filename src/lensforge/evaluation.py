@@ -234,9 +234,9 @@ def print_detection_report(m: dict[str, Any], console: Any) -> None:
     head.add_row("AR@1", f(m.get("mar1")), "AR@10", f(m.get("mar10")), "AR@100", f(m.get("mar100")))
     at = m.get("at_threshold", {})
     beta = m.get("beta", 2.0)
-    head.add_row(f"at score ≥ {m.get('threshold', 0):.3f}", f"precision {f(at.get('precision'))}",
-                 f"recall {f(at.get('recall'))}", f"F{beta:g} {f(at.get('fbeta'))}", "", "")
     console.print(head)
+    console.print(f"  at score ≥ {m.get('threshold', 0):.3f} (IoU 0.5): precision {f(at.get('precision'))}  "
+                  f"recall {f(at.get('recall'))}  F{beta:g} {f(at.get('fbeta'))}")
     rows = m.get("per_class", [])
     if rows:
         t = Table(title="Per class (IoU 0.5 at the threshold)", title_justify="left")

@@ -26,6 +26,7 @@ from lensforge.metrics.plots import _save, _short
 from lensforge.runtime.draw import class_color, draw_detections, fit_within
 from lensforge.runtime.results import DetectionResult
 
+_GRID_MIN_SIDE = 320  # smaller pictures are enlarged to this (titles need ~300 px)
 _GRID_SIDE = 480  # longer side of each thumbnail in the image grid, in pixels
 _GRID_DPI = 100  # plots.py saves at this dpi: figure inches * 100 = PNG pixels
 _GAP = 12  # pixels between and around the grid's columns
@@ -237,6 +238,9 @@ def plot_detection_grid(
         pred = DetectionResult(res.boxes, res.scores, res.class_ids, res.classes, res.threshold,
                                tuple(res.image_size or size))
         thumb = fit_within(img, _GRID_SIDE)
+        if max(thumb.size) < _GRID_MIN_SIDE:  # small images: enlarged so boxes, labels and titles stay legible
+            k = _GRID_MIN_SIDE / max(thumb.size)
+            thumb = thumb.resize((round(thumb.width * k), round(thumb.height * k)), Image.Resampling.BILINEAR)
         shown = pred.above(threshold)
         panels.append((
             Path(rec.path).name,

@@ -195,15 +195,30 @@ def create_detector(
     return model
 
 
+def _keep_size(image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+    return image, target
+
+
 class ExportableDetector(nn.Module):
-    """The graph a detector bundle holds: one float32 (1, 3, H, W) RGB image in [0, 1] →
+    """The graph a detector bundle holds: one float32 (1, 3, H, W) RGB image in [0, 1],
+    already resized to the model's size (:meth:`DetectSpec.target_size`) →
     ``boxes`` float32 (K, 4) xyxy in input pixels, ``scores`` (K,), ``labels`` int64 (K,)
-    0-based class ids (torchvision's background label 0 removed)."""
+    0-based class ids (torchvision's background label 0 removed).
+
+    The graph normalises but does not resize: torchvision's resize, traced into ONNX with
+    dynamic sizes, samples differently from torch for some sizes (boxes off by whole
+    objects at e.g. 50x100 px). The Predictor resizes with Pillow instead, exactly.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.model([images[0]])[0]
+        transform = self.model.transform
+        transform.resize = _keep_size  # an instance attribute shadows the method while tracing
+        try:
+            out = self.model([images[0]])[0]
+        finally:
+            del transform.resize
         return out["boxes"], out["scores"], out["labels"] - 1

@@ -203,8 +203,7 @@ class Predictor:
         img = self.load(source)
         if self.detect_spec is None:
             return preprocess(img, self.spec)
-        x, _ = detector_input(img, self.detect_spec)
-        return DetectorInput.wrap(x, img.info.get("original_size") or img.size)
+        return DetectorInput.wrap(detector_input(img, self.detect_spec), img.info.get("original_size") or img.size)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Classifiers: float32 (N, 3, S, S) → scores float32 (N, C)."""
@@ -237,8 +236,9 @@ class Predictor:
             raise TypeError("a detector's result() needs the prepared input the output came from")
         boxes, scores, labels = output  # type: ignore[misc]
         w, h = original_size(prepared)
-        factor = prepared.shape[2] / w  # original pixels → input pixels
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / np.float32(factor)
+        # input pixels → original pixels, per axis (rounding the resized size makes them differ slightly)
+        factors = np.array([w / prepared.shape[2], h / prepared.shape[1]] * 2, dtype=np.float32)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factors
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         return DetectionResult(boxes, scores, labels, self.classes, self.score_threshold, (w, h))

@@ -65,12 +65,11 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class DetectSpec:
-    """A detector's input: the exported graph takes one float32 (1, 3, H, W) RGB image with
-    values in [0, 1] at any H, W, and normalises and resizes it itself (torchvision's
-    GeneralizedRCNNTransform, inside the graph), so the shorter side becomes ``min_size``
-    unless the longer would pass ``max_size``. The Predictor only shrinks images that are
-    larger than that before handing them over (less memory, same result), and maps the boxes
-    back to original pixels.
+    """A detector's input sizes. The image is resized (aspect kept) so its shorter side is
+    ``min_size`` unless the longer would pass ``max_size`` (torchvision's rule, the one
+    training used), then given to the graph as float32 (1, 3, h, w) RGB in [0, 1]; the graph
+    normalises with ``mean``/``std`` itself. Boxes come back in the resized image's pixels
+    and the Predictor maps them to the original's.
     """
 
     min_size: int = 512
@@ -88,8 +87,13 @@ class DetectSpec:
             raise ValueError(f"std must be > 0 for every channel, got {list(self.std)}")
 
     def scale_for(self, width: int, height: int) -> float:
-        """The factor the graph will resize a ``width`` x ``height`` image by (torchvision's rule)."""
+        """The factor a ``width`` x ``height`` image is resized by (torchvision's rule)."""
         return min(self.min_size / min(width, height), self.max_size / max(width, height))
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the model sees for a ``width`` x ``height`` image."""
+        s = self.scale_for(width, height)
+        return max(1, round(width * s)), max(1, round(height * s))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,22 +108,14 @@ class DetectSpec:
         )
 
 
-def detector_input(img: Image.Image, spec: DetectSpec) -> tuple[np.ndarray, float]:
-    """Decoded RGB image → (float32 (3, h, w) in [0, 1], factor from original to h, w pixels).
-
-    Images the graph would shrink are shrunk here first, to exactly the size the graph would
-    choose, so a 12-MP photo never becomes a 150 MB tensor; smaller ones pass unchanged
-    (factor 1) and the graph enlarges them itself.
-    """
-    w, h = img.size
-    scale = spec.scale_for(w, h)
-    factor = 1.0
-    if scale < 1:
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        factor = nw / w
+def detector_input(img: Image.Image, spec: DetectSpec) -> np.ndarray:
+    """Decoded RGB image → float32 (3, h, w) in [0, 1] at the model's size (see
+    :meth:`DetectSpec.target_size`): what a detector graph takes."""
+    size = spec.target_size(*img.size)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0 if size[0] < img.width else None)
     x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)), factor
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def _floats(values: Any, name: str) -> tuple[float, ...]:

@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from python_multipart.multipart import parse_options_header  # what Starlette's form parser uses
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -107,7 +107,7 @@ def check_multipart_frame(content_type: str, body: bytes) -> None:
     than :data:`MAX_MULTIPART_SLACK` bytes of preamble before the first boundary, or a body that
     does not end with its closing boundary (truncated, or a long epilogue). Browsers, curl and
     requests send neither preamble nor epilogue, so only crafted bodies are refused."""
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    boundary = parse_options_header(content_type)[1].get(b"boundary")  # as Starlette's parser reads it
     if boundary is None:
         raise RequestError(400, "invalid_multipart", "invalid multipart body: missing boundary in Content-Type")
     if not _BOUNDARY.fullmatch(boundary):

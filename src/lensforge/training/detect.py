@@ -350,10 +350,17 @@ def parity_images(val: DetectionImages, train: Sequence[Record], spec: DetectSpe
     validation images, else training images at the evaluation size (as the classifier export
     does), random pixels only when none can be read. A trained detector finds nothing on
     noise, so a check on noise alone would compare no box at all."""
+    from lensforge.runtime.preprocess import detector_input
+
     images = list(val.images[:n])
     if not images:
         images = load_detection_images(list(train)[: 2 * n], spec, 1.0)[1][:n]
-    checks = [torch.from_numpy(img).permute(2, 0, 1).float().div(255)[None] for img in images]
+    pictures = [Image.fromarray(img) for img in images]
+    if pictures:  # and one wide picture: sizes other than the usual square must agree too
+        first = pictures[0]
+        pictures.append(first.resize((first.width, max(32, first.height * 3 // 5)), Image.Resampling.BILINEAR))
+    # exactly as the Predictor feeds the graph: resized to the model's size, in [0, 1]
+    checks = [torch.from_numpy(detector_input(p, spec))[None] for p in pictures]
     if not checks:
         checks = [torch.rand(1, 3, spec.min_size, round(spec.min_size * 4 / 3), generator=torch.Generator().manual_seed(0))]
     return checks
