@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 from sklearn import metrics as skm
 
-from lensforge.data.records import TASKS
 from lensforge.runtime.results import DEFAULT_THRESHOLD
 
 # A threshold for labels the validation split cannot tune (see ``tune_thresholds``): the
@@ -289,8 +288,9 @@ def format_report(metrics: dict[str, Any], task: str) -> Group:
     metrics: a dict from ``single_label_metrics`` (task ``"classify"``) or
     ``multilabel_metrics`` (task ``"multilabel"``).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in ("classify", "multilabel"):
+        raise ValueError(f"task must be one of classify, multilabel, got {task!r} "
+                         "(detection reports: lensforge.evaluation.print_detection_report)")
     if "per_class" not in metrics or ("accuracy" if task == "classify" else "mAP") not in metrics:
         raise ValueError(f"these metrics are not {task} metrics (keys: {', '.join(sorted(metrics))})")
     return Group(_summary_table(metrics, task), Text(""), _per_class_table(metrics, task))
