@@ -41,20 +41,28 @@ def score_records(
 
     targets: (N,) class indices, or (N, C) 0/1 for multi-label.
     """
+    done, results, failed = predict_records(predictor, records, 32, progress)
+    s = np.stack([r.scores for r in results]) if results else np.zeros((0, num_classes), np.float32)
+    return done, targets(done, num_classes, multilabel), s, failed
+
+
+def predict_records(
+    predictor: Predictor, records: Sequence[Record], batch_size: int, progress: Callable[[int], None] | None = None,
+) -> tuple[list[Record], list[Any], list[tuple[Record, str]]]:
+    """The Predictor over records' images, in order: (records that decoded, their results,
+    (record, reason) for the ones that did not)."""
     done: list[Record] = []
-    scores: list[np.ndarray] = []
+    results: list[Any] = []
     failed: list[tuple[Record, str]] = []
-    results = predictor.predict_many([str(r.path) for r in records], batch_size=32)
-    for r, (_, res) in zip(records, results):  # predict_many keeps the input order
+    for r, (_, res) in zip(records, predictor.predict_many([str(r.path) for r in records], batch_size=batch_size)):
         if progress:
             progress(1)
         if isinstance(res, Exception):
             failed.append((r, str(res)))
             continue
         done.append(r)
-        scores.append(res.scores)
-    s = np.stack(scores) if scores else np.zeros((0, num_classes), np.float32)
-    return done, targets(done, num_classes, multilabel), s, failed
+        results.append(res)
+    return done, results, failed
 
 
 def compute_metrics(
@@ -164,18 +172,7 @@ def score_detections(
 ) -> tuple[list[Record], list[DetectionResult], list[tuple[Record, str]]]:
     """Run a detector's Predictor over records: (scored records, their results — every
     detection, low scores included —, failures (record, reason))."""
-    done: list[Record] = []
-    results: list[DetectionResult] = []
-    failed: list[tuple[Record, str]] = []
-    for r, (_, res) in zip(records, predictor.predict_many([str(r.path) for r in records], batch_size=8)):
-        if progress:
-            progress(1)
-        if isinstance(res, Exception):
-            failed.append((r, str(res)))
-            continue
-        done.append(r)
-        results.append(res)  # type: ignore[arg-type]
-    return done, results, failed
+    return predict_records(predictor, records, 8, progress)
 
 
 def _evaluate_detector(b: Bundle, pred: Predictor, records: list[Record], described: str, out: Path,

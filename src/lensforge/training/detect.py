@@ -8,7 +8,6 @@ only the dataset, the LightningModule and the bundle's contents differ.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -293,7 +292,7 @@ def write_detector_bundle(
     from lensforge.runtime.predictor import Predictor
     from lensforge.runtime.results import DEFAULT_THRESHOLD
     from lensforge.data.split import save_split
-    from lensforge.training.run import _headline, versions
+    from lensforge.training.run import _headline, run_meta
 
     model = model.eval()
     model.transform.min_size = (spec.min_size,)  # the graph resizes like evaluation did
@@ -314,12 +313,7 @@ def write_detector_bundle(
                       "backbone": cfg.backbone, "num_classes": len(ds.classes)},
             "score_threshold": DEFAULT_THRESHOLD,
             "parity": parity,
-            "data": {"root": str(ds.root.resolve()), "format": ds.fmt, "split_file": SPLIT_FILE,
-                     "counts": {k: len(v) for k, v in splits.items()}, "notes": ds.notes},
-            "training": {"epochs_run": len(history), "history": history},
-            "versions": versions(),
-            "config": cfg.to_dict(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **run_meta(ds, splits, cfg, history),
         }
         write_meta(tmp, meta)
         predictor = Predictor(tmp)

@@ -300,12 +300,7 @@ def write_bundle(
                       "head": cfg.head, "probe": cfg.probe, "num_classes": len(ds.classes)},
             "thresholds": None,
             "parity": {"max_abs_diff": parity, "images": int(len(batch)), "compared": "scores, ONNX Runtime vs torch fp32"},
-            "data": {"root": str(ds.root.resolve()), "format": ds.fmt, "split_file": SPLIT_FILE,
-                     "counts": {k: len(v) for k, v in splits.items()}},
-            "training": {"epochs_run": len(history), "history": history},
-            "versions": versions(),
-            "config": cfg.to_dict(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **run_meta(ds, splits, cfg, history),
         }
         write_meta(tmp, meta)
         predictor = Predictor(tmp)
@@ -331,6 +326,18 @@ def write_bundle(
         meta["metrics"] = {k: _headline(v) for k, v in metrics.items()}
         write_meta(tmp, meta)
     return parity, metrics, evaluated
+
+
+def run_meta(ds: Dataset, splits: dict[str, list[Record]], cfg: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every bundle's lensforge.json records about the run that made it."""
+    return {
+        "data": {"root": str(ds.root.resolve()), "format": ds.fmt, "split_file": SPLIT_FILE,
+                 "counts": {k: len(v) for k, v in splits.items()}, "notes": ds.notes},
+        "training": {"epochs_run": len(history), "history": history},
+        "versions": versions(),
+        "config": cfg.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:
