@@ -295,7 +295,8 @@ def saved_splits(src: Bundle) -> tuple[dict[str, list[Record]] | None, Any]:
     data = src.meta.get("data", {})
     if not (src.path / SPLIT_FILE).is_file() or not data.get("root"):
         return None, None
-    ds = read_dataset(data["root"], fmt=data.get("format"), task=src.task)
+    source = data.get("source") if data.get("source") and Path(data["source"]).exists() else data["root"]
+    ds = read_dataset(source, fmt=data.get("format"), task=src.task)
     splits = load_split(src.path / SPLIT_FILE, ds)
     return {k: align_classes(src, ds, v) for k, v in splits.items()}, ds
 

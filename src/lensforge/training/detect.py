@@ -64,13 +64,14 @@ class DetectionImages(torch.utils.data.Dataset):
     Items: ``(image float32 (3, h, w) in [0, 1], target)`` where target holds ``boxes``
     float32 (N, 4) xyxy in the item's pixels, ``labels`` int64 (N,) = class index + 1
     (torchvision's 0 is background) and ``index`` (the record's position). Crowd boxes are
-    not trained on. ``train`` adds a horizontal flip with probability 0.5.
+    not trained on. ``train`` adds a horizontal flip with probability 0.5, drawn from torch's
+    generator: seeded by ``lensforge.train``'s seed, and re-seeded per DataLoader worker (a
+    numpy generator would be copied into every worker and flip in lockstep).
     """
 
     def __init__(self, records: Sequence[Record], images: Sequence[np.ndarray], factors: Sequence[float],
-                 train: bool, seed: int = 0) -> None:
+                 train: bool) -> None:
         self.records, self.images, self.factors, self.train = list(records), list(images), list(factors), train
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -81,7 +82,7 @@ class DetectionImages(torch.utils.data.Dataset):
         boxes = r.box_array()[keep] * np.float32(self.factors[i])
         labels = np.asarray(r.labels, dtype=np.int64)[keep] + 1
         x = torch.from_numpy(img).permute(2, 0, 1).float().div_(255)
-        if self.train and self.rng.random() < 0.5:
+        if self.train and torch.rand(()) < 0.5:
             x = x.flip(-1)
             w = img.shape[1]
             boxes = boxes.copy()
@@ -216,7 +217,7 @@ def train_detector_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, model: nn.Mo
         with ui.track(f"Decoding {name} images", len(splits[name])) as advance:
             recs, imgs, factors, bad = load_detection_images(splits[name], spec, max(JITTER) if name == "train" else 1.0,
                                                              advance)
-        loaded[name] = DetectionImages(recs, imgs, factors, train=name == "train", seed=cfg.seed)
+        loaded[name] = DetectionImages(recs, imgs, factors, train=name == "train")
         skipped += len(bad)
     if skipped:
         ui.warn(f"skipped {skipped} unreadable image(s); `lensforge data inspect {cfg.data}` lists them")

@@ -331,7 +331,9 @@ def write_bundle(
 def run_meta(ds: Dataset, splits: dict[str, list[Record]], cfg: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
     """What every bundle's lensforge.json records about the run that made it."""
     return {
-        "data": {"root": str(ds.root.resolve()), "format": ds.fmt, "split_file": SPLIT_FILE,
+        # source: what the user gave (a COCO JSON or data.yaml may have any name; root is its folder)
+        "data": {"root": str(ds.root.resolve()), "source": str(Path(cfg.data).resolve()), "format": ds.fmt,
+                 "split_file": SPLIT_FILE,
                  "counts": {k: len(v) for k, v in splits.items()}, "notes": ds.notes},
         "training": {"epochs_run": len(history), "history": history},
         "versions": versions(),
