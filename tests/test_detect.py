@@ -317,3 +317,11 @@ def test_onnx_and_torch_agree_at_any_image_size(detect_run: object, detect_bundl
     x = torch.from_numpy(detector_input(img, b.detect_spec))[None]
     parity = verify_detector(ExportableDetector(model).eval(), b.model_path, [x], min_iou=0.99)
     assert parity["boxes_compared"] > 0 and parity["min_box_iou"] >= 0.99
+
+
+def test_cli_evaluate_prints_the_detection_report(detect_bundle: Path, detect_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(detect_bundle), str(detect_dir), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    for word in ("AP@[.50:.95]", "AP50", "AR@100", "precision", "F2", "circle", "square", "triangle"):
+        assert word in out, word

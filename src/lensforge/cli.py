@@ -150,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if test:
         console.print()
         if result.task == "detect":
-            from lensforge.evaluation import print_detection_report
+            from lensforge.metrics.detection import print_detection_report
 
             print_detection_report(test, console)
         else:
@@ -185,7 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(res.metrics, indent=2))
         return 0
     if res.task == "detect":
-        from lensforge.evaluation import print_detection_report
+        from lensforge.metrics.detection import print_detection_report
 
         print_detection_report(res.metrics, console)
     else:
@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with each format's accuracy, then recommend the fastest that keeps accuracy.")
     b.add_argument("bundle")
     b.add_argument("--also", action="append", default=[], metavar="BUNDLE", help="another bundle to compare (repeatable)")
-    b.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
+    b.add_argument("--batch-sizes", type=int_list, help="comma-separated (default 1,8,32; detectors always run at 1)")
     b.add_argument("--threads", type=int_list, help="comma-separated thread counts (default: all cores, and 1)")
     b.add_argument("--seconds", type=positive_float, default=2.0, help="time per format and cell (default 2)")
     b.add_argument("--images", action="append", metavar="PATH", help="images or folders for the end-to-end rows "

@@ -87,7 +87,7 @@ def _run_detect_demo(root: Path, data_dir: Path, epochs: int | None, ui: Reporte
     from lensforge.data.demo import make_demo_detection
     from lensforge.data.formats import read_dataset
     from lensforge.data.inspect import inspect_dataset
-    from lensforge.evaluation import print_detection_report
+    from lensforge.metrics.detection import print_detection_report
     from lensforge.runtime.draw import save_annotated
     from lensforge.runtime.predictor import Predictor
     from lensforge.training import train

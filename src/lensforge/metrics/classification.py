@@ -290,7 +290,7 @@ def format_report(metrics: dict[str, Any], task: str) -> Group:
     """
     if task not in ("classify", "multilabel"):
         raise ValueError(f"task must be one of classify, multilabel, got {task!r} "
-                         "(detection reports: lensforge.evaluation.print_detection_report)")
+                         "(detection reports: lensforge.metrics.detection.print_detection_report)")
     if "per_class" not in metrics or ("accuracy" if task == "classify" else "mAP") not in metrics:
         raise ValueError(f"these metrics are not {task} metrics (keys: {', '.join(sorted(metrics))})")
     return Group(_summary_table(metrics, task), Text(""), _per_class_table(metrics, task))

@@ -553,3 +553,30 @@ def detection_metrics(
         for k, name in enumerate(names)
     ]
     return out
+
+
+def print_detection_report(m: dict[str, Any], console: Any) -> None:
+    """The COCO numbers, the operating point and the per-class table, for the terminal."""
+    from rich.table import Table
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    head = Table(title="Detection (COCO box metrics)", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    head.add_row("AP@[.50:.95]", f(m.get("map")), "AP50", f(m.get("map50")), "AP75", f(m.get("map75")))
+    head.add_row("AP small", f(m.get("map_small")), "AP medium", f(m.get("map_medium")), "AP large", f(m.get("map_large")))
+    head.add_row("AR@1", f(m.get("mar1")), "AR@10", f(m.get("mar10")), "AR@100", f(m.get("mar100")))
+    at = m.get("at_threshold", {})
+    beta = m.get("beta", 2.0)
+    console.print(head)
+    console.print(f"  at score ≥ {m.get('threshold', 0):.3f} (IoU 0.5): precision {f(at.get('precision'))}  "
+                  f"recall {f(at.get('recall'))}  F{beta:g} {f(at.get('fbeta'))}")
+    rows = m.get("per_class", [])
+    if rows:
+        t = Table(title="Per class (IoU 0.5 at the threshold)", title_justify="left")
+        for col in ("class", "boxes", "AP", "AP50", "precision", "recall", f"F{beta:g}"):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for r in rows:
+            t.add_row(r["class"], str(r["support"]), f(r["ap"]), f(r["ap50"]), f(r["precision"]), f(r["recall"]),
+                      f(r["fbeta"]))
+        console.print(t)
