@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -13,10 +14,12 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from lensforge.cli import main
 from lensforge.errors import BundleError, ConfigError, DataError
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
 from lensforge.speed import (
+    MODES,
     BenchReport,
     BenchRow,
     _accuracy,
@@ -166,6 +169,8 @@ def test_generated_jpegs_are_photo_sized() -> None:
         ({"metrics": {"test": {"accuracy": "high"}}}, (None, None)),
         ({"metrics": "none"}, (None, None)),
         ({}, (None, None)),
+        ({"task": "detect", "metrics": {"test": {"map": 0.3, "map50": 0.625}}}, (62.5, None)),  # mAP50, not mAP
+        ({"task": "detect", "metrics": {"test": {"map": 0.3}, "val": {"map50": 0.5}}}, (50.0, None)),
     ],
 )
 def test_accuracy_from_metadata(meta: dict, expected: tuple) -> None:
@@ -228,3 +233,118 @@ def test_bench_gives_torch_its_threads_back(shapes_bundle: Path) -> None:
         assert torch.get_num_threads() == 3  # it ran at 1 thread, then gave the caller's count back
     finally:
         torch.set_num_threads(before)
+
+
+# -- detectors: batch 1, Predictor.run_detector / predict, torch eager via ExportableDetector -----
+
+
+@pytest.fixture(scope="module")
+def detect_report(detect_bundle: Path) -> BenchReport:
+    return benchmark([detect_bundle], **TINY)  # batch 4 asked: a note, not an error
+
+
+def test_detector_rows_are_batch_1_model_and_e2e(detect_report: BenchReport) -> None:
+    pytest.importorskip("torchvision")  # the detector fixture trained in torch: the torch row must be there
+    assert detect_report.formats == ["fp32", "torch eager"], detect_report.notes
+    cells = {(r.format, r.batch, r.threads, r.mode) for r in detect_report.rows}
+    assert cells == {(f, 1, 1, m) for f in ("fp32", "torch eager") for m in MODES}
+    for r in detect_report.rows:
+        assert all(math.isfinite(v) and v > 0 for v in (r.img_s, r.p50_ms, r.p99_ms)), r
+        assert r.p99_ms >= r.p50_ms and r.batch_p50_ms == r.p50_ms and r.runs >= 4, r
+    assert "test split" in detect_report.images  # real images: a realistic box count
+
+
+def test_detector_accuracy_is_the_recorded_test_map50(detect_report: BenchReport, detect_bundle: Path) -> None:
+    map50 = load_bundle(detect_bundle).meta["metrics"]["test"]["map50"]
+    assert detect_report.metric == "mAP50"
+    for r in detect_report.rows:
+        assert r.accuracy == round(100 * map50, 2) and r.accuracy_delta == 0.0, r
+
+
+def test_detector_report_prints_note_and_recommendation(detect_report: BenchReport) -> None:
+    assert detect_report.recommendation.startswith("fp32, batch 1, 1 thread: "), detect_report.recommendation
+    assert detect_report.recommendation.endswith(" img/s end to end")
+    console = Console(record=True, width=200)
+    print_report(detect_report, console)
+    text = console.export_text()
+    for expected in ("mAP50 %", "torch eager", "batch sizes 4 not timed: detectors run one image per", "Recommended: fp32"):
+        assert expected in text
+
+
+@pytest.mark.parametrize(
+    ("batch_sizes", "note"),
+    [
+        (None, None),  # the default: batch 1 for detectors, nothing to explain
+        ((1,), None),
+        ((8, 32), "batch sizes 8, 32 not timed"),
+        ((1, 8, 1), "batch sizes 8 not timed"),
+    ],
+)
+def test_detector_batch_sizes(detect_bundle: Path, batch_sizes: tuple[int, ...] | None, note: str | None) -> None:
+    r = benchmark([detect_bundle], batch_sizes=batch_sizes, seconds=0.01, threads=(1,), torch_eager=False)
+    assert {row.batch for row in r.rows} == {1} and len(r.rows) == len(MODES)
+    assert [n[: len(note)] for n in r.notes] == ([note] if note else [])
+
+
+def test_detectors_and_classifiers_are_not_mixed(shapes_bundle: Path, detect_bundle: Path) -> None:
+    with pytest.raises(ConfigError, match="is a detector but .* is not \\(task 'classify'\\)"):
+        benchmark([shapes_bundle, detect_bundle], **TINY)
+
+
+def test_torch_eager_detector_matches_onnx(detect_bundle: Path) -> None:
+    pytest.importorskip("torchvision")
+    run, why_not = _torch_eager(load_bundle(detect_bundle))
+    assert run is not None, why_not
+    pred = Predictor(detect_bundle, threads=1)
+    x = pred.prepare(generated_jpegs(1)[0])  # 640×480 → the model's size: boxes in input pixels
+    (tb, ts, tl), (ob, os_, ol) = run(x, 1), pred.run_detector(x)
+    assert len(ob) > 0 and tb.shape == ob.shape  # the tiny detector still proposes boxes
+    np.testing.assert_allclose(tb, ob, atol=1e-2)
+    np.testing.assert_allclose(ts, os_, atol=1e-4)
+    np.testing.assert_array_equal(tl, ol)
+    assert tl.dtype == ol.dtype == np.int64
+
+
+def _no_torchvision(monkeypatch: pytest.MonkeyPatch, bundle: Path, tmp_path: Path) -> Path:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    return bundle
+
+
+def _no_weights(monkeypatch: pytest.MonkeyPatch, bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "no-weights"
+    shutil.copytree(bundle, copy)
+    (copy / "weights.safetensors").unlink()
+    return copy
+
+
+def _no_config(monkeypatch: pytest.MonkeyPatch, bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "no-config"
+    shutil.copytree(bundle, copy)
+    meta = json.loads((copy / "lensforge.json").read_text())
+    del meta["config"]
+    (copy / "lensforge.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("breakage", "why_not"),
+    [(_no_torchvision, "torchvision not installed"), (_no_weights, "weights.safetensors"), (_no_config, "training config")],
+)
+def test_torch_eager_detector_is_skipped_with_a_reason(
+    detect_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breakage: object, why_not: str
+) -> None:
+    bundle = breakage(monkeypatch, detect_bundle, tmp_path)  # type: ignore[operator]
+    run, reason = _torch_eager(load_bundle(bundle))
+    assert run is None and why_not in reason
+
+
+def test_cli_bench_detector(detect_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", str(detect_bundle), "--seconds", "0.05", "--threads", "1", "--batch-sizes", "1,8",
+                 "--no-torch", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert {(r["format"], r["batch"], r["mode"]) for r in report["rows"]} == {("fp32", 1, "model"), ("fp32", 1, "e2e")}
+    assert report["metric"] == "mAP50" and report["recommendation"].startswith("fp32, batch 1, 1 thread: ")
+    assert any(n.startswith("batch sizes 8 not timed") for n in report["notes"])

@@ -6,11 +6,17 @@ count, two modes are timed in one process:
     model   ``Predictor.run`` on an already preprocessed float32 (N, 3, S, S) batch
     e2e     JPEG bytes → decode → preprocess → run → result objects (``predict_batch``)
 
+Detectors run one image per onnxruntime call (images keep their own sizes), so they are timed
+at batch 1 only: model = ``Predictor.run_detector`` on one real image's prepared float32
+(3, h, w) input (a realistic box count for the post-processing), e2e = ``predict_batch`` of
+its one image's bytes (exactly what ``Predictor.predict`` runs).
+
 Within each (batch, threads, mode) cell the formats take turns run by run, so a noisy
 neighbour on the machine slows all of them alike. Each format's accuracy comes from its
 ``lensforge.json`` (nothing is re-evaluated), and the report recommends the fastest
-end-to-end setting whose accuracy is within :data:`ACCURACY_TOLERANCE` points of fp32's.
-No torch needed; a torch eager row is added only where torch, timm and the weights allow.
+end-to-end setting whose accuracy is within :data:`ACCURACY_TOLERANCE` points of fp32's
+(detectors: their test mAP at IoU 0.5). No torch needed; a torch eager row is added only where
+torch (with timm or torchvision) and the weights allow.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from lensforge.evaluation import headline_metric
 from lensforge.errors import ConfigError, DataError, ImageError
+from lensforge.evaluation import headline_metric
 from lensforge.hardware import cpu_count, describe
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
@@ -40,6 +46,7 @@ from lensforge.ui import Reporter
 log = logging.getLogger(__name__)
 
 MODES = ("model", "e2e")
+BATCH_SIZES = (1, 8, 32)  # classifiers' default; detectors always run at 1
 SLICES = 4  # each format's time in a cell comes in 4 bursts (so also at least 4 timed runs)
 MAX_RUNS = 400  # per format and cell: a fast model stops here, whatever ``seconds`` says
 SWITCH_PAUSE = 0.02  # s between bursts, for onnxruntime's spinning worker threads to go to sleep
@@ -58,8 +65,8 @@ class BenchRow:
     p50_ms, p99_ms: per-image latency in milliseconds (batch latency / batch size).
     batch_p50_ms, batch_p99_ms: latency of the whole batch in milliseconds.
     runs: timed runs behind the percentiles.
-    accuracy: the format's accuracy (mAP for multi-label) in points 0-100 from its
-        ``lensforge.json``; None when it records none.
+    accuracy: the format's accuracy (mAP for multi-label, mAP at IoU 0.5 for detectors) in
+        points 0-100 from its ``lensforge.json``; None when it records none.
     accuracy_delta: points vs the fp32 bundle, from the export record where it scored both
         models on the same images (an fp16 check may use other images than fp32's test
         metrics, so this is not always ``accuracy - fp32 accuracy``); None when unknown.
@@ -86,7 +93,7 @@ class BenchReport:
     rows: list[BenchRow]
     machine: str  # hardware.describe(): CPU model, threads, SIMD
     recommendation: str  # one line, e.g. "int8, batch 8, 2 threads: 3.1× fp32 (batch 8) at −0.3 pt"
-    metric: str = "accuracy"  # or "mAP" (multi-label)
+    metric: str = "accuracy"  # or "mAP" (multi-label), "mAP50" (detectors)
     images: str = ""  # what the end-to-end mode decoded, in words
     notes: list[str] = field(default_factory=list)
 
@@ -124,7 +131,7 @@ class _Format:
 def benchmark(
     bundles: Sequence[BundleLike],
     *,
-    batch_sizes: Sequence[int] = (1, 8, 32),
+    batch_sizes: Sequence[int] | None = None,
     threads: Sequence[int] | None = None,
     seconds: float = 2.0,
     images: Sequence[str | os.PathLike[str]] | None = None,
@@ -135,35 +142,41 @@ def benchmark(
 
     bundles: one bundle per format (e.g. ``run/bundle``, ``run/bundle-fp16``, ``run/bundle-int8``),
         each labelled by its ``"precision"`` (default "fp32"). All are loaded before any
-        timing, so a broken one raises :class:`BundleError` at once.
-    batch_sizes: images per run.
+        timing, so a broken one raises :class:`BundleError` at once. Classifiers or detectors,
+        not both (:class:`ConfigError`).
+    batch_sizes: images per run; default 1, 8 and 32. Detectors run one image per call, so
+        they are timed at batch 1 whatever is asked (other sizes leave a note in the report).
     threads: onnxruntime intra-op thread counts; default ``cpu_count()`` and also 1 when
         there is more than one core. A fresh Predictor is made per thread count.
     seconds: timing budget per format and cell (batch × threads × mode), in seconds; each
         cell still runs at least 4 and at most 400 times.
     images: image files or folders for the end-to-end mode; default the first bundle's
         test split, else 8 generated 640×480 JPEGs. Read into memory first: disk is not timed.
-    torch_eager: add a "torch eager" row when torch and timm are installed and the baseline
-        bundle's ``weights.safetensors`` rebuilds its classifier (skipped with a note otherwise).
+    torch_eager: add a "torch eager" row when torch is installed and the baseline bundle's
+        ``weights.safetensors`` rebuilds its model (skipped with a note otherwise); a detector's
+        torch row takes the same prepared input as its Predictor.
 
     Total time is about ``formats × len(batch_sizes) × len(threads) × 2 × seconds``.
     """
     ui = reporter or Reporter()
-    batch_sizes, thread_counts = _check_args(bundles, batch_sizes, threads, seconds)
+    asked = batch_sizes
+    batch_sizes, thread_counts = _check_args(bundles, BATCH_SIZES if asked is None else asked, threads, seconds)
     loaded = [b if isinstance(b, Bundle) else load_bundle(b) for b in bundles]
-    detectors = [str(b.path) for b in loaded if b.task == "detect"]
-    if detectors:
-        raise ConfigError(f"{detectors[0]} is a detector: `lensforge bench` times classifier batches; "
-                          "for detectors run bench/detect.py (Predictor vs torch eager per image)")
+    detector = _is_detector(loaded)
+    notes: list[str] = []
+    if detector:
+        if asked is not None and batch_sizes != [1]:
+            notes.append(f"batch sizes {', '.join(str(n) for n in batch_sizes if n != 1)} not timed: detectors run "
+                         "one image per onnxruntime call (images keep their own sizes), so every row is batch 1")
+        batch_sizes = [1]
     formats = _formats(loaded)
     base = formats[0]  # _formats puts the fp32 baseline first
-    notes: list[str] = []
-    if len({(f.bundle.input_spec, len(f.bundle.classes)) for f in formats}) > 1:
+    if len({(repr(_input(f.bundle)), len(f.bundle.classes)) for f in formats}) > 1:
         ui.warn("these bundles differ in input size or classes: they are not one model in several formats")
 
     probe, *_ = (Predictor(f.bundle, threads=1) for f in formats)  # all load now: BundleError before any timing
     encoded, described = _encoded_images(probe, images, max(batch_sizes), ui)
-    torch_run: Callable[[np.ndarray, int], np.ndarray] | None = None
+    torch_run: Callable[[np.ndarray, int], Any] | None = None
     if torch_eager:
         torch_run, why_not = _torch_eager(base.bundle)
         if torch_run is None:
@@ -184,14 +197,13 @@ def benchmark(
             runners = _runners(formats, t, torch_run)  # BundleError for a model ORT cannot load
             for n in batch_sizes:
                 batch_bytes = [encoded[i % len(encoded)] for i in range(n)]
-                batch = np.stack([prepared[i % len(prepared)] for i in range(n)])
+                items = [prepared[i % len(prepared)] for i in range(n)]
+                batch = items[0] if detector else np.stack(items)  # a detector call takes one (3, h, w) image
                 for mode in MODES:
                     times = _measure(_calls(runners, mode, batch, batch_bytes), seconds)
                     rows += [_row(f, n, t, mode, times[f.label]) for f in formats]
                     advance(1)
-    return BenchReport(
-        rows, describe(), _recommend(rows, formats), headline_metric(base.bundle), described, notes
-    )
+    return BenchReport(rows, describe(), _recommend(rows, formats), _metric(base.bundle)[1], described, notes)
 
 
 def print_report(report: BenchReport, console: Any) -> None:
@@ -249,6 +261,31 @@ def _check_args(
     return list(dict.fromkeys(batch_sizes)), list(dict.fromkeys(threads))
 
 
+def _is_detector(bundles: list[Bundle]) -> bool:
+    """Whether these are detectors; one run times one kind (a detector call takes one image of
+    its own size, a classifier's a fixed-size batch), so a mix is a ConfigError."""
+    detectors = [b for b in bundles if b.task == "detect"]
+    if detectors and len(detectors) < len(bundles):
+        other = next(b for b in bundles if b.task != "detect")
+        raise ConfigError(f"{detectors[0].path} is a detector but {other.path} is not (task {other.task!r}): bench "
+                          "compares formats of one model; bench detectors and classifiers in separate runs")
+    return bool(detectors)
+
+
+def _input(b: Bundle) -> object:
+    """The bundle's preprocessing facts: a DetectSpec for detectors, else an InputSpec."""
+    return b.detect_spec if b.task == "detect" else b.input_spec
+
+
+def _metric(b: Bundle) -> tuple[str, str]:
+    """(key in ``lensforge.json``'s metrics, name in the report) of the number a format is judged
+    by here: the headline metric, but mAP at IoU 0.5 for detectors (training records both; the
+    bench shows map50, and the COCO mAP@[.5:.95] headline stays in ``lensforge.json``)."""
+    if b.task == "detect":
+        return "map50", "mAP50"
+    return headline_metric(b), headline_metric(b)
+
+
 def _formats(bundles: list[Bundle]) -> list[_Format]:
     """Label each bundle by its precision (the bundle name is added when two share one); the
     fp32 baseline first (the first bundle when none is fp32)."""
@@ -278,7 +315,8 @@ def _accuracy(b: Bundle) -> tuple[float | None, float | None]:
 
     An fp16/int8 bundle's own ``export`` record (both models scored on the same held-out
     images) comes first; else ``metrics.test`` (then ``metrics.val``) written by training,
-    where values are fractions 0-1. Missing or malformed entries give None.
+    where values are fractions 0-1 (the :func:`_metric` key: ``map50`` for detectors).
+    Missing or malformed entries give None.
     """
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -287,11 +325,11 @@ def _accuracy(b: Bundle) -> tuple[float | None, float | None]:
     if isinstance(export, dict) and number(export.get(_precision(b))):
         ref = export.get("fp32")
         return float(export[_precision(b)]), float(ref) if number(ref) else None
-    metrics = b.meta.get("metrics")
+    metrics, key = b.meta.get("metrics"), _metric(b)[0]
     for split in ("test", "val"):
         m = metrics.get(split) if isinstance(metrics, dict) else None
-        if isinstance(m, dict) and number(m.get(headline_metric(b))):
-            return round(100 * float(m[headline_metric(b)]), 2), None
+        if isinstance(m, dict) and number(m.get(key)):
+            return round(100 * float(m[key]), 2), None
     return None, None
 
 
@@ -357,29 +395,33 @@ def generated_jpegs(n: int = GENERATED_IMAGES, size: tuple[int, int] = (640, 480
 # -- timing ------------------------------------------------------------------------------------
 
 
-Runner = tuple[Callable[[np.ndarray], Any], Callable[[list[bytes]], Any]]  # (model only, end to end)
+# (model only, end to end): the model takes a classifier's (N, 3, S, S) batch or one detector
+# input (3, h, w); end to end takes the encoded images
+Runner = tuple[Callable[[np.ndarray], Any], Callable[[list[bytes]], Any]]
 
 
 def _runners(
-    formats: list[_Format], threads: int, torch_run: Callable[[np.ndarray, int], np.ndarray] | None
+    formats: list[_Format], threads: int, torch_run: Callable[[np.ndarray, int], Any] | None
 ) -> dict[str, Runner]:
     """A fresh Predictor per format for this thread count; the torch row decodes and
-    preprocesses with the baseline's Predictor and runs the torch model in between."""
+    preprocesses with the baseline's Predictor and runs the torch model in between (per image
+    for detectors, as ``Predictor.run_many`` does)."""
     out: dict[str, Runner] = {}
     for f in formats:
         if f.torch:
             continue
         p = Predictor(f.bundle, threads=threads)
-        out[f.label] = (p.run, p.predict_batch)
+        out[f.label] = (p.run_detector if p.detector else p.run, p.predict_batch)
     if torch_run is not None:
         ref = Predictor(formats[0].bundle, threads=threads)
 
-        def model(batch: np.ndarray) -> np.ndarray:
+        def model(batch: np.ndarray) -> Any:
             return torch_run(batch, threads)
 
         def e2e(sources: list[bytes]) -> list[Any]:
             xs = [ref.prepare(b) for b in sources]
-            return [ref.result(s, x) for s, x in zip(model(np.stack(xs)), xs)]
+            outputs = [model(x) for x in xs] if ref.detector else list(model(np.stack(xs)))
+            return [ref.result(o, x) for o, x in zip(outputs, xs)]
 
         out[TORCH_LABEL] = (model, e2e)
     return out
@@ -465,32 +507,68 @@ def _signed(points: float) -> str:
 # -- the optional torch eager row --------------------------------------------------------------
 
 
-def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], np.ndarray] | None, str]:
-    """The bundle's classifier rebuilt in torch from ``weights.safetensors`` and the model
-    info in ``lensforge.json`` (backbone, head, num_classes; no pretrained download), as
-    ``run(batch float32 (N, 3, S, S), threads) -> scores float32 (N, C)``; or (None, why not).
-    Never raises: the row is a comparison, not something the bench depends on."""
+def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], Any] | None, str]:
+    """The bundle's model rebuilt in torch from ``weights.safetensors`` and the model info in
+    ``lensforge.json`` (no pretrained download), as ``run(x, threads)``; or (None, why not).
+
+    Classifiers: x float32 (N, 3, S, S) → scores float32 (N, C). Detectors: x one prepared
+    float32 (3, h, w) input in [0, 1] → (boxes float32 (K, 4) xyxy in input pixels, scores
+    float32 (K,), class ids int64 (K,)), as ``Predictor.run_detector``. Never raises: the row
+    is a comparison, not something the bench depends on."""
     import importlib.util
 
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
-        return None, "torch and timm are not installed"
+    detector = bundle.task == "detect"
+    needs = ("torch", "torchvision", "timm") if detector else ("torch", "timm")  # lite0_fpn's backbone is timm's
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        return None, f"{' and '.join(missing)} not installed (pip install 'lensforge[train]' for this row)"
     try:
         import torch
 
         from lensforge.models import load_bundle_model
 
-        model = load_bundle_model(bundle)
+        model = _torch_detector(bundle) if detector else load_bundle_model(bundle)
     except Exception as e:  # any failure (missing module, unknown backbone, shapes) only drops the row
         log.info("torch eager row skipped", exc_info=True)
         return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
-    def run(batch: np.ndarray, threads: int) -> np.ndarray:
+    def run(x: np.ndarray, threads: int) -> Any:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         with torch.inference_mode():
-            return model(torch.from_numpy(batch)).numpy()
+            if detector:  # one image per call, batched to (1, 3, h, w) as the graph takes it
+                out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)[None]))
+                return tuple(t.numpy() for t in out)
+            return model(torch.from_numpy(x)).numpy()
 
     return run, ""
+
+
+def _torch_detector(bundle: Bundle) -> Any:
+    """The detector of a bundle, rebuilt from its saved training config (random init, no
+    download) and ``weights.safetensors``, wrapped in ``ExportableDetector``: the graph the
+    bundle's ONNX model was exported from, taking the Predictor's prepared input. Raises
+    ModelError when the bundle lacks the weights or config, ``load_state_dict``'s errors when
+    they do not fit."""
+    from safetensors.torch import load_file
+
+    from lensforge.config import TrainConfig
+    from lensforge.errors import ModelError
+    from lensforge.models.detector import ExportableDetector
+    from lensforge.runtime.bundle import WEIGHTS_FILE
+    from lensforge.training.detect import build_detector
+
+    weights = bundle.path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"{bundle.path} has no {WEIGHTS_FILE}")
+    config = bundle.meta.get("config")
+    if not isinstance(config, dict):
+        raise ModelError(f"{bundle.path}'s lensforge.json holds no training config to rebuild the detector from")
+    cfg = TrainConfig.from_dict(config).resolve("detect")
+    cfg.pretrained, cfg.weights = False, None  # the safetensors replace every tensor: nothing to fetch or read first
+    model = build_detector(cfg, len(bundle.classes))
+    model.load_state_dict(load_file(str(weights)))
+    return ExportableDetector(model.eval()).eval()
 
 
 @contextlib.contextmanager
