@@ -503,10 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-pretrained", action="store_true", help="random init (tests, or training from scratch)")
     t.add_argument("--head", choices=("linear", "mlp"), help=f"classifier head{dflt('head')}")
     t.add_argument("--probe", action="store_true", help="logistic regression on frozen features instead of fine-tuning")
-    t.add_argument("--image-size", type=positive_int, help=f"model input side in pixels{dflt('image_size')}")
+    t.add_argument("--image-size", type=positive_int, help=f"classifiers: model input side; detectors: shorter image side (pixels){dflt('image_size')}")
     t.add_argument("--epochs", type=positive_int, help=f"maximum epochs{dflt('epochs')}")
     t.add_argument("--batch-size", type=positive_int, help=f"images per step{dflt('batch_size')}")
-    t.add_argument("--lr", type=float, help=f"backbone learning rate; the new head uses 10x{dflt('lr')}")
+    t.add_argument("--lr", type=float, help=f"learning rate (a classifier's new head uses 10x){dflt('lr')}")
     t.add_argument("--label-smoothing", type=float, help=f"single-label only{dflt('label_smoothing')}")
     t.add_argument("--beta", type=positive_float,
                    help=f"multi-label thresholds / the detection score threshold maximise F-beta on validation (1 = F1, 2 = F2){dflt('beta')}")
