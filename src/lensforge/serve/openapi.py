@@ -39,19 +39,31 @@ _PARAM = re.compile(r"{([^}:]+)(?::[^}]*)?}")
 _BINARY = {"type": "string", "format": "binary"}
 
 
+# Strict base64 as the server decodes it (``b64decode(validate=True)``: whole 4-character groups,
+# padding only at the end), after an optional data URL prefix; non-empty, since "" is `empty image`.
+_BASE64 = {"type": "string", "contentEncoding": "base64", "minLength": 4,
+           "pattern": r"^(data:image/[A-Za-z0-9.+-]+;base64,)?(?:[A-Za-z0-9+/]{4})*"
+                      r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$"}
+
+
 def _image_body(fields: Sequence[str] = ("file",), *, seed_json: bool = False) -> dict[str, Any]:
     """An image sent as multipart (under any of ``fields``) or as the raw body."""
-    props = {f: {**_BINARY, "description": "the image (JPEG, PNG, WebP, BMP, TIFF, GIF)"} for f in fields}
+    props = {f: {**_BINARY, "description": "the image (JPEG, PNG, WebP, BMP, GIF)"} for f in fields}
+    # the server answers 400 `missing file field` without one of the fields (RELIABILITY.md M1)
+    form: dict[str, Any] = {"type": "object", "properties": props}
+    if len(fields) == 1:
+        form["required"] = list(fields)
+    else:
+        form["anyOf"] = [{"required": [f]} for f in fields]
     content: dict[str, Any] = {
-        "multipart/form-data": {"schema": {"type": "object", "properties": props}},
+        "multipart/form-data": {"schema": form},
         "image/jpeg": {"schema": _BINARY},
         "image/png": {"schema": _BINARY},
         "application/octet-stream": {"schema": _BINARY},
     }
     if seed_json:
         content["application/json"] = {
-            "schema": {"type": "object", "properties": {"raw_file": {"type": "string", "contentEncoding": "base64"}},
-                       "required": ["raw_file"]},
+            "schema": {"type": "object", "properties": {"raw_file": _BASE64}, "required": ["raw_file"]},
             "example": {"raw_file": "/9j/4AAQSkZJRgABAQAAAQABAAD..."},
         }
     return {"required": True, "content": content}
@@ -112,6 +124,27 @@ _ANNOTATE_OK = {
     "content": {"image/jpeg": {"schema": _BINARY}, "image/png": {"schema": _BINARY}},
 }
 _KSERVE_ERROR = {"error": "model 'nope' is not found"}
+# The v2 inference request as kserve_wire.parse_request checks it: one input, either the model's
+# FP32 tensor or encoded images (BYTES, base64 in JSON); at most 8 dimensions. What JSON Schema
+# cannot say (the input's name and shape for this model, len(data) = the shape's product) is a 400.
+_V2_INFER_REQUEST = {
+    "type": "object", "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["name", "datatype", "shape", "data"],
+            "properties": {
+                "name": {"type": "string", "description": "the model's tensor input (GET /v2/models/{name}) or 'image'"},
+                "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
+                "shape": {"type": "array", "minItems": 1, "maxItems": 8, "items": {"type": "integer", "minimum": 1}},
+                "data": {"type": "array", "description": "FP32: numbers, row-major (may be nested); BYTES: base64 images"},
+                "parameters": {"type": "object"}}}},
+        "outputs": {"type": "array", "items": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+    },
+}
 
 
 def _op(summary: str, tag: str, responses: dict[str, Any], *, description: str = "",
@@ -224,8 +257,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         {"200": _json("outputs as typed tensors", {"model_name": "shapes", "outputs": [
             {"name": "scores", "datatype": "FP32", "shape": [1, 4], "data": [0.91, 0.05, 0.03, 0.01]}]}),
          "400": _json("malformed request", {"error": "inputs[0].shape does not match its data"}),
-         "404": _json("unknown model", _KSERVE_ERROR)},
-        body={"required": True, "content": {"application/json": {"example": {
+         "404": _json("unknown model", _KSERVE_ERROR),
+         "413": _json("body over the cap", {"error": "request body larger than 20971520 bytes"}),
+         "503": _json("not ready, queue full or past the deadline (with Retry-After)",
+                      {"error": "model 'shapes' is not ready"})},
+        body={"required": True, "content": {"application/json": {"schema": _V2_INFER_REQUEST, "example": {
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": ["..."]}]}}}}),
 }
 
