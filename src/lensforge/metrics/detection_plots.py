@@ -22,7 +22,7 @@ from PIL import Image
 
 from lensforge.data.image import decode_image
 from lensforge.data.records import Record
-from lensforge.metrics.plots import _save, _short
+from lensforge.metrics.plots import _save, _short, pr_axes
 from lensforge.runtime.draw import class_color, draw_detections, fit_within
 from lensforge.runtime.results import DetectionResult
 
@@ -93,12 +93,7 @@ def plot_detection_pr_curves(metrics: dict[str, Any], path: str | Path, max_lege
                   title_fontsize=8, alignment="left")
     else:
         ax.text(0.5, 0.5, "no class has a ground truth box", ha="center", va="center", fontsize=12)
-    ax.set_title(f"Precision–recall per class at IoU {metrics['pr_curve']['iou']:.2f} (COCO, interpolated)")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.03)
-    ax.grid(alpha=0.3)
+    pr_axes(ax, f"Precision–recall per class at IoU {metrics['pr_curve']['iou']:.2f} (COCO, interpolated)")
     return _save(fig, path)
 
 

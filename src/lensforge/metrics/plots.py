@@ -179,13 +179,18 @@ def plot_pr_curves(
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9,
                   title="\n".join(notes) if notes else None, title_fontsize=8, alignment="left")
     mean_ap = f"mAP {np.mean(list(aps.values())):.3f} over {len(aps)} labels" if aps else "no label has a positive"
-    ax.set_title(f"Precision–recall per label · {mean_ap}")
+    pr_axes(ax, f"Precision–recall per label · {mean_ap}")
+    return _save(fig, path)
+
+
+def pr_axes(ax: Any, title: str) -> None:
+    """Title, labels, limits and grid of a precision–recall plot (multi-label and detection)."""
+    ax.set_title(title)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.03)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
