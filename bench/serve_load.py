@@ -135,22 +135,27 @@ class Proc:
                 self.popen.wait()
 
 
-def start(argv: list[str], port: int, probe: str, env: dict[str, str] | None = None) -> Proc:
+def start(argv: list[str], port: int, probe: str, env: dict[str, str] | None = None, *, body: bytes | None = None,
+          within_s: float = 120, request_timeout_s: float = 5) -> Proc:
+    """Start ``argv`` and wait until ``probe`` answers 200 (GET, or POST of ``body`` as JSON)."""
     popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE.parent)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if popen.poll() is not None:
             raise RuntimeError(f"{' '.join(argv)} exited with {popen.returncode}")
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", probe)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=request_timeout_s)
+            if body is None:
+                conn.request("GET", probe)
+            else:
+                conn.request("POST", probe, body, {"Content-Type": "application/json"})
             if conn.getresponse().status == 200:
                 return Proc(popen, port)
         except OSError:
             pass
         time.sleep(0.2)
     popen.kill()
-    raise RuntimeError(f"{' '.join(argv)} did not answer {probe} within 120 s")
+    raise RuntimeError(f"{' '.join(argv)} did not answer {probe} within {within_s:.0f} s")
 
 
 def lensforge_serve(bundle: Path, *options: str) -> Proc:
@@ -167,25 +172,9 @@ def flask_seed(bundle: Path, torch_threads: int | None = None) -> Proc:
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
     argv = [gunicorn, "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(HERE), "--log-level", "warning",
             "_flask_seed:app"]
-    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "SEED_BUNDLE": str(bundle),
-                                  **({"SEED_TORCH_THREADS": str(torch_threads)} if torch_threads else {})},
-                             cwd=HERE.parent)
-    body = seed_body(photo())
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if popen.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {popen.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
-            if conn.getresponse().status == 200:
-                return Proc(popen, port)
-        except OSError:
-            pass
-        time.sleep(0.3)
-    popen.kill()
-    raise RuntimeError("the seed app did not answer within 180 s")
+    env = {**os.environ, "SEED_BUNDLE": str(bundle), **({"SEED_TORCH_THREADS": str(torch_threads)} if torch_threads else {})}
+    # a first /predict loads torch and the model in each worker: slow, hence the long waits
+    return start(argv, port, "/predict", env, body=seed_body(photo()), within_s=180, request_timeout_s=30)
 
 
 # -- the load generator -------------------------------------------------------------------

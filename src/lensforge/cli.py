@@ -561,10 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=cmd_bench)
 
-    sv = sub.add_parser("serve", help="serve bundles over HTTP: seed /predict, TorchServe routes, native JSON, metrics",
-                        description="Serve one or more bundles on one port: POST /predict (the seed contract), "
-                                    "/predictions/{model} and /ping (TorchServe), /v1/models/{model}/predict (native JSON), "
-                                    "/healthz, /readyz, /metrics. Binds 127.0.0.1 unless --host says otherwise.")
+    sv = sub.add_parser("serve", help="serve bundles over HTTP: seed, TorchServe and KServe v2 protocols, a web page",
+                        description="Serve one or more bundles (classifiers and detectors) on one port: POST /predict "
+                                    "(the seed contract), /annotate, /predictions/{model} and /ping (TorchServe), "
+                                    "/v2/... (KServe v2 / Triton HTTP), /v1/models/{model}/predict (native JSON), "
+                                    "/healthz, /readyz, /metrics, /docs, and a page to try images at /. "
+                                    "Binds 127.0.0.1 unless --host says otherwise.")
     sv.add_argument("bundles", nargs="+", metavar="BUNDLE")
     sv.add_argument("--name", action="append", help="model name per bundle, in order (default: the run directory's name)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")

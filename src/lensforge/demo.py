@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -30,8 +31,6 @@ def run_demo(
     """Returns 0 when the test-split metric reaches the stated goal, 1 otherwise."""
     from lensforge.config import TrainConfig
     from lensforge.data.demo import make_demo_dataset
-    from lensforge.data.formats import read_dataset
-    from lensforge.data.inspect import inspect_dataset
     from lensforge.metrics.classification import print_report
     from lensforge.runtime.predictor import Predictor
     from lensforge.training import train
@@ -46,9 +45,7 @@ def run_demo(
     per_class, demo_epochs, lr = DEMO_SETTINGS[task]
     make_demo_dataset(data_dir, task=task, size=DEMO_DATA_SIZE, n_per_class=per_class)
 
-    ds = read_dataset(data_dir)
-    report = inspect_dataset(ds, verify=True)
-    ui.step(f"2/4 Inspected: {report.get('verdict', '')}".rstrip(": "))
+    ds = _inspect(data_dir, ui)
 
     ui.step("3/4 Training (EfficientNet-Lite0, ImageNet weights from the offline package)")
     cfg = TrainConfig(
@@ -71,22 +68,14 @@ def run_demo(
         got = ", ".join(res.labels) or "(none)"
         out.print(f"  {r.path.name}: predicted [bold]{got}[/]  (true: {truth}; top score {res.top(1)[0][1]:.3f})")
 
-    metric, goal = GOAL[result.task]
-    value = test.get(metric) or 0.0
-    ok = value >= goal
-    verdict = "[green]PASS[/]" if ok else "[red]BELOW GOAL[/]"
-    out.print(f"\n{verdict} test {metric} {value:.3f} (goal ≥ {goal}) in {time.perf_counter() - t0:.0f} s. "
-              f"Bundle: {result.bundle_dir}")
-    out.print(f"Try: lensforge predict {result.bundle_dir} {data_dir}")
-    return 0 if ok else 1
+    return _verdict(out, result, test, metric_name=GOAL[result.task][0], t0=t0,
+                    try_command=f"lensforge predict {result.bundle_dir} {data_dir}")
 
 
 
 def _run_detect_demo(root: Path, data_dir: Path, epochs: int | None, ui: Reporter, out: Console, t0: float) -> int:
     from lensforge.config import TrainConfig
     from lensforge.data.demo import make_demo_detection
-    from lensforge.data.formats import read_dataset
-    from lensforge.data.inspect import inspect_dataset
     from lensforge.metrics.detection import print_detection_report
     from lensforge.runtime.draw import save_annotated
     from lensforge.runtime.predictor import Predictor
@@ -95,9 +84,7 @@ def _run_detect_demo(root: Path, data_dir: Path, epochs: int | None, ui: Reporte
     d = DETECT_DEMO
     ui.step(f"1/4 Generating a synthetic detection dataset (Roboflow COCO export) in {data_dir}")
     make_demo_detection(data_dir, n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"], size=d["size"])
-    ds = read_dataset(data_dir)
-    report = inspect_dataset(ds, verify=True)
-    ui.step(f"2/4 Inspected: {report.get('verdict', '')}".rstrip(": "))
+    ds = _inspect(data_dir, ui)
 
     ui.step("3/4 Training a Faster R-CNN (EfficientNet-Lite0 + FPN, ImageNet weights from the offline package)")
     cfg = TrainConfig(
@@ -120,11 +107,28 @@ def _run_detect_demo(root: Path, data_dir: Path, epochs: int | None, ui: Reporte
         path = save_annotated(r.path, res, annotated, taken=taken)
         out.print(f"  {r.path.name}: {len(r.boxes)} true object(s); found {found} → {path}")
 
-    metric, goal = GOAL["detect"]
+    return _verdict(out, result, test, metric_name="AP50", t0=t0,
+                    try_command=f"lensforge predict {result.bundle_dir} {data_dir / 'test'} --annotate {annotated}")
+
+
+def _inspect(data_dir: Path, ui: Reporter) -> Any:
+    """Step 2 of both demos: read the generated data and say what inspect makes of it."""
+    from lensforge.data.formats import read_dataset
+    from lensforge.data.inspect import inspect_dataset
+
+    ds = read_dataset(data_dir)
+    report = inspect_dataset(ds, verify=True)
+    ui.step(f"2/4 Inspected: {report.get('verdict', '')}".rstrip(": "))
+    return ds
+
+
+def _verdict(out: Console, result: Any, test: dict[str, Any], metric_name: str, t0: float, try_command: str) -> int:
+    """The last lines of both demos: the test metric against GOAL; 0 when it is reached."""
+    metric, goal = GOAL[result.task]
     value = test.get(metric) or 0.0
     ok = value >= goal
     verdict = "[green]PASS[/]" if ok else "[red]BELOW GOAL[/]"
-    out.print(f"\n{verdict} test AP50 {value:.3f} (goal ≥ {goal}) in {time.perf_counter() - t0:.0f} s. "
+    out.print(f"\n{verdict} test {metric_name} {value:.3f} (goal ≥ {goal}) in {time.perf_counter() - t0:.0f} s. "
               f"Bundle: {result.bundle_dir}")
-    out.print(f"Try: lensforge predict {result.bundle_dir} {data_dir / 'test'} --annotate {annotated}")
+    out.print(f"Try: {try_command}")
     return 0 if ok else 1

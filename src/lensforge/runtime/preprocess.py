@@ -39,11 +39,7 @@ class InputSpec:
             raise ValueError(f"need 8 <= size <= resize, got size={self.size}, resize={self.resize}")
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) != 3 or not all(math.isfinite(v) for v in values):
-                raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {list(values)}")
-        if min(self.std) <= 0:
-            raise ValueError(f"std must be > 0 for every channel (it divides the pixels), got {list(self.std)}")
+        _check_normalisation(self.mean, self.std)
 
     @classmethod
     def for_size(cls, size: int, crop_pct: float = 0.875, **kw: Any) -> InputSpec:
@@ -80,11 +76,7 @@ class DetectSpec:
     def __post_init__(self) -> None:
         if not 32 <= self.min_size <= self.max_size:
             raise ValueError(f"need 32 <= min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}")
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) != 3 or not all(math.isfinite(v) for v in values):
-                raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {list(values)}")
-        if min(self.std) <= 0:
-            raise ValueError(f"std must be > 0 for every channel, got {list(self.std)}")
+        _check_normalisation(self.mean, self.std)
 
     def scale_for(self, width: int, height: int) -> float:
         """The factor a ``width`` x ``height`` image is resized by (torchvision's rule)."""
@@ -116,6 +108,15 @@ def detector_input(img: Image.Image, spec: DetectSpec) -> np.ndarray:
         img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0 if size[0] < img.width else None)
     x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _check_normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Per-channel mean/std, shared by classifier and detector specs."""
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {list(values)}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be > 0 for every channel (it divides the pixels), got {list(std)}")
 
 
 def _floats(values: Any, name: str) -> tuple[float, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +127,7 @@ class DetectionResult:
         """Only the detections scoring at least ``threshold`` (default: the result's own)."""
         t = self.threshold if threshold is None else threshold
         keep = self.scores >= t
-        return DetectionResult(self.boxes[keep], self.scores[keep], self.class_ids[keep], self.classes,
-                               self.threshold, self.image_size)
+        return dataclasses.replace(self, boxes=self.boxes[keep], scores=self.scores[keep], class_ids=self.class_ids[keep])
 
     def to_dict(self, threshold: float | None = None) -> dict[str, Any]:
         """Plain JSON-ready form of the detections at or above ``threshold`` (default: the

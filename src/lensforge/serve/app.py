@@ -3,13 +3,16 @@
 Routes (each dialect keeps its own error shape, see RELIABILITY.md):
 
 - seed ``POST /predict``, ``/predict/{model}``, ``?model=``: JSON (also double-encoded) with
-  ``raw_file`` base64, multipart ``file`` or a raw image body →
-  ``{"preds": {label: "score"}, "status": "Success"}``; errors ``{"status": "Error", "error"}``.
+  ``raw_file`` base64 (``local_url`` / ``remote_url`` when enabled, see :mod:`.fetch`),
+  multipart ``file`` or a raw image body → ``{"preds": ..., "status": "Success"}``; errors
+  ``{"status": "Error", "error"}``.
 - TorchServe: ``GET /ping``, ``POST|PUT /predictions/{model}`` (raw body or multipart
-  ``data``/``body``) → top-5 ``{label: score}``; ``GET /models``, ``GET /models/{name}``;
-  errors ``{"code", "type", "message"}``.
-- native: ``POST /v1/models/{name}/predict`` (multipart ``file`` or raw body) →
-  ``{"model", "labels", "top", "scores", "latency_ms"}``; errors ``{"error": {"code", "message"}}``.
+  ``data``/``body``) → its image-classifier or object-detector answer; ``GET /models``,
+  ``GET /models/{name}``; errors ``{"code", "type", "message"}``.
+- native: ``POST /v1/models/{name}/predict`` (multipart ``file`` or raw body) → the result's
+  ``to_dict()`` + ``latency_ms``; errors ``{"error": {"code", "message"}}``.
+- KServe v2 / Triton HTTP (``/v2/...``, :mod:`.kserve`); ``/annotate``, ``/docs``,
+  ``/openapi.json`` and the web page at ``/`` (:mod:`.web`).
 - ``/healthz`` (live), ``/readyz`` (every model loaded and warmed up), ``/metrics`` (Prometheus).
 
 Decoding and preprocessing run in a thread pool, inference in one thread per model behind a

@@ -7,6 +7,7 @@ only the dataset, the LightningModule and the bundle's contents differ.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -336,7 +337,8 @@ def write_detector_bundle(
                    for name, (recs, res) in scored.items()}
         meta["metrics"] = {k: _headline(v) for k, v in metrics.items()}
         write_meta(tmp, meta)
-    final = {name: (recs, [_with_threshold(r, meta["score_threshold"]) for r in res]) for name, (recs, res) in scored.items()}
+    final = {name: (recs, [dataclasses.replace(r, threshold=meta["score_threshold"]) for r in res])
+             for name, (recs, res) in scored.items()}
     return float(parity["max_score_diff"]), metrics, final
 
 
@@ -359,7 +361,3 @@ def parity_images(val: DetectionImages, train: Sequence[Record], spec: DetectSpe
     if not checks:
         checks = [torch.rand(1, 3, spec.min_size, round(spec.min_size * 4 / 3), generator=torch.Generator().manual_seed(0))]
     return checks
-
-
-def _with_threshold(r: DetectionResult, threshold: float) -> DetectionResult:
-    return DetectionResult(r.boxes, r.scores, r.class_ids, r.classes, threshold, r.image_size)
