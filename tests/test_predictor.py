@@ -167,6 +167,14 @@ def _wrong_class_count(b: Path) -> None:
     (b / "lensforge.json").write_text(json.dumps({**meta, "classes": meta["classes"][:3]}))
 
 
+def _broken_copy(bundle: Path, tmp_path: Path, breakage: Callable[[Path], None]) -> Path:
+    """A copy of ``bundle`` in ``tmp_path`` with ``breakage`` applied (the fixture stays intact)."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    breakage(copy)
+    return copy
+
+
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [
@@ -183,9 +191,7 @@ def _wrong_class_count(b: Path) -> None:
 def test_broken_bundles_raise_one_line_bundle_errors(
     shapes_bundle: Path, tmp_path: Path, breakage: Callable[[Path], None], expected: str
 ) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(shapes_bundle, bundle)
-    breakage(bundle)
+    bundle = _broken_copy(shapes_bundle, tmp_path, breakage)
     with pytest.raises(BundleError, match=expected) as info:
         Predictor(bundle)
     assert "\n" not in str(info.value)
@@ -339,9 +345,7 @@ BAD_META: list[tuple[str, Callable[[Path], None], str]] = [
 def test_hand_edited_bundle_metadata_raises_one_line_bundle_errors(
     shapes_bundle: Path, tmp_path: Path, breakage: Callable[[Path], None], expected: str
 ) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(shapes_bundle, bundle)
-    breakage(bundle)
+    bundle = _broken_copy(shapes_bundle, tmp_path, breakage)
     with pytest.raises(BundleError, match=expected) as info:
         load_bundle(bundle)
     message = str(info.value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from serving import LiveServer
+from serving import LiveServer, raw_exchange
 
 from lensforge.runtime import Predictor
 from lensforge.serve import create_app, model_name
@@ -250,31 +249,13 @@ def test_base64_size_judged_before_decoding() -> None:
     assert decode_base64("data:image/png;base64," + base64.b64encode(b"abc").decode(), cap=100) == b"abc"
 
 
-def _raw_http(port: int, head: bytes) -> bytes:
-    """Send a request head (plus a few body bytes) on a socket and read the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(head)
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks) and b"}" in chunk:
-                break
-        return b"".join(chunks)
-
-
 @pytest.mark.parametrize("length, status", [(str(CAP + 1), b"413"), (str(20 * 1024 * 1024 + 1), b"413"),
                                             ("-5", b"400"), ("12abc", b"400")])
 def test_content_length_checked_before_reading(length: str, status: bytes, live: LiveServer,
                                                jpegs: list[bytes]) -> None:
     head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {length}\r\n\r\n"
             "abc").encode()
-    answer = _raw_http(live.port, head)
+    answer = raw_exchange(live.port, head)
     assert answer.split(b" ")[1] == status, answer[:200]
     assert b"Traceback" not in answer
     ok = requests.post(live.url + "/predictions/run", data=jpegs[0], timeout=10)
@@ -344,7 +325,7 @@ def test_a_stalled_body_gets_408_at_the_deadline(shapes_bundle: Path, jpegs: lis
         head = (b"POST /predictions/run HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                 b"Content-Length: 100000\r\n\r\n" + jpegs[0][:100])
         started = time.monotonic()
-        answer = _raw_http(port, head)
+        answer = raw_exchange(port, head)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert time.monotonic() - started < 5
         ok = requests.post(server.url + "/predictions/run", data=jpegs[0], timeout=30)

@@ -8,10 +8,9 @@ import base64
 import json
 import shutil
 import struct
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import pytest
@@ -355,7 +354,7 @@ def test_not_ready_model_answers_503_with_retry_after(shapes_bundle: Path, tmp_p
     shutil.copytree(shapes_bundle, broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")  # loads never: the model stays not ready
     app = create_app({"run": shapes_bundle, "broken": broken}, max_body_bytes=CAP)
-    server = _Uvicorn(app)
+    server = LiveServer(app, ready_path="/v2/models/run/ready")  # /readyz stays 503: a model is broken
     with server:
         url = server.url
         assert requests.get(url + "/v2/health/live", timeout=10).status_code == 200
@@ -369,23 +368,6 @@ def test_not_ready_model_answers_503_with_retry_after(shapes_bundle: Path, tmp_p
         ok = requests.post(url + INFER, timeout=10,
                            **_v2(_tensor("image", [1], "BYTES", data=[base64.b64encode(jpegs[0]).decode()])))
         assert ok.status_code == 200, ok.text
-
-
-class _Uvicorn(LiveServer):
-    """A LiveServer that waits for one model rather than /readyz (which a broken model keeps at 503)."""
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/v2/models/run/ready", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        self.__exit__()
-        raise RuntimeError("model 'run' did not become ready within 60 s")
 
 
 # -- the wire format, unit level ---------------------------------------------------------------

@@ -28,6 +28,7 @@ from PIL import Image
 
 from lensforge.errors import BundleError
 from lensforge.serve import create_app, lifecycle
+from serving import raw_exchange
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,24 +277,6 @@ def _ready(url: str) -> bool:
 # -- B7-B9: transport -------------------------------------------------------------------------
 
 
-def raw(port: int, data: bytes) -> bytes:
-    """Send raw bytes, read until the server closes or answers."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        try:
-            s.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        chunks = []
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-                if b"\r\n\r\n" in b"".join(chunks):
-                    break
-        except (ConnectionResetError, TimeoutError):
-            pass
-        return b"".join(chunks)
-
-
 BIG = b"a" * 100_000
 CLOSED = b""  # the server hung up without an answer
 
@@ -311,7 +294,7 @@ CLOSED = b""  # the server hung up without an answer
     ("bad content-length (B8)", b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1e9\r\n\r\n", {b"400", CLOSED}),
 ])
 def test_bad_request_heads_are_refused(live: ThreadServer, name: str, request_bytes: bytes, expected: set[bytes]) -> None:
-    answer = raw(live.port, request_bytes)
+    answer = raw_exchange(live.port, request_bytes, whole_json=False)
     status = answer[9:12] if answer.startswith(b"HTTP/1.1 ") else answer
     assert status in expected, (name, answer[:200])
     assert requests.get(live.url + "/healthz", timeout=5).status_code == 200
@@ -388,7 +371,7 @@ def test_connections_over_the_limit_get_503(shapes_bundle: Path) -> None:
         held = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(2)]
         try:
             time.sleep(0.2)  # let the server register both connections
-            answer = raw(s.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = raw_exchange(s.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", whole_json=False)
             assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
         finally:
             for c in held:

@@ -14,7 +14,6 @@ import gc
 import io
 import os
 import re
-import socket
 import struct
 import tempfile
 import threading
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image, PngImagePlugin
-from serving import LiveServer
+from serving import LiveServer, raw_exchange
 
 from lensforge.data.image import DEFAULT_MAX_PIXELS
 from lensforge.runtime import Predictor
@@ -481,30 +480,11 @@ def test_m3_huge_text_field_streamed_is_413_memory_flat(route: str, live: LiveSe
     valid_request_succeeds(live.url)
 
 
-def raw_exchange(port: int, head: bytes, timeout: float = 5.0) -> bytes:
-    """Send bytes on a fresh connection, return what comes back until the server closes or
-    one complete JSON answer is in."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(head)
-        answer = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            answer += chunk
-            if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
-                break
-        return answer
-
-
 def test_m3_declared_500_mb_text_field_is_413_before_reading(live: LiveServer) -> None:
     head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: {500 * 1000 * 1000}\r\n"
             "\r\n").encode() + b"--xyz\r\n" + disposition("comment") + b"\r\n\r\nxxxx"
     with PeakRSS() as peak:
-        answer = raw_exchange(live.port, head)
+        answer = raw_exchange(live.port, head, timeout=5.0)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert peak.delta < 30
     valid_request_succeeds(live.url)
