@@ -57,17 +57,22 @@ def wait_for(url: str, timeout: float = 60, status: int = 200) -> None:
     raise RuntimeError(f"{url} did not answer {status} within {timeout} s")
 
 
-def serve_process(*args: str) -> subprocess.Popen[str]:
-    """``lensforge serve ...`` as a real process (its own signal handling, as in production)."""
-    return subprocess.Popen([sys.executable, "-m", "lensforge.cli", "serve", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def serve_process(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``lensforge serve ...`` as a real process (its own signal handling, as in production).
+    Its output goes to the file ``log``, never to a pipe: nobody reads a pipe while the test
+    runs, and once the access log fills it (64 KiB, a few hundred requests on a fast machine)
+    the server blocks in its next write and the test hangs."""
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "lensforge.cli", "serve", *args],
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
+def stop(proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Kill ``proc`` if it still runs; its output so far."""
     if proc.poll() is None:
         proc.kill()
-    out, _ = proc.communicate(timeout=30)
-    return out
+    proc.wait(timeout=30)
+    return log.read_text(errors="replace")
 
 
 class ThreadServer:
@@ -107,12 +112,13 @@ class Call:
     retry_after: str | None = None
 
 
-def test_sigterm_drains_under_load(shapes_bundle: Path) -> None:
+def test_sigterm_drains_under_load(shapes_bundle: Path, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # batches wait 300 ms for company, so at the signal several requests are certainly inside
     # the server (decoded, queued in the batcher): they must still be answered 200
-    proc = serve_process(str(shapes_bundle), "--port", str(port), "--max-wait-ms", "300", "--drain", "1", "--grace", "10")
+    proc = serve_process(tmp_path / "serve.log", str(shapes_bundle), "--port", str(port), "--max-wait-ms", "300",
+                         "--drain", "1", "--grace", "10")
     try:
         wait_for(url + "/readyz")
         body = jpeg()
@@ -141,7 +147,7 @@ def test_sigterm_drains_under_load(shapes_bundle: Path) -> None:
             exited = time.monotonic()
             done.set()
     finally:
-        log = stop(proc)
+        log = stop(proc, tmp_path / "serve.log")
     assert ready.status_code == 503, ready.text
     assert code == 0, log[-2000:]
     assert exited - signalled < 1 + 10
@@ -181,9 +187,9 @@ def test_check_bundles_names_the_file_and_cause(shapes_bundle: Path, tmp_path: P
 
 def test_strict_serve_exits_with_one_line(shapes_bundle: Path, tmp_path: Path) -> None:
     broken = broken_copy(shapes_bundle, tmp_path / "b", "truncated")
-    proc = serve_process(str(broken), "--port", str(free_port()))  # one bundle: strict by default
+    proc = serve_process(tmp_path / "serve.log", str(broken), "--port", str(free_port()))  # one bundle: strict by default
     proc.wait(timeout=60)
-    out = stop(proc)
+    out = stop(proc, tmp_path / "serve.log")
     assert proc.returncode == 2, out
     assert "Traceback" not in out
     lines = [line for line in out.splitlines() if line.strip()]
@@ -236,10 +242,10 @@ def workers_of(pid: int) -> set[int]:
     return found
 
 
-def test_killed_worker_is_replaced(shapes_bundle: Path) -> None:
+def test_killed_worker_is_replaced(shapes_bundle: Path, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = serve_process(str(shapes_bundle), "--port", str(port), "--workers", "2", "--drain", "0.2")
+    proc = serve_process(tmp_path / "serve.log", str(shapes_bundle), "--port", str(port), "--workers", "2", "--drain", "0.2")
     try:
         deadline = time.monotonic() + 90
         while len(workers_of(proc.pid)) < 2 or not _ready(url):
@@ -264,7 +270,7 @@ def test_killed_worker_is_replaced(shapes_bundle: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        stop(proc)
+        stop(proc, tmp_path / "serve.log")
 
 
 def _ready(url: str) -> bool:
