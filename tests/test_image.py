@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from lensforge.data.image import (
     DEFAULT_FORMATS,
+    DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,
     MIN_SIDE,
     ImageInfo,
@@ -249,9 +250,9 @@ def test_to_rgb_keeps_opaque_rgb_as_is() -> None:
 
 
 def test_sixteen_bit_gradient_scales_every_value() -> None:
-    values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(1, -1)  # 0, 257, ..., 65535
+    values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
     out = np.asarray(decode_image(encode(Image.fromarray(values), "PNG")))
-    assert out[0, :, 0].tolist() == list(range(256))
+    assert out[..., 0].ravel().tolist() == list(range(256))
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -349,9 +350,33 @@ def test_pillow_bomb_error_becomes_too_large() -> None:
     assert str(info.value).startswith("image too large: over ")
 
 
-def test_extreme_aspect_ratio_is_fine_without_max_side() -> None:
-    img = decode_image(blank_png(65535, 1))
-    assert img.size == (65535, 1) and pixel(img) == (0, 0, 0)
+@pytest.mark.parametrize("size", [(65535, 1), (1, 65535), (101, 1)])
+def test_extreme_aspect_ratio_is_refused_from_the_header(size: tuple[int, int], tmp_path) -> None:
+    # 65535x1 decodes to 190 KB, but a resize to a 256 px shorter side would be 16.7 M px wide
+    # (~13 GB): every caller (predict, train, inspect, the server) must refuse it up front
+    w, h = size
+    data = blank_png(w, h)
+    with pytest.raises(ImageError) as info:
+        decode_image(data)
+    assert info.value.code == "too_large"
+    assert str(info.value) == f"image too large: {w}x{h} has an aspect ratio over {DEFAULT_MAX_ASPECT}:1"
+    path = tmp_path / "wide.png"
+    path.write_bytes(data)
+    probed = probe_image(path)  # inspect's header-only look says the same
+    assert (probed.error_code, probed.width, probed.height) == ("too_large", w, h)
+    assert decode_image(data, max_aspect=None).size == size  # the cap can be lifted
+
+
+def test_aspect_cap_is_inclusive() -> None:
+    assert decode_image(blank_png(100, 1)).size == (100, 1)
+
+
+def test_preprocess_refuses_an_extreme_image_handed_over_decoded() -> None:
+    from lensforge.runtime.preprocess import InputSpec, preprocess
+
+    with pytest.raises(ImageError, match="1x65535 has an aspect ratio over"):
+        preprocess(Image.new("RGB", (1, 65535)), InputSpec(size=32, resize=36))
+    assert preprocess(Image.new("RGB", (100, 1)), InputSpec(size=32, resize=36)).shape == (3, 32, 32)
 
 
 def test_one_pixel_image_decodes() -> None:

@@ -13,7 +13,9 @@ Safety policy, in the order :func:`decode_image` applies it:
    is ``unsupported_format``. Formats outside the list (EPS, PDF, TIFF, ...) never reach
    their decoders.
 2. **Size caps from the header, before any pixel is decoded.** ``width * height`` above
-   ``max_pixels`` (and, optionally, a side above ``max_side``) is ``too_large``. Pillow's own
+   ``max_pixels``, a longer side more than ``max_aspect`` times the shorter one (65535x1:
+   a 275-byte PNG that decodes cheaply but makes every resize to a model's input side
+   allocate gigabytes) and, optionally, a side above ``max_side`` are ``too_large``. Pillow's own
    decompression-bomb check prints nothing: its warning (at ``Image.MAX_IMAGE_PIXELS``, above
    our default cap) is silenced while the header is read, and its error (at twice that, so
    only reachable when a caller raises ``max_pixels`` that far) becomes ``too_large``. No
@@ -80,6 +82,11 @@ DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 # data-loader workers cannot exhaust memory; 48-200 MP sensor modes need a raised cap. It is
 # also below Pillow's own bomb limit (~89 MP), so our cap, not Pillow's, decides.
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# Longest side / shorter side. The server, the CLI, training and export all use this one
+# cap: a 65535x1 image resized so its shorter side is 256 would be 16.7 M pixels wide
+# (~13 GB). 100:1 keeps any real photo, panorama or scan strip.
+DEFAULT_MAX_ASPECT = 100
 
 # Smallest allowed side. 1x1 images are valid input and decode to a 1x1 RGB image; callers
 # that need more (for example a detector with a minimum stride) pass ``min_side``.
@@ -173,6 +180,7 @@ def decode_image(
     formats: Sequence[str] = DEFAULT_FORMATS,
     max_side: int | None = None,
     min_side: int = MIN_SIDE,
+    max_aspect: int | None = DEFAULT_MAX_ASPECT,
 ) -> Image.Image:
     """Decode one image safely into a new 8-bit RGB image (mode "RGB", HxWx3 uint8).
 
@@ -184,8 +192,10 @@ def decode_image(
         None decodes everything at full size.
     max_pixels: width * height cap, checked on the header before decoding.
     formats: Pillow format names allowed, matched against the file content.
-    max_side: optional cap on either side (rejects 65535x1-style extremes).
+    max_side: optional cap on either side.
     min_side: smaller sides are ``too_small``.
+    max_aspect: cap on longer side / shorter side (rejects 65535x1-style extremes from the
+        header); None turns it off.
 
     The output is EXIF-oriented; its ``info`` holds only ``"original_size"``: (width, height)
     of the full-resolution image as displayed, which differs from ``size`` after a reduced
@@ -194,11 +204,12 @@ def decode_image(
     ``ValueError``/``TypeError`` for invalid arguments.
     """
     allowed = _allowed_formats(formats)
-    _check_limits(min_size=min_size, max_pixels=max_pixels, max_side=max_side, min_side=min_side)
+    _check_limits(min_size=min_size, max_pixels=max_pixels, max_side=max_side, min_side=min_side,
+                  max_aspect=max_aspect)
     with _open_source(source) as (fp, where):
         img = _open_image(fp, allowed, where)
         try:
-            _check_dimensions(img.size, max_pixels, max_side, min_side, where)
+            _check_dimensions(img.size, max_pixels, max_side, min_side, max_aspect, where)
             stored = img.size
             if min_size is not None and isinstance(img, JpegImagePlugin.JpegImageFile):
                 if min(img.size) >= 2 * min_size:
@@ -228,6 +239,7 @@ def probe_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
     min_side: int = MIN_SIDE,
+    max_aspect: int | None = DEFAULT_MAX_ASPECT,
 ) -> ImageInfo:
     """Describe one image file from its header, reporting problems instead of raising them.
 
@@ -239,7 +251,8 @@ def probe_image(
     read from the header (APNG, WebP); no frame is decoded.
     """
     allowed = _allowed_formats(formats)
-    _check_limits(min_size=None, max_pixels=max_pixels, max_side=max_side, min_side=min_side)
+    _check_limits(min_size=None, max_pixels=max_pixels, max_side=max_side, min_side=min_side,
+                  max_aspect=max_aspect)
     fields: dict = {"format": None, "width": 0, "height": 0, "mode": "",
                     "exif_orientation": 1, "frames": 0}
     try:
@@ -250,12 +263,12 @@ def probe_image(
                               mode=img.mode)
                 fields["exif_orientation"] = _exif_orientation(img)
                 fields["frames"] = _count_frames(img, where)
-                _check_dimensions(img.size, max_pixels, max_side, min_side, where)
+                _check_dimensions(img.size, max_pixels, max_side, min_side, max_aspect, where)
             finally:
                 img.close()  # the file is ours: probe_image only takes paths
         if verify:
             decode_image(path, formats=allowed, max_pixels=max_pixels, max_side=max_side,
-                         min_side=min_side)
+                         min_side=min_side, max_aspect=max_aspect)
     except ImageError as exc:
         return ImageInfo(**fields, error_code=exc.code, error=str(exc))
     return ImageInfo(**fields, error_code=None, error=None)
@@ -449,13 +462,15 @@ def _allowed_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_limits(
-    *, min_size: int | None, max_pixels: int, max_side: int | None, min_side: int
+    *, min_size: int | None, max_pixels: int, max_side: int | None, min_side: int,
+    max_aspect: int | None = None,
 ) -> None:
     for name, value, optional in (
         ("min_size", min_size, True),
         ("max_pixels", max_pixels, False),
         ("max_side", max_side, True),
         ("min_side", min_side, False),
+        ("max_aspect", max_aspect, True),
     ):
         if value is None and optional:
             continue
@@ -463,8 +478,21 @@ def _check_limits(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_aspect(size: tuple[int, int], max_aspect: int | None = DEFAULT_MAX_ASPECT, where: str = "") -> None:
+    """Raise ``ImageError("too_large")`` when the longer side of ``size`` is more than
+    ``max_aspect`` times the shorter one. For images that arrive already decoded (a PIL
+    image or an array given to the Predictor), so resizing them cannot blow up either."""
+    width, height = size
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise ImageError(
+            "too_large",
+            f"{where}image too large: {width}x{height} has an aspect ratio over {max_aspect}:1",
+        )
+
+
 def _check_dimensions(
-    size: tuple[int, int], max_pixels: int, max_side: int | None, min_side: int, where: str
+    size: tuple[int, int], max_pixels: int, max_side: int | None, min_side: int,
+    max_aspect: int | None, where: str,
 ) -> None:
     width, height = size
     if width * height > max_pixels:
@@ -479,6 +507,7 @@ def _check_dimensions(
         raise ImageError(
             "too_small", f"{where}image too small: {width}x{height} has a side under {min_side}"
         )
+    check_aspect(size, max_aspect, where)
 
 
 def _count_frames(img: Image.Image, where: str) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lensforge.data.image import check_aspect
+
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -127,7 +129,12 @@ def _floats(values: Any, name: str) -> tuple[float, ...]:
 
 
 def resize_shorter(img: Image.Image, spec: InputSpec) -> Image.Image:
-    """Resize so the shorter side is ``spec.resize`` (aspect kept); a no-op when it already is."""
+    """Resize so the shorter side is ``spec.resize`` (aspect kept); a no-op when it already is.
+
+    Raises ImageError("too_large") past the decoder's aspect cap: images decoded by
+    :func:`~lensforge.data.image.decode_image` never get here, but a PIL image handed over
+    as is would (65535x1 → a 16.7 M-pixel-wide resize, gigabytes)."""
+    check_aspect(img.size)
     w, h = img.size
     scale = spec.resize / min(w, h)
     nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
