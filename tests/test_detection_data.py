@@ -4,6 +4,7 @@ auto-detection, splits, ``data inspect`` on detection data, and the synthetic de
 from __future__ import annotations
 
 import json
+import os
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -349,13 +350,16 @@ def test_yolo_image_lists_and_path_key(tmp_path: Path, make_image: MakeImage) ->
     (data / "train.txt").write_text("./images/a.png\n./images/b.png\n./images/c.png\n./images/gone.png\n")
     (tmp_path / "sets").mkdir()
     (tmp_path / "sets" / "data.yaml").write_text("path: ../data\nnames: [cat]\ntrain: train.txt\n")
-    ds = read_dataset(tmp_path / "sets" / "data.yaml")
+    # the data root is the YAML's folder: a 'path:' beside it is outside, so it takes the flag
+    with pytest.raises(DataError, match=r"1 path named by data.yaml resolves outside .*data/train.txt"):
+        read_dataset(tmp_path / "sets" / "data.yaml")
+    ds = read_dataset(tmp_path / "sets" / "data.yaml", outside_root="allow")
     assert [r.path.name for r in ds.records] == ["a.png", "b.png", "c.png"]
     assert ds.skipped == [(str(data / "images" / "gone.png"), "missing file")]
     (data / "images" / "b.png").write_bytes(b"not a png")
     (data / "images" / "c.png").unlink()
     with pytest.raises(DataError, match="3 of 4 images listed by .* are missing or unreadable"):
-        read_dataset(tmp_path / "sets" / "data.yaml")
+        read_dataset(tmp_path / "sets" / "data.yaml", outside_root="allow")
 
 
 BAD_YOLO = [
@@ -576,3 +580,73 @@ def test_demo_detection_is_deterministic(tmp_path: Path) -> None:
 def test_demo_detection_refuses_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="max_objects"):
         make_demo_detection(tmp_path, max_objects=0)
+
+
+# --------------------------------------------------------------------------- data root (C2)
+
+
+def test_coco_file_names_outside_the_data_folder_are_refused(tmp_path: Path, make_image: MakeImage) -> None:
+    root = tmp_path / "d"
+    outside = make_image(tmp_path / "secret.jpg", size=(40, 30), fmt="JPEG")
+    payload = _coco([("img0.jpg", 40, 30), ("img1.jpg", 40, 30)], [(1, 1, [2, 2, 10, 10])], _cats((1, "fish")))
+    _write(root, payload, make_image, name="annotations.json")  # writes the two inside images
+    payload["images"] += [{"id": 3, "file_name": "../secret.jpg", "width": 40, "height": 30},
+                          {"id": 4, "file_name": "/etc/passwd", "width": 40, "height": 30},
+                          {"id": 5, "file_name": "../../never/there.jpg", "width": 40, "height": 30}]
+    payload["annotations"].append({"id": 9, "image_id": 3, "category_id": 1, "bbox": [1, 1, 9, 9], "iscrowd": 0})
+    (root / "annotations.json").write_text(json.dumps(payload))
+    with pytest.raises(DataError) as info:
+        read_dataset(root)
+    msg = str(info.value)
+    assert msg.startswith("3 paths named by file_name in annotations.json resolve outside the data folder")
+    assert "/etc/passwd" in msg and "--allow-outside-root" in msg
+    skipped = read_dataset(root, outside_root="skip")  # data inspect: the rest, nothing outside opened
+    assert [r.path.name for r in skipped.records] == ["img0.jpg", "img1.jpg"] and len(skipped.outside_root) == 3
+    allowed = read_dataset(root, outside_root="allow")  # the outside image and its box are read
+    assert outside in [r.path.resolve() for r in allowed.records]
+
+
+def test_roboflow_file_name_escaping_its_split_folder_but_not_the_dataset_is_fine(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    root = _roboflow(tmp_path / "d", make_image)
+    make_image(root / "shared" / "s.jpg", size=(40, 30), fmt="JPEG")
+    payload = json.loads((root / "train" / RF).read_text())
+    payload["images"].append({"id": 7, "file_name": "../shared/s.jpg", "width": 40, "height": 30})
+    (root / "train" / RF).write_text(json.dumps(payload))
+    ds = read_dataset(root)
+    assert "s.jpg" in [r.path.name for r in ds.records] and ds.outside_root == []
+    payload["images"].append({"id": 8, "file_name": "../../x.jpg", "width": 40, "height": 30})
+    (root / "train" / RF).write_text(json.dumps(payload))
+    with pytest.raises(DataError, match="1 path named by file_name in .* resolves outside"):
+        read_dataset(root)
+
+
+def test_yolo_lists_dirs_and_labels_outside_the_data_folder_are_refused(tmp_path: Path, make_image: MakeImage) -> None:
+    data = _yolo(tmp_path / "data", make_image, ["cat"], {f"train/images/{n}.png": "0 0.5 0.5 0.5 0.5\n" for n in "ab"})
+    stray = make_image(tmp_path / "stray" / "images" / "s.png", size=(40, 20), fmt="PNG")
+    (data / "data.yaml").write_text("names: [cat]\ntrain: [train/images, list.txt]\n")
+    (data / "list.txt").write_text(f"{stray}\n../stray/images/s.png\n")  # one file, named twice
+    with pytest.raises(DataError, match=r"1 path named by data.yaml resolves outside .*first: /.*/stray/images/s\.png\)"):
+        read_dataset(data)
+    # an image folder outside, as a YAML entry
+    (data / "data.yaml").write_text(f"names: [cat]\ntrain: [train/images, {stray.parent}]\n")
+    with pytest.raises(DataError, match="1 path named by data.yaml resolves outside"):
+        read_dataset(data)
+    # a label file symlinked out of the dataset is not read either
+    (data / "data.yaml").write_text("names: [cat]\ntrain: train/images\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("0 0.5 0.5 0.5 0.5\n")
+    (data / "train" / "labels" / "b.txt").unlink()
+    os.symlink(secret, data / "train" / "labels" / "b.txt")
+    with pytest.raises(DataError, match=r"1 path named by data.yaml resolves outside .*first: train/labels/b\.txt \(→ .*secret\.txt\)"):
+        read_dataset(data)
+    assert [r.path.name for r in read_dataset(data, outside_root="skip").records] == ["a.png"]
+    assert len(read_dataset(data, outside_root="allow").records) == 2
+
+
+def test_yolo_roboflow_parent_paths_prefer_the_folder_inside_the_dataset(tmp_path: Path, make_image: MakeImage) -> None:
+    data = _yolo(tmp_path / "data", make_image, ["cat"], {"train/images/a.png": "0 0.5 0.5 0.5 0.5\n"})
+    make_image(tmp_path / "train" / "images" / "other.png", size=(40, 20), fmt="PNG")  # ../train/images exists too
+    ds = read_dataset(data)
+    assert [r.path.name for r in ds.records] == ["a.png"] and ds.outside_root == []

@@ -329,13 +329,29 @@ def test_split_folders_with_a_fifo_and_a_loop_finish(tmp_path: Path, make_image:
     assert ds.fmt == "split-folders" and len(ds.records) == 4
 
 
-def test_a_symlinked_class_folder_is_still_read(tmp_path: Path, make_image: MakeImage) -> None:
-    # Only folders *inside* a class folder are not followed; class folders may be links.
-    elsewhere = _folders(tmp_path / "elsewhere", make_image, {"dogs": 2})
+def test_a_class_folder_linked_inside_the_root_is_read(tmp_path: Path, make_image: MakeImage) -> None:
+    # Only folders *inside* a class folder are not followed; class folders may be links,
+    # as long as they stay inside the data folder.
     root = _folders(tmp_path / "data", make_image, {"cats": 2})
-    os.symlink(elsewhere / "dogs", root / "dogs")
+    _folders(root / ".store", make_image, {"dogs": 2})  # hidden: not a class itself
+    os.symlink(root / ".store" / "dogs", root / "dogs")
     ds = read_dataset(root)
-    assert ds.classes == ["cats", "dogs"] and len(ds.records) == 4
+    assert ds.classes == ["cats", "dogs"] and len(ds.records) == 4 and ds.outside_root == []
+
+
+def test_a_class_folder_linked_out_of_the_root_is_refused_unless_allowed(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    elsewhere = _folders(tmp_path / "elsewhere", make_image, {"dogs": 2})
+    root = _folders(tmp_path / "data", make_image, {"cats": 2, "birds": 2})
+    os.symlink(elsewhere / "dogs", root / "dogs")
+    with pytest.raises(DataError, match=r"1 path in the class folders resolves outside the data folder .*"
+                                        r"first: dogs \(→ .*elsewhere/dogs\).*--allow-outside-root"):
+        read_dataset(root)
+    skipped = read_dataset(root, outside_root="skip")  # what data inspect reads: the rest
+    assert skipped.classes == ["birds", "cats"] and skipped.outside_root == [f"dogs (→ {elsewhere / 'dogs'})"]
+    ds = read_dataset(root, outside_root="allow")
+    assert ds.classes == ["birds", "cats", "dogs"] and len(ds.records) == 6 and len(ds.outside_root) == 1
 
 
 @needs_fifo
@@ -372,3 +388,84 @@ def test_list_images_skips_fifos_and_symlink_loops(tmp_path: Path, make_image: M
     assert [p.relative_to(root).as_posix() for p in found] == [
         "cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png"
     ]
+
+
+# --------------------------------------------------------------------------- data root (C2)
+
+
+def _outside_csv(tmp_path: Path, make_image: MakeImage, rows: list[str]) -> Path:
+    """data/labels.csv with two good rows per class, plus ``rows`` (path,label lines)."""
+    data = tmp_path / "data"
+    good = [f"{c}{i}.png,{c}" for c in ("a", "b") for i in range(2)]
+    return _csv(data, make_image, "path,label\n" + "\n".join(good + rows) + "\n",
+                tuple(f"{c}{i}.png" for c in ("a", "b") for i in range(2)))
+
+
+def test_csv_rows_outside_the_data_folder_are_refused_with_the_first_few_named(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    make_image(tmp_path / "secret.png")
+    make_image(tmp_path / "data2" / "x.png")  # shares the prefix "data": commonpath, not startswith
+    rows = ["/etc/passwd,a", "../secret.png,b", f"{tmp_path / 'data2' / 'x.png'},a",
+            "../../nowhere/gone.png,b", "sub/../../secret.png,a"]
+    csv_path = _outside_csv(tmp_path, make_image, rows)
+    with pytest.raises(DataError) as info:
+        read_dataset(csv_path)
+    msg = str(info.value)
+    assert msg.startswith("5 paths listed in labels.csv resolve outside the data folder ")
+    assert "(first: /etc/passwd, ../secret.png, " in msg and ", ...)" in msg
+    assert "--allow-outside-root" in msg and "\n" not in msg
+    # an outside path that does not exist reads exactly like one that does (no oracle)
+    alone = _outside_csv(tmp_path / "t2", make_image, ["../../nowhere/gone.png,b"])
+    with pytest.raises(DataError, match=r"1 path listed in labels.csv resolves outside .*first: \.\./\.\./nowhere/gone\.png\)"):
+        read_dataset(alone)
+
+
+def test_csv_rows_outside_are_read_only_when_allowed(tmp_path: Path, make_image: MakeImage) -> None:
+    outside = make_image(tmp_path / "secret.png")
+    csv_path = _outside_csv(tmp_path, make_image, ["../secret.png,b"])
+    ds = read_dataset(csv_path, outside_root="allow")
+    assert outside in [r.path.resolve() for r in ds.records] and len(ds.records) == 5
+    assert ds.outside_root == ["../secret.png"]
+    skipped = read_dataset(csv_path, outside_root="skip")
+    assert len(skipped.records) == 4 and skipped.outside_root == ["../secret.png"]
+    with pytest.raises(ValueError, match="outside_root must be one of"):
+        read_dataset(csv_path, outside_root="yes")
+
+
+def test_absolute_and_dotted_paths_that_stay_inside_are_fine(tmp_path: Path, make_image: MakeImage) -> None:
+    data = tmp_path / "data"
+    rows = [f"{data / 'a0.png'},a", "sub/../a1.png,a", "./b0.png,b", "b1.png,b"]
+    csv_path = _csv(data, make_image, "path,label\n" + "\n".join(rows) + "\n",
+                    ("a0.png", "a1.png", "b0.png", "b1.png"))
+    (data / "sub").mkdir()
+    ds = read_dataset(csv_path)
+    assert len(ds.records) == 4 and ds.outside_root == []
+
+
+def test_symlinked_files_follow_the_same_rule(tmp_path: Path, make_image: MakeImage) -> None:
+    root = tmp_path / "data"
+    for cls in ("cats", "dogs"):
+        for i in range(2):
+            make_image(root / cls / f"{i}.png")
+    outside = make_image(tmp_path / "private" / "me.png")
+    os.symlink(outside, root / "cats" / "me.png")  # leads out
+    os.symlink(root / "dogs" / "0.png", root / "cats" / "alias.png")  # stays in
+    with pytest.raises(DataError, match=r"1 path in the class folders resolves outside .*first: cats/me\.png \(→ .*private/me\.png\)"):
+        read_dataset(root)
+    ds = read_dataset(root, outside_root="skip")
+    assert sorted(ds.relpath(r) for r in ds.records) == ["cats/0.png", "cats/1.png", "cats/alias.png", "dogs/0.png", "dogs/1.png"]
+    # a CSV row naming the link is judged by where the link leads, not by its name
+    (root / "labels.csv").write_text("path,label\ncats/0.png,c\ndogs/0.png,d\ncats/me.png,c\n")
+    with pytest.raises(DataError, match="1 path listed in labels.csv resolves outside"):
+        read_dataset(root / "labels.csv")
+
+
+def test_a_split_folder_linked_out_of_the_root_is_refused(tmp_path: Path, make_image: MakeImage) -> None:
+    root = tmp_path / "data"
+    _folders(root / "train", make_image, {"cats": 2, "dogs": 2})
+    _folders(tmp_path / "other" / "test", make_image, {"cats": 1, "dogs": 1})
+    os.symlink(tmp_path / "other" / "test", root / "test")
+    with pytest.raises(DataError, match=r"1 path in the split folders resolves outside .*first: test \(→"):
+        read_dataset(root)
+    assert len(read_dataset(root, outside_root="allow").records) == 6

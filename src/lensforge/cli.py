@@ -78,10 +78,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lensforge.data.formats import read_dataset
     from lensforge.data.inspect import inspect_dataset, print_inspection
 
-    ds = read_dataset(args.data, fmt=args.format, task=args.task)
+    # without the flag, paths outside the data folder are listed in the report but not read
+    ds = read_dataset(args.data, fmt=args.format, task=args.task,
+                      outside_root="allow" if args.allow_outside_root else "skip")
     ui = ConsoleReporter(quiet=args.json)
     with ui.track("Checking images", len(ds.records)) as advance:
-        report = inspect_dataset(ds, verify=not args.fast, progress=lambda done, total: advance(1))
+        report = inspect_dataset(ds, verify=not args.fast, progress=lambda done, total: advance(1),
+                                 outside_allowed=args.allow_outside_root)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -100,6 +103,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         "max_steps": args.max_steps, "patience": args.patience,
         "overwrite": args.overwrite or None, "resume": args.resume or None,
         "pretrained": False if args.no_pretrained else None,
+        "allow_outside_root": args.allow_outside_root or None,
     }
     if args.split is not None:
         overrides["test_fraction"], overrides["val_fraction"] = _parse_split(args.split)
@@ -180,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lensforge.metrics.classification import print_report
 
     res = evaluate(args.bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json),
-                   predictor=make_predictor(args, args.bundle))
+                   predictor=make_predictor(args, args.bundle), allow_outside_root=args.allow_outside_root)
     if args.json:
         print(json.dumps(res.metrics, indent=2))
         return 0
@@ -377,6 +381,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -----------------------------------------------------------------------------------
 
+OUTSIDE_ROOT_HELP = ("read images that the data names outside its folder (CSV rows, COCO file_name, YOLO lists, "
+                     "symlinks); refused by default")
+
 EPILOG = """examples:
   lensforge demo                              train and check a model on generated data (~1 min)
   lensforge demo --task detect                the same for an object detector (~4 min)
@@ -482,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--task", choices=("classify", "multilabel", "detect"), help="read a path,label CSV as multi-label")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--fast", action="store_true", help="read image headers only (no full decode: misses truncation)")
+    i.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
     i.set_defaults(func=cmd_inspect)
 
     t = sub.add_parser("train", help="fine-tune a classifier or detector (or fit a linear probe) and write a bundle",
@@ -518,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=positive_int, help="stop after N optimiser steps (smoke tests)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics, plots and per-image predictions of a bundle on data",
@@ -528,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("train", "val", "test", "all"), help="which saved split (default test)")
     e.add_argument("--out", help="output directory (default: <run>/eval)")
     e.add_argument("--json", action="store_true", help="print metrics as JSON")
+    e.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
     add_runtime_options(e)
     e.set_defaults(func=cmd_evaluate)
 

@@ -36,6 +36,7 @@ class TrainConfig:
     task: str | None = None  # classify | multilabel | detect; None = what the data says
     format: str | None = None  # folders | split-folders | csv | coco | roboflow-coco | yolo; None = auto-detect
     out: str | None = None  # run directory; default runs/<data name>-<task>
+    allow_outside_root: bool = False  # read images the data names outside its folder (CSV rows, file_name, symlinks)
     backbone: str = "efficientnet_lite0"  # detectors: lite0_fpn (= efficientnet_lite0), fasterrcnn_resnet50_fpn[_v2], ...
     pretrained: bool = True
     weights: str | None = None  # local weights file for the backbone (safetensors / state dict)

@@ -139,15 +139,18 @@ def evaluate(
     split: str | None = None,
     reporter: Reporter | None = None,
     predictor: Predictor | None = None,
+    allow_outside_root: bool = False,
 ) -> EvalResult:
     """Evaluate a bundle on a dataset; writes metrics.json, predictions.csv and PNG plots to
-    ``out_dir`` (default: ``<run dir>/eval`` beside the bundle, or ``<bundle>/eval``)."""
+    ``out_dir`` (default: ``<run dir>/eval`` beside the bundle, or ``<bundle>/eval``).
+    allow_outside_root: read images the data names outside its folder (refused by default)."""
     from lensforge.data.formats import read_dataset
 
     ui = reporter or Reporter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     multilabel = b.task == "multilabel"
-    ds = read_dataset(data, task=b.task)  # a classifier's data must have one label per image
+    # a classifier's data must have one label per image
+    ds = read_dataset(data, task=b.task, outside_root="allow" if allow_outside_root else "refuse")
     records, described = choose_records(b, ds, split)
     records = align_classes(b, ds, records)
     pred = predictor or Predictor(b)

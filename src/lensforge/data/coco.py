@@ -35,6 +35,10 @@ they are missing); ``lensforge data inspect`` compares them with the files. Miss
 files: a JSON whose images are all, or mostly (more than half), missing is an error (the
 images were not extracted where the JSON expects them); a few missing ones are skipped with
 a warning, as the CSV reader does.
+
+Every ``file_name`` must resolve inside ``Dataset.root`` (``../../x.jpg``, absolute paths and
+symlinks out are refused, or skipped / allowed: :class:`~lensforge.data.files.RootGuard`);
+such a file is neither opened nor stat-ed.
 """
 
 from __future__ import annotations
@@ -47,13 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lensforge.data.formats import (
-    SPLIT_ALIASES,
-    _first,
-    _resolve_image,
-    _visible,
-    _walk_files,
-)
+from lensforge.data.files import RootGuard, first_few, listed_path, rel_posix, visible, walk_files
+from lensforge.data.formats import SPLIT_ALIASES
 from lensforge.data.image import probe_image
 from lensforge.data.records import Box, Dataset, Record
 from lensforge.errors import DataError
@@ -92,16 +91,20 @@ class _Tally:
 # --------------------------------------------------------------------------- public API
 
 
-def read_roboflow_coco(root: Path) -> Dataset:
+def read_roboflow_coco(root: Path, outside_root: str = "refuse") -> Dataset:
     """Read a Roboflow COCO export ``root/{train,valid,test}/_annotations.coco.json``.
 
     Returns a detect Dataset rooted at ``root``, every record with its split. See the module
     docstring for what is fixed and noted; raises :class:`DataError` for what is not.
+    outside_root: "refuse", "allow" or "skip" (see :func:`lensforge.data.formats.read_dataset`).
     """
+    guard = RootGuard(root, outside_root)
     files: list[_CocoFile] = []
     seen: dict[str, Path] = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p)):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and visible(p)):
         split = SPLIT_ALIASES.get(d.name.lower())
+        if split is not None and not guard.admit(d):
+            continue  # a split folder symlinked out of the dataset
         json_path = d / ROBOFLOW_JSON
         if split is None:
             if json_path.is_file():
@@ -112,7 +115,7 @@ def read_roboflow_coco(root: Path) -> Dataset:
             log.warning("folder %s is not a split (train/valid/test); ignored", d)
             continue
         if not json_path.is_file():
-            if _walk_files(d)[0]:
+            if walk_files(d)[0]:
                 raise DataError(
                     f"split folder {d} has images but no {ROBOFLOW_JSON}; export it again "
                     "from Roboflow in COCO format, or remove the folder"
@@ -124,20 +127,20 @@ def read_roboflow_coco(root: Path) -> Dataset:
                 f"{d.name}); keep one"
             )
         seen[split] = d
-        files.append(_load_file(json_path, split, image_root=d, listed_dir=True))
+        files.append(_load_file(json_path, split, guard, image_root=d, listed_dir=True))
     if not files:
         raise DataError(
             f"no {ROBOFLOW_JSON} found in {root}/train, valid or test; export the dataset "
             "from Roboflow in 'COCO' format and unzip it here"
         )
-    return _build(root, files, "roboflow-coco")
+    return _build(root, files, "roboflow-coco", guard)
 
 
-def read_coco(path: Path) -> Dataset:
+def read_coco(path: Path, outside_root: str = "refuse") -> Dataset:
     """Read a plain COCO dataset: a JSON file, or a folder (module docstring: layouts).
 
     Returns a detect Dataset rooted at the base folder; records carry the split named by
-    the JSON file, if any.
+    the JSON file, if any. outside_root: as for :func:`read_roboflow_coco`.
     """
     if path.is_file():
         jsons = [path]
@@ -154,7 +157,7 @@ def read_coco(path: Path) -> Dataset:
         unnamed = [p.name for p, s in zip(jsons, splits) if s is None]
         if unnamed:
             raise DataError(
-                f"cannot tell which split {_first(unnamed)} in {jsons[0].parent} holds; name "
+                f"cannot tell which split {first_few(unnamed)} in {jsons[0].parent} holds; name "
                 "each annotation file after its split (e.g. instances_train.json, "
                 "instances_val.json) or pass one JSON file as DATA"
             )
@@ -164,8 +167,9 @@ def read_coco(path: Path) -> Dataset:
                 f"several annotation files in {jsons[0].parent} are for the {dup[0]!r} split; "
                 "keep one per split or pass one JSON file as DATA"
             )
-    files = [_load_file(p, s, image_root=None, base=base) for p, s in zip(jsons, splits)]
-    return _build(base, files, "coco")
+    guard = RootGuard(base, outside_root)
+    files = [_load_file(p, s, guard, image_root=None, base=base) for p, s in zip(jsons, splits)]
+    return _build(base, files, "coco", guard)
 
 
 def find_coco_jsons(directory: Path, forced: bool = False) -> list[Path]:
@@ -177,7 +181,7 @@ def find_coco_jsons(directory: Path, forced: bool = False) -> list[Path]:
     """
     ann_dir = directory / "annotations"
     if ann_dir.is_dir():
-        jsons = sorted(p for p in ann_dir.glob("*.json") if p.is_file() and _visible(p))
+        jsons = sorted(p for p in ann_dir.glob("*.json") if p.is_file() and visible(p))
         instances = [p for p in jsons if p.name.startswith("instances_")]
         if instances or jsons:
             return instances or jsons
@@ -185,7 +189,7 @@ def find_coco_jsons(directory: Path, forced: bool = False) -> list[Path]:
         if (directory / name).is_file():
             return [directory / name]
     if forced:
-        top = sorted(p for p in directory.glob("*.json") if p.is_file() and _visible(p))
+        top = sorted(p for p in directory.glob("*.json") if p.is_file() and visible(p))
         if len(top) == 1:
             return top
     return []
@@ -241,6 +245,7 @@ def _is_id(value: Any) -> bool:
 def _load_file(
     path: Path,
     split: str | None,
+    guard: RootGuard,
     image_root: Path | None,
     base: Path | None = None,
     listed_dir: bool = False,
@@ -280,7 +285,7 @@ def _load_file(
                     f"{path}: annotation {_ann_id(ann, i)} has no valid {key!r}; fix or remove it"
                 )
     if image_root is None:
-        image_root = _choose_image_root(base or path.parent, lists["images"])
+        image_root = _choose_image_root(base or path.parent, lists["images"], guard)
     return _CocoFile(
         path, split, image_root, lists["images"], lists["annotations"], lists["categories"],
         listed_dir,
@@ -296,18 +301,18 @@ def _ann_id(ann: dict[str, Any], index: int) -> str:
     return str(ann["id"]) if _is_id(ann.get("id")) else f"#{index}"
 
 
-def _choose_image_root(base: Path, images: list[dict[str, Any]]) -> Path:
+def _choose_image_root(base: Path, images: list[dict[str, Any]], guard: RootGuard) -> Path:
     """The folder (base, base/images or one of its sub-folders) holding most listed images."""
     candidates = [base]
     if (base / "images").is_dir():
         candidates.append(base / "images")
         candidates.extend(
-            sorted(p for p in (base / "images").iterdir() if p.is_dir() and _visible(p))
+            sorted(p for p in (base / "images").iterdir() if p.is_dir() and visible(p))
         )
     names = [img["file_name"] for img in images[:_ROOT_PROBE]]
     if len(candidates) == 1 or not names:
         return base
-    found = [sum(_resolve_image(n, c).is_file() for n in names) for c in candidates]
+    found = [sum(guard.may_open(p) and p.is_file() for p in (listed_path(n, c) for n in names)) for c in candidates]
     return candidates[found.index(max(found))]  # ties: the first, i.e. the plainest
 
 
@@ -414,21 +419,23 @@ def _file_records(
     class_index: dict[Any, int],
     tally: _Tally,
     skipped: list[tuple[Path, str]],
+    guard: RootGuard,
 ) -> list[Record]:
-    rel_json = _rel(f.path, root)
+    rel_json = rel_posix(f.path, root)
     images: dict[Any, dict[str, Any]] = {}
     paths: dict[Path, Any] = {}
     for img in f.images:
         if img["id"] in images:
             raise DataError(f"{f.path}: image id {img['id']} is listed twice; ids must be unique")
-        path = _resolve_image(img["file_name"], f.image_root)
+        path = listed_path(img["file_name"], f.image_root)
         if path in paths:
             raise DataError(
                 f"{f.path}: images {paths[path]} and {img['id']} are both {img['file_name']!r}; "
                 "merge them into one image entry"
             )
         images[img["id"]] = img
-        paths[path] = img["id"]
+        if guard.admit(path):  # else: not looked at; its annotations go with it
+            paths[path] = img["id"]
     by_image: dict[Any, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     for i, ann in enumerate(f.annotations):
         aid = _ann_id(ann, i)
@@ -447,7 +454,7 @@ def _file_records(
 
     missing = [(p, iid) for p, iid in paths.items() if not p.is_file()]
     if missing and (len(missing) == len(paths) or 2 * len(missing) > len(paths)):
-        first = _first([images[iid]["file_name"] for _, iid in missing])
+        first = first_few([images[iid]["file_name"] for _, iid in missing])
         raise DataError(
             f"{len(missing)} of {len(paths)} images listed in {f.path} are missing (first: "
             f"{first}); file_name is read relative to {f.image_root} — put the images there"
@@ -491,19 +498,12 @@ def _file_records(
         )
     if f.listed_dir:
         listed = set(paths)
-        extra = [p for p in _walk_files(f.image_root)[0] if p not in listed]
+        extra = [p for p in walk_files(f.image_root)[0] if p not in listed]
         skipped.extend((p, f"not listed in {rel_json}") for p in extra)
     return records
 
 
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _build(root: Path, files: list[_CocoFile], fmt: str) -> Dataset:
+def _build(root: Path, files: list[_CocoFile], fmt: str, guard: RootGuard) -> Dataset:
     """Records of every file, checked and noted; the one place a COCO Dataset is made."""
     notes: list[str] = []
     classes, class_index = _classes(files, notes)
@@ -511,8 +511,9 @@ def _build(root: Path, files: list[_CocoFile], fmt: str) -> Dataset:
     skipped: list[tuple[Path, str]] = []
     records: list[Record] = []
     for f in files:
-        records.extend(_file_records(f, root, class_index, tally, skipped))
+        records.extend(_file_records(f, root, class_index, tally, skipped, guard))
     records.sort(key=lambda r: r.path)
+    guard.check(f"named by file_name in {first_few([f.path.name for f in files])}", nothing_left=not records)
 
     seen: dict[Path, str | None] = {}
     for r in records:
@@ -529,18 +530,18 @@ def _build(root: Path, files: list[_CocoFile], fmt: str) -> Dataset:
         dropped = f" ({len(tally.degenerate)} degenerate boxes dropped)" if tally.degenerate else ""
         raise DataError(
             f"the {where} of {root} has no boxes (iscrowd regions do not count){dropped}; annotate some images (or check "
-            f"that {_first(str(f.path) for f in files)} is the right file)"
+            f"that {first_few(str(f.path) for f in files)} is the right file)"
         )
     if tally.clipped:
         notes.append(
             f"clipped {len(tally.clipped)} boxes reaching outside their image (first: "
-            f"{_first(tally.clipped, _EXAMPLES)})"
+            f"{first_few(tally.clipped, _EXAMPLES)})"
         )
     if tally.degenerate:
         notes.append(
             f"dropped {len(tally.degenerate)} degenerate boxes (width or height <= "
             f"{MIN_BOX_SIDE:g} px after clipping, or negative) (first: "
-            f"{_first(tally.degenerate, _EXAMPLES)})"
+            f"{first_few(tally.degenerate, _EXAMPLES)})"
         )
     negatives = sum(not r.boxes for r in records)
     if negatives:
@@ -556,6 +557,7 @@ def _build(root: Path, files: list[_CocoFile], fmt: str) -> Dataset:
         notes.append(f"skipped {len(unlisted)} images not listed in their split's {ROBOFLOW_JSON}")
     for note in notes:
         log.info("%s: %s", root, note)
-    ds = Dataset(root=root, classes=classes, records=records, task="detect", fmt=fmt, notes=notes)
+    ds = Dataset(root=root, classes=classes, records=records, task="detect", fmt=fmt, notes=notes,
+                 outside_root=list(guard.outside))
     ds.skipped = [(ds.relpath(Record(path=p, labels=())), why) for p, why in skipped]
     return ds

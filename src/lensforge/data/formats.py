@@ -23,6 +23,11 @@ Readers only list and label files; they never open images (``inspect`` does that
 regular files are listed and symlinked folders inside a dataset are not entered, so a FIFO
 named ``x.jpg`` or a symlink loop cannot hang a reader. :func:`list_images` lists the images
 to predict on the same way.
+
+Every path a dataset names must resolve inside its folder (``Dataset.root``): CSV rows,
+COCO ``file_name``, YOLO lists and labels, class folders and symlinked files alike (one rule,
+:class:`~lensforge.data.files.RootGuard`). What leaves it is refused with a DataError naming
+the first offenders, unless ``outside_root="allow"`` (``--allow-outside-root``).
 """
 
 from __future__ import annotations
@@ -34,15 +39,21 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from lensforge.data.files import (  # IMAGE_EXTENSIONS and is_image_file: also imported from here
+    IMAGE_EXTENSIONS,
+    OUTSIDE_ROOT_POLICIES,
+    RootGuard,
+    first_few,
+    is_image_file,
+    listed_path,
+    visible,
+    walk_files,
+)
 from lensforge.data.records import TASKS, Dataset, Record
 from lensforge.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Lower-case suffixes of the files we list as candidate images; matching is case-insensitive.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
 CLASSIFY_FORMATS = ("folders", "split-folders", "csv")
 DETECT_FORMATS = ("coco", "roboflow-coco", "yolo")  # readers in coco.py and yolo.py
 FORMATS = CLASSIFY_FORMATS + DETECT_FORMATS
@@ -62,48 +73,8 @@ LABEL_SEPARATOR = ";"
 _ONE_HOT = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}  # 0.0/1.0: what pandas writes for floats
 
 
-def is_image_file(path: Path) -> bool:
-    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".")
-
-
 def _subdirs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_dir() and _visible(p))
-
-
-def _walk_files(directory: Path, recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(images, [(other entry, why it is not listed)]) below ``directory``, each sorted.
-
-    The one way lensforge lists image files (readers and :func:`list_images`). Only regular
-    files count (a symlink to one is fine): a FIFO or device named ``x.jpg`` would block or
-    never end when read. Symlinked directories are reported, not entered: that keeps a
-    symlink loop from walking forever without having to track every directory seen.
-    ``directory`` itself is entered even when it is a symlink. Hidden entries are skipped.
-    """
-    images: list[Path] = []
-    others: list[tuple[Path, str]] = []
-    stack = [directory]
-    while stack:
-        current = stack.pop()
-        for entry in current.iterdir():
-            if not _visible(entry):
-                continue
-            if entry.is_symlink() and entry.is_dir():
-                others.append((entry, "symlinked folder (not followed)"))
-            elif entry.is_dir():
-                if recursive:
-                    stack.append(entry)
-            elif not entry.is_file():
-                others.append((entry, "not a regular file"))
-            elif is_image_file(entry):
-                images.append(entry)
-            else:
-                others.append((entry, f"not an image (extension {entry.suffix or 'none'})"))
-    return sorted(images), sorted(others)
+    return sorted(p for p in directory.iterdir() if p.is_dir() and visible(p))
 
 
 def list_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -118,7 +89,7 @@ def list_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            out.extend(_walk_files(path)[0])
+            out.extend(walk_files(path)[0])
         else:
             out.append(path)
     return out
@@ -128,19 +99,13 @@ def _extensions_text() -> str:
     return ", ".join(sorted(IMAGE_EXTENSIONS))
 
 
-def _first(items: Iterable[str], n: int = 3) -> str:
-    items = list(items)
-    text = ", ".join(items[:n])
-    return text + (", ..." if len(items) > n else "")
-
-
 # --------------------------------------------------------------------------- detection
 
 
 def _find_csv(directory: Path) -> Path | None:
     """The labels CSV of a directory: ``labels.csv``, else the only top-level ``*.csv``."""
     csvs = sorted(
-        p for p in directory.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() == ".csv"
+        p for p in directory.iterdir() if p.is_file() and visible(p) and p.suffix.lower() == ".csv"
     )
     for p in csvs:
         if p.name.lower() == "labels.csv":
@@ -149,7 +114,7 @@ def _find_csv(directory: Path) -> Path | None:
         return csvs[0]
     if len(csvs) > 1:
         raise DataError(
-            f"found {len(csvs)} CSV files in {directory} ({_first(p.name for p in csvs)}) and "
+            f"found {len(csvs)} CSV files in {directory} ({first_few(p.name for p in csvs)}) and "
             "none is named labels.csv; pass the CSV that holds the labels as DATA, or rename "
             "it to labels.csv"
         )
@@ -199,7 +164,9 @@ def detect_format(path: Path) -> str:
 # --------------------------------------------------------------------------- public API
 
 
-def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = None) -> Dataset:
+def read_dataset(
+    path: str | Path, fmt: str | None = None, task: str | None = None, outside_root: str = "refuse"
+) -> Dataset:
     """Read a labelled image dataset into records.
 
     path: a directory (class folders, split folders, a labels CSV, a COCO / Roboflow / YOLO
@@ -211,6 +178,10 @@ def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = No
         Folders and ``path,label`` CSVs may be forced to "multilabel" (one label per image;
         a ``label`` cell may then hold ``;``-separated labels). Forcing "classify" on
         multi-label data works only if every image has exactly one label.
+    outside_root: what to do with paths that resolve outside the data folder (see
+        :mod:`lensforge.data.files`): "refuse" (a DataError naming them), "allow" (read them;
+        the user trusts the data) or "skip" (leave them out; ``data inspect``). Either way
+        they are listed in ``Dataset.outside_root``.
 
     Returns a :class:`Dataset` whose record paths are absolute and whose classes are sorted
     by name (0/1-column CSVs keep the column order; detection formats order classes by
@@ -218,6 +189,8 @@ def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = No
     user has to fix.
     """
     path = Path(path).expanduser()
+    if outside_root not in OUTSIDE_ROOT_POLICIES:
+        raise ValueError(f"outside_root must be one of {', '.join(OUTSIDE_ROOT_POLICIES)}, got {outside_root!r}")
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"unknown dataset format {fmt!r}; use one of {', '.join(FORMATS)}")
     if task is not None and task not in TASKS:
@@ -227,7 +200,7 @@ def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = No
     if not path.exists():
         raise DataError(f"dataset path {path} does not exist; check the path and try again")
     path = path.absolute()
-    if path.is_dir() and not any(_visible(p) for p in path.iterdir()):
+    if path.is_dir() and not any(visible(p) for p in path.iterdir()):
         raise DataError(
             f"dataset folder {path} is empty; put one sub-folder of images per class in it "
             f"(image extensions: {_extensions_text()})"
@@ -235,7 +208,7 @@ def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = No
 
     fmt = fmt or detect_format(path)
     if fmt in DETECT_FORMATS:
-        return _read_detection(path, fmt, task)
+        return _read_detection(path, fmt, task, outside_root)
     if task == "detect":
         raise DataError(
             f"{path} is {fmt} classification data (no boxes); task 'detect' needs COCO, "
@@ -245,15 +218,15 @@ def read_dataset(path: str | Path, fmt: str | None = None, task: str | None = No
         csv_path = path if path.is_file() else _find_csv(path)
         if csv_path is None:
             raise DataError(f"no CSV file found in {path}; put a labels.csv there or pass the CSV")
-        return _read_csv(csv_path, task)
+        return _read_csv(csv_path, task, RootGuard(csv_path.parent, outside_root))
     if not path.is_dir():
         raise DataError(f"{path} is not a folder; the {fmt} layout needs a folder")
     if fmt == "split-folders":
-        return _read_split_folders(path, task)
-    return _read_folders(path, task)
+        return _read_split_folders(path, task, RootGuard(path, outside_root))
+    return _read_folders(path, task, RootGuard(path, outside_root))
 
 
-def _read_detection(path: Path, fmt: str, task: str | None) -> Dataset:
+def _read_detection(path: Path, fmt: str, task: str | None, outside_root: str) -> Dataset:
     from lensforge.data.coco import read_coco, read_roboflow_coco
     from lensforge.data.yolo import YAML_NAMES, find_yolo_yaml, read_yolo
 
@@ -265,16 +238,16 @@ def _read_detection(path: Path, fmt: str, task: str | None) -> Dataset:
     if fmt == "roboflow-coco":
         if not path.is_dir():
             raise DataError(f"{path} is not a folder; the roboflow-coco layout needs a folder")
-        return read_roboflow_coco(path)
+        return read_roboflow_coco(path, outside_root)
     if fmt == "coco":
-        return read_coco(path)
+        return read_coco(path, outside_root)
     yaml_path = path if path.is_file() else find_yolo_yaml(path)
     if yaml_path is None:
         raise DataError(
             f"no {' or '.join(YAML_NAMES)} with 'names' in {path}; pass the YOLO dataset's "
             "YAML file as DATA"
         )
-    return read_yolo(yaml_path)
+    return read_yolo(yaml_path, outside_root)
 
 
 # --------------------------------------------------------------------------- folders
@@ -294,7 +267,7 @@ def _check_class_count(root: Path, classes: list[str], empty: list[str]) -> None
     if not classes:
         raise _no_images_error(root)
     hint = (
-        f" (empty class folders: {_first(empty)}) — add images to them"
+        f" (empty class folders: {first_few(empty)}) — add images to them"
         if empty
         else " — add a folder per class"
     )
@@ -303,15 +276,25 @@ def _check_class_count(root: Path, classes: list[str], empty: list[str]) -> None
     )
 
 
-def _class_images(class_dir: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
-    images, others = _walk_files(class_dir)
+def _class_images(class_dir: Path, skipped: list[tuple[Path, str]], guard: RootGuard) -> list[Path] | None:
+    """The images of one class folder that may be read; None for a class folder symlinked
+    out of the root, which is not even listed (it could lead anywhere, ``/`` included)."""
+    if not guard.inside(class_dir):
+        if not guard.admit(class_dir):
+            return None
+        return _list_class(class_dir, skipped)  # allowed: the folder stands for its files
+    return [p for p in _list_class(class_dir, skipped) if guard.admit(p)]
+
+
+def _list_class(class_dir: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    images, others = walk_files(class_dir)
     skipped.extend(others)
     return images
 
 
 def _loose_images(directory: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
     """Images directly in ``directory`` (not in a class folder): recorded as skipped."""
-    loose, _ = _walk_files(directory, recursive=False)
+    loose, _ = walk_files(directory, recursive=False)
     skipped.extend((image, "not in a class folder") for image in loose)
     return loose
 
@@ -323,14 +306,16 @@ def _dataset(
     task: str,
     fmt: str,
     skipped: list[tuple[Path, str]],
+    guard: RootGuard,
 ) -> Dataset:
     """The reader's result; skipped paths are shown relative to ``root`` as records are."""
-    ds = Dataset(root=root, classes=classes, records=records, task=task, fmt=fmt)
+    ds = Dataset(root=root, classes=classes, records=records, task=task, fmt=fmt,
+                 outside_root=list(guard.outside))
     ds.skipped = [(ds.relpath(Record(path=path, labels=())), why) for path, why in skipped]
     return ds
 
 
-def _read_folders(root: Path, task: str | None) -> Dataset:
+def _read_folders(root: Path, task: str | None, guard: RootGuard) -> Dataset:
     class_dirs = _subdirs(root)
     skipped: list[tuple[Path, str]] = []
     loose = _loose_images(root, skipped)
@@ -348,12 +333,15 @@ def _read_folders(root: Path, task: str | None) -> Dataset:
     empty: list[str] = []
     per_class: list[list[Path]] = []
     for class_dir in class_dirs:
-        images = _class_images(class_dir, skipped)
+        images = _class_images(class_dir, skipped, guard)
+        if images is None:
+            continue
         if images:
             classes.append(class_dir.name)
             per_class.append(images)
         else:
             empty.append(class_dir.name)
+    guard.check("in the class folders", nothing_left=len(classes) < 2)
     if empty:
         log.warning("class folders with no images in %s are skipped: %s", root, ", ".join(empty))
     _check_class_count(root, classes, empty)
@@ -362,10 +350,10 @@ def _read_folders(root: Path, task: str | None) -> Dataset:
         for index, images in enumerate(per_class)
         for image in images
     ]
-    return _dataset(root, classes, records, task or "classify", "folders", skipped)
+    return _dataset(root, classes, records, task or "classify", "folders", skipped, guard)
 
 
-def _read_split_folders(root: Path, task: str | None) -> Dataset:
+def _read_split_folders(root: Path, task: str | None, guard: RootGuard) -> Dataset:
     split_dirs: dict[str, Path] = {}
     for d in _subdirs(root):
         name = SPLIT_ALIASES.get(d.name.lower())
@@ -387,13 +375,19 @@ def _read_split_folders(root: Path, task: str | None) -> Dataset:
     found: dict[str, list[tuple[Path, str]]] = {}  # class -> [(image, split)]
     seen_dirs: set[str] = set()
     for split, split_dir in split_dirs.items():
+        if not guard.admit(split_dir):
+            continue
         _loose_images(split_dir, skipped)
         for class_dir in _subdirs(split_dir):
+            images = _class_images(class_dir, skipped, guard)
+            if images is None:
+                continue
             seen_dirs.add(class_dir.name)
-            for image in _class_images(class_dir, skipped):
+            for image in images:
                 found.setdefault(class_dir.name, []).append((image, split))
     classes = sorted(found)
     empty = sorted(seen_dirs - set(found))
+    guard.check("in the split folders", nothing_left=len(classes) < 2)
     if empty:
         log.warning("class folders with no images in %s are skipped: %s", root, ", ".join(empty))
     _check_class_count(root, classes, empty)
@@ -404,7 +398,7 @@ def _read_split_folders(root: Path, task: str | None) -> Dataset:
         for image, split in found[name]
     ]
     records.sort(key=lambda r: r.path)
-    return _dataset(root, classes, records, task or "classify", "split-folders", skipped)
+    return _dataset(root, classes, records, task or "classify", "split-folders", skipped, guard)
 
 
 # --------------------------------------------------------------------------- CSV
@@ -521,15 +515,7 @@ def _row_labels(
     return [piece.strip() for piece in cell.split(LABEL_SEPARATOR) if piece.strip()]
 
 
-def _resolve_image(value: str, base: Path) -> Path:
-    value = value.strip()
-    if "\\" in value and not Path(value).is_absolute():
-        value = value.replace("\\", "/")  # paths written on Windows
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else base / p
-
-
-def _read_csv(csv_path: Path, task: str | None) -> Dataset:
+def _read_csv(csv_path: Path, task: str | None, guard: RootGuard) -> Dataset:
     header, rows = _parse_csv(csv_path)
     layout = _Layout(csv_path, header)
     base = csv_path.parent
@@ -548,8 +534,10 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
         raw_path = cells[layout.path_col].strip()
         if not raw_path:
             raise DataError(f"{csv_path} line {line}: empty image path; fill it in or drop the row")
-        image = _resolve_image(raw_path, base)
+        image = listed_path(raw_path, base)
         labels = _row_labels(layout, cells, csv_path, line, split_single=multilabel)
+        if not guard.admit(image, shown=raw_path):
+            continue  # judged before it is looked at: outside is outside, existing or not
         split = (
             _normalise_split(cells[layout.split_col], csv_path, line)
             if layout.split_col is not None
@@ -576,6 +564,7 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
         order.append(image)
         written[image] = raw_path
 
+    guard.check(f"listed in {csv_path.name}", nothing_left=not order)
     if not order:
         raise DataError(f"{csv_path} has a header but no rows; add one row per image")
 
@@ -585,7 +574,7 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
     ]
     if missing:
         n, total = len(missing), len(order)
-        first = _first((written[p] for p, _ in skipped), 3)
+        first = first_few((written[p] for p, _ in skipped), 3)
         if n == total or n * 2 > total:
             raise DataError(
                 f"{n} of {total} images listed in {csv_path} do not exist (first: {first}); "
@@ -610,7 +599,7 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
             )
         if len(classes) < 2:
             raise DataError(
-                f"found {len(classes)} class {_first(repr(c) for c in classes)} in {csv_path}; "
+                f"found {len(classes)} class {first_few(repr(c) for c in classes)} in {csv_path}; "
                 "a classifier needs at least 2 — add rows for other classes"
             )
     elif not classes:
@@ -626,4 +615,4 @@ def _read_csv(csv_path: Path, task: str | None) -> Dataset:
         for p in order
         if p not in missing
     ]
-    return _dataset(base, classes, records, task, "csv", skipped)
+    return _dataset(base, classes, records, task, "csv", skipped, guard)

@@ -11,6 +11,10 @@ missing from a split or with no images, and strong class imbalance. Odd images (
 CMYK, 16-bit, palette, alpha, EXIF-rotated, tiny, animated) are notes: lensforge decodes
 them all to RGB, but they are worth knowing about.
 
+Paths the dataset names that resolve outside its folder (``Dataset.outside_root``, see
+:mod:`lensforge.data.files`) are a problem too: ``outside_root`` {count, examples, allowed}.
+Unless ``--allow-outside-root`` was given they were not read, so nothing here describes them.
+
 Detection datasets (task "detect") get a ``detection`` section too (:func:`_detection`):
 images and boxes per class and split, boxes per image, COCO box-size buckets, images
 without boxes, crowd boxes, the reader's notes (clipped / dropped boxes, merged classes),
@@ -137,6 +141,7 @@ def inspect_dataset(
     splits: dict[str, list[Record]] | None = None,
     verify: bool = True,
     progress: Progress | None = None,
+    outside_allowed: bool = False,
 ) -> dict[str, Any]:
     """Inspect every image of ``ds`` once and return a JSON-ready report.
 
@@ -146,12 +151,16 @@ def inspect_dataset(
     verify: fully decode each image to find truncated / corrupt files (slower); False only
         reads headers.
     progress: called as ``progress(done, total)`` after each file.
+    outside_allowed: whether ``ds`` was read with ``outside_root="allow"`` (its outside
+        paths are then among the records), for the report's wording.
 
     Keys: format, task, root, classes, total_images, splits, counts {per_class, per_split,
     table, no_label}, imbalance_ratio, image_sizes, file_formats, unreadable, duplicates,
-    odd_images, skipped, issues (list of one-line problems) and verdict (one line). For
-    detection, counts are of boxes (not images) and there is a ``detection`` key as well
-    (:func:`_detection`).
+    odd_images, skipped, outside_root {count, examples, allowed}, issues (list of one-line
+    problems) and verdict (one line). For detection, counts are of boxes (not images), there
+    is a ``detection`` key as well (:func:`_detection`) and ``split_totals`` {split or
+    "total": {images, boxes, empty_images}}: the bottom rows of the console table.
+    outside_root's ``allowed``: whether those paths were read (``--allow-outside-root``).
     """
     membership = _split_of(ds, splits)
     records = sorted(ds.records, key=ds.relpath)
@@ -219,9 +228,15 @@ def inspect_dataset(
             "count": len(ds.skipped),
             "examples": [{"path": p, "reason": why} for p, why in ds.skipped[:MAX_EXAMPLES]],
         },
+        "outside_root": {
+            "count": len(ds.outside_root),
+            "examples": ds.outside_root[:MAX_EXAMPLES],
+            "allowed": outside_allowed,
+        },
     }
     if ds.task == "detect":
         report["detection"] = _detection(ds, records, membership, split_names, info_of)
+        report["split_totals"] = report["detection"].pop("split_totals")
     report["issues"] = _issues(report)
     report["verdict"] = _verdict(report)
     return report
@@ -306,6 +321,8 @@ def _detection(
                              "file": list(info.oriented_size)})
     overall = {k: sum(s[k] for s in sizes.values()) for k in ("small", "medium", "large")}
     return {
+        "split_totals": {c: {"images": len(per_image[c]), "boxes": sum(per_image[c]), "empty_images": no_boxes[c]}
+                         for c in columns},
         "table": table,
         "boxes": sum(per_image["total"]),
         "boxes_per_image": _spread(per_image["total"]),
@@ -367,6 +384,10 @@ def _issues(report: dict[str, Any]) -> list[str]:
     if report["skipped"]["count"]:
         skipped = _plural(report["skipped"]["count"], "entry", "entries")
         issues.append(f"{skipped} skipped by the reader")
+    outside = report["outside_root"]
+    if outside["count"]:
+        n = _plural(outside["count"], "path")
+        issues.append(f"{n} outside the data folder ({'read: --allow-outside-root' if outside['allowed'] else 'not read; train and evaluate refuse them unless --allow-outside-root'})")
     counts = report["counts"]
     empty = [c for c, n in counts["per_class"].items() if n == 0]
     unit = "boxes" if report["task"] == "detect" else "images"
@@ -469,12 +490,9 @@ def _print_detection(report: dict[str, Any], console: Console) -> None:
     for name, row in det["table"].items():
         cells = [str(row[c][k]) for c in columns for k in ("images", "boxes")]
         table.add_row(escape(name), *cells)
-    per_split = {**report["counts"]["per_split"], "total": report["total_images"]}
-    no_boxes = {**det["no_boxes"]["per_split"], "total": det["no_boxes"]["count"]}
-    table.add_row("[dim]no boxes[/]", *[x for c in columns for x in (str(no_boxes[c]), "")])
-    totals = [x for c in columns for x in (str(per_split[c]), "")]
-    totals[-1] = str(det["boxes"])
-    table.add_row("[bold]all[/]", *totals)  # images per split; boxes in the last column
+    totals = report["split_totals"]  # the JSON's per-split totals, row for row
+    table.add_row("[dim]no boxes[/]", *[x for c in columns for x in (str(totals[c]["empty_images"]), "")])
+    table.add_row("[bold]all[/]", *[str(totals[c][k]) for c in columns for k in ("images", "boxes")])
     console.print(table)
     spread = det["boxes_per_image"]
     if spread:
@@ -530,6 +548,7 @@ def _print_sizes_and_problems(report: dict[str, Any], console: Console) -> None:
             [" = ".join(d["path"] for d in g) for g in dup["conflicting_label_examples"]],
         ),
         ("skipped by reader", report["skipped"]["count"], report["skipped"]["examples"]),
+        ("outside the data folder", report["outside_root"]["count"], report["outside_root"]["examples"]),
     ]
     if "detection" in report:
         mismatch = report["detection"]["size_mismatch"]

@@ -76,6 +76,7 @@ class Dataset:
     fmt: str = "folders"
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the reader fixed or decided (clipped boxes, merged classes), for inspect and train to show
+    outside_root: list[str] = field(default_factory=list)  # paths the data names that resolve outside ``root`` (see data/files.py), as shown to the user
 
     @property
     def presplit(self) -> bool:

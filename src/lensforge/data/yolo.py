@@ -21,6 +21,11 @@ noted, as the COCO reader does).
 Unlike the other readers this one opens every image, header only
 (:func:`~lensforge.data.image.probe_image`), because pixel boxes need the image size;
 an image whose header cannot be read is skipped. ``Dataset.root`` is the YAML's folder.
+
+Every image folder, image list, image and label file must resolve inside that folder
+(:class:`~lensforge.data.files.RootGuard`): a list naming ``/etc/passwd`` or a label file
+symlinked out is refused (or skipped / allowed), and such a file is not opened. For
+Roboflow's ``../train/images`` the folder inside the dataset wins over one beside it.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from typing import Any
 
 import yaml
 
-from lensforge.data.coco import CLIP_TOLERANCE, MIN_BOX_SIDE, _rel
-from lensforge.data.formats import _first, _resolve_image, _walk_files, is_image_file
+from lensforge.data.coco import CLIP_TOLERANCE, MIN_BOX_SIDE
+from lensforge.data.files import RootGuard, first_few, is_image_file, listed_path, rel_posix, walk_files
 from lensforge.data.image import probe_image
 from lensforge.data.records import SPLITS, Box, Dataset, Record
 from lensforge.errors import DataError
@@ -60,13 +65,15 @@ def find_yolo_yaml(directory: Path) -> Path | None:
     return None
 
 
-def read_yolo(yaml_path: Path) -> Dataset:
+def read_yolo(yaml_path: Path, outside_root: str = "refuse") -> Dataset:
     """Read the YOLO dataset described by ``yaml_path`` (module docstring).
 
     Returns a detect Dataset: boxes xyxy float pixels of the image as displayed, clipped;
     ``size`` (width, height) from each image's header; ``split`` from the YAML key.
     Raises :class:`DataError` naming the file (and line) for anything malformed.
+    outside_root: "refuse", "allow" or "skip" (see :func:`lensforge.data.formats.read_dataset`).
     """
+    guard = RootGuard(yaml_path.parent, outside_root)
     data = _load_yaml(yaml_path)
     classes, class_index = _names(yaml_path, data)
     base = _base(yaml_path, data)
@@ -78,13 +85,15 @@ def read_yolo(yaml_path: Path) -> Dataset:
     for split in SPLITS:
         if data.get(split) in (None, ""):
             continue
-        for image in _split_images(yaml_path, base, split, data[split]):
+        for image in _split_images(yaml_path, base, split, data[split], guard):
             if image in where_split:
                 raise DataError(
                     f"{image} is in both the {where_split[image]} and {split} images of "
                     f"{yaml_path}; point each split at its own images"
                 )
             where_split[image] = split
+            if not guard.admit(image):
+                continue  # judged before it is looked at: outside is outside, existing or not
             if not image.is_file():
                 skipped.append((image, "missing file"))
                 continue
@@ -93,10 +102,14 @@ def read_yolo(yaml_path: Path) -> Dataset:
                 skipped.append((image, f"unreadable image ({info.error_code})"))
                 continue
             size = info.oriented_size
+            txt = label_path(image)
+            if txt.exists() and not guard.admit(txt):
+                continue  # a label file symlinked out of the dataset: not read
             boxes, labels = _read_labels(image, size, class_index, tally)
             records.append(
                 Record(path=image, labels=labels, split=split, boxes=boxes, size=size)
             )
+    guard.check(f"named by {yaml_path.name}", nothing_left=not records)
     if not where_split:
         raise DataError(
             f"{yaml_path} names no images: add 'train:' (and 'val:') entries pointing at the "
@@ -105,7 +118,7 @@ def read_yolo(yaml_path: Path) -> Dataset:
     if 2 * len(skipped) > len(where_split):  # the CSV and COCO readers' rule
         raise DataError(
             f"{len(skipped)} of {len(where_split)} images listed by {yaml_path} are missing or "
-            f"unreadable (first: {_first(str(p) for p, _ in skipped)}); check the image paths"
+            f"unreadable (first: {first_few(str(p) for p, _ in skipped)}); check the image paths"
         )
     records.sort(key=lambda r: r.path)
     train = [r for r in records if r.split == "train"] or records  # val-only data: evaluation
@@ -120,7 +133,7 @@ def read_yolo(yaml_path: Path) -> Dataset:
         notes.append(f"{negatives} images have no boxes; kept as negatives (images without objects)")
     ds = Dataset(
         root=yaml_path.parent, classes=classes, records=records, task="detect", fmt="yolo",
-        notes=notes,
+        notes=notes, outside_root=list(guard.outside),
     )
     ds.skipped = [(ds.relpath(Record(path=p, labels=())), why) for p, why in skipped]
     return ds
@@ -178,7 +191,7 @@ def _base(yaml_path: Path, data: dict[str, Any]) -> Path:
     value = data.get("path")
     if not value:
         return yaml_path.parent
-    base = _normalised(_resolve_image(str(value), yaml_path.parent))
+    base = _normalised(listed_path(str(value), yaml_path.parent))
     return base if base.is_dir() else yaml_path.parent  # a stale absolute path from elsewhere
 
 
@@ -187,12 +200,14 @@ def _normalised(path: Path) -> Path:
     return Path(os.path.normpath(path))
 
 
-def _entry_path(yaml_path: Path, base: Path, split: str, value: str) -> Path:
-    path = _normalised(_resolve_image(value, base))
-    if not path.exists() and value.startswith("../"):
-        alt = _normalised(_resolve_image(value[3:], base))  # Roboflow's "../train/images"
-        if alt.exists():
+def _entry_path(yaml_path: Path, base: Path, split: str, value: str, guard: RootGuard) -> Path:
+    path = _normalised(listed_path(value, base))
+    if value.startswith("../") and not (guard.inside(path) and path.exists()):
+        alt = _normalised(listed_path(value[3:], base))  # Roboflow's "../train/images"
+        if guard.inside(alt) and alt.exists():
             return alt
+    if not guard.may_open(path):
+        return path  # the caller's guard.admit records it; whether it exists is not asked
     if not path.exists():
         raise DataError(
             f"{yaml_path}: {split} images {value!r} not found (looked at {path}); paths are "
@@ -201,20 +216,22 @@ def _entry_path(yaml_path: Path, base: Path, split: str, value: str) -> Path:
     return path
 
 
-def _split_images(yaml_path: Path, base: Path, split: str, value: Any) -> list[Path]:
+def _split_images(yaml_path: Path, base: Path, split: str, value: Any, guard: RootGuard) -> list[Path]:
     entries = value if isinstance(value, list) else [value]
     images: list[Path] = []
     for entry in entries:
         if not isinstance(entry, str):
             raise DataError(f"{yaml_path}: {split} entry {entry!r} is not a path")
-        path = _entry_path(yaml_path, base, split, entry)
+        path = _entry_path(yaml_path, base, split, entry, guard)
+        if not guard.admit(path):
+            continue  # an image folder or list outside the dataset: not listed, not read
         if path.is_dir():
-            images.extend(_walk_files(path)[0])
+            images.extend(walk_files(path)[0])
         elif path.suffix.lower() == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
             # as Ultralytics reads them: relative lines ("./images/a.jpg") from the list's folder
             images.extend(
-                _normalised(_resolve_image(line, path.parent))
+                _normalised(listed_path(line, path.parent))
                 for line in lines
                 if line.strip() and is_image_file(Path(line.strip()))
             )
@@ -261,7 +278,7 @@ def _read_labels(
         if cls != int(cls) or int(cls) not in class_index:
             raise DataError(
                 f"{where}: class {fields[0]} is not one of the {len(class_index)} class ids in "
-                f"data.yaml ({_first(map(str, sorted(class_index)))}); fix the label or 'names'"
+                f"data.yaml ({first_few(map(str, sorted(class_index)))}); fix the label or 'names'"
             )
         coords = values[1:]
         if len(coords) >= 4 and (min(coords) < 0 or max(coords) > 1 + COORD_TOLERANCE):
@@ -333,7 +350,7 @@ def _notes(
     }
     for key, text in texts.items():
         if tally[key]:
-            first = _first([_rel(Path(where), root) for where in tally[key]], _EXAMPLES)
+            first = first_few([rel_posix(Path(where), root) for where in tally[key]], _EXAMPLES)
             notes.append(f"{text.format(n=len(tally[key]))} (first: {first})")
     if skipped:
         notes.append(f"skipped {len(skipped)} missing or unreadable images")
