@@ -112,7 +112,8 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     ui = reporter or Reporter()
     torch.set_num_threads(cpu_count())
 
-    ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task)
+    ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task,
+                      outside_root="allow" if cfg.allow_outside_root else "refuse")
     cfg.task = ds.task
     cfg.resolve(ds.task)
     import lightning as L
