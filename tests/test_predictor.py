@@ -297,13 +297,6 @@ def _model_file(name: object) -> Callable[[Path], None]:
     return edit
 
 
-def _model_symlink_out_of_the_bundle(b: Path) -> None:
-    outside = b.parent / "elsewhere.onnx"
-    shutil.copy(b / "model.onnx", outside)
-    (b / "model.onnx").unlink()
-    os.symlink(outside, b / "model.onnx")
-
-
 BAD_META: list[tuple[str, Callable[[Path], None], str]] = [
     ("thresholds too few", _meta(thresholds=[0.5, 0.5, 0.5]), r"'thresholds' must be a list of 4 numbers in \[0, 1\]"),
     ("thresholds above 1", _meta(thresholds=[0.5, 0.5, 0.5, 1.5]), r"'thresholds' must be .* got \[0\.5, 0\.5, 0\.5, 1\.5\]"),
@@ -324,7 +317,6 @@ BAD_META: list[tuple[str, Callable[[Path], None], str]] = [
     ("model file empty", _model_file(""), r"'model\.file' must be"),
     ("model file a number", _model_file(3), r"'model\.file' must be"),
     ("model file NUL", _model_file("model\x00.onnx"), r"'model\.file' must be"),
-    ("model symlink out", _model_symlink_out_of_the_bundle, r"'model\.file' must be .* got 'model\.onnx'"),
     ("input not an object", _meta(input=[224, 256]), r"'input' must be an object"),
     ("input without size", _input(size=...), r"the input spec has no 'size' entry"),
     ("input size infinite", _input(size=float("inf")), r"the input spec is wrong"),

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +100,50 @@ def test_max_drop_refuses_then_force_keeps(colour_bundle: Path, black_dir: Path,
     export_int8(colour_bundle, out, calib_dir=black_dir, max_drop=50, force=True)
     rec = _meta(out)["export"]
     assert rec["drop_points"] > 50 and rec["calibration"] == {"images": 1, "source": str(black_dir)}
+
+
+ORT_SCRATCH = ("pre.quant.", "ort.quant.")  # onnxruntime's quantiser's own temporary folders
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_kill_9_mid_int8_export_leaves_only_staging_that_the_next_export_sweeps(
+    colour_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RELIABILITY C4: a real ``lensforge export --to onnx-int8`` killed with SIGKILL while
+    onnxruntime quantises leaves nothing at the output, nothing in the system temp dir, only
+    its entry in ``.staging`` beside the output; the next export there removes it and says so."""
+    system_tmp, exports = tmp_path / "system-tmp", tmp_path / "exports"
+    system_tmp.mkdir()
+    staging = exports / ".staging"
+    argv = [sys.executable, "-m", "lensforge.cli", "export", str(colour_bundle), "--to", "onnx-int8",
+            "--out", str(exports / "int8"), "--max-drop", "50"]
+    with open(tmp_path / "export.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(system_tmp)})
+    try:
+        deadline = time.monotonic() + 300
+        work: list[Path] = []
+        # kill once onnxruntime's own scratch folder exists: the export is mid-quantisation
+        while not any(n.startswith(ORT_SCRATCH) for w in work for n in _names(w)):
+            assert proc.poll() is None, f"the export ended before it was killed:\n{(tmp_path / 'export.log').read_text()}"
+            assert time.monotonic() < deadline, "no staging folder with onnxruntime's scratch appeared"
+            time.sleep(0.02)
+            work = list(staging.glob("int8.work~*"))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -9
+    assert _names(exports) == [".staging"]  # no half-written int8 bundle, no hidden .int8.tmp-*
+    assert [n for n in _names(system_tmp) if n.startswith(("lensforge-", *ORT_SCRATCH))] == []
+    [leftover] = work
+
+    with caplog.at_level(logging.WARNING, logger="lensforge.runtime.bundle"):
+        export_fp16(colour_bundle, exports / "fp16")
+    assert _names(exports) == ["fp16"]  # the leftover swept, .staging gone
+    assert "removed 1 leftover(s) of interrupted lensforge runs" in caplog.text and leftover.name in caplog.text
 
 
 def test_int8_dynamic(colour_bundle: Path, tmp_path: Path) -> None:

@@ -388,9 +388,9 @@ def test_a_failing_export_leaves_no_bundle_behind(tmp_path: Path, shapes_dir: Pa
     out = tmp_path / "run"
     with pytest.raises(ExportError, match="simulated"):
         lensforge.train(data=str(shapes_dir), out=str(out), pretrained=False, **{**tiny_train, "max_steps": 1})
-    assert len(seen) == 1 and seen[0].parent.parent == out and seen[0].parent.name.startswith(".bundle.tmp-")
+    assert len(seen) == 1 and seen[0].parent.parent == out / ".staging" and seen[0].parent.name.startswith("bundle~")
     assert not (out / "bundle").exists()
-    assert not list(out.glob(".bundle*"))
+    assert not list(out.glob(".bundle*")) and not (out / ".staging").exists()
     assert (out / "config.yaml").is_file()  # the run itself is there; only the bundle is not
 
 

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from lensforge.export.quantize import export_fp16, export_int8
 from lensforge.export.torchserve import export_torchserve
 from lensforge.export.triton import CONFIG_FILE, MODEL_FILE, export_triton
 from lensforge.hardware import cpu_count
-from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle
+from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle, staging_directory
 from lensforge.runtime.predictor import Predictor
 from lensforge.ui import Reporter
 
@@ -272,8 +271,8 @@ def _handler_row(src: Bundle, mar: Path, records: list[Record], s32: np.ndarray,
         r.note = "no held-out images to send to the handler"
         return r
     index = {c: i for i, c in enumerate(src.classes)}
-    with tempfile.TemporaryDirectory(prefix="lensforge-mar-") as tmp:
-        model_dir = Path(tmp)
+    # unpacked beside the archive, not in the system temp dir: a kill -9 leaves it where the next export sweeps it
+    with staging_directory(mar.parent, f"{mar.name}.unpacked") as model_dir:
         with zipfile.ZipFile(mar) as z:
             z.extractall(model_dir)
         manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())

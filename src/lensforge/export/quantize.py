@@ -13,6 +13,7 @@ No torch here: this runs on a serving install.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from lensforge.runtime.bundle import (
     Bundle,
     as_bundle,
     atomic_directory,
+    staging_directory,
     write_meta,
 )
 from lensforge.runtime.predictor import Predictor
@@ -80,6 +82,9 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
     _check_out(src, out, overwrite)
     records, split_name = held_out(src, ("val", "test"))
     records = records[:FP16_CHECK_IMAGES]
+    # the check serve and predict make: a truncated or hostile model.onnx (external data
+    # leading out of the bundle) is one BundleError here, before onnx.load reads anything
+    ref = Predictor(src)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model = onnx.load(str(src.model_path))
         try:
@@ -89,7 +94,7 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
         onnx.save(half, str(tmp / MODEL_FILE))
         _copy_files(src, tmp)
         new = _meta_for(src, tmp, "fp16")
-        ref, cand = Predictor(src), Predictor(Bundle(tmp, new))
+        cand = Predictor(Bundle(tmp, new))
         record: dict[str, Any] = {"converter": "onnxruntime.transformers.float16 (keep_io_types=True)", "cpu": describe()}
         if records:
             y, s32, s16 = _scores_pair(ref, cand, src, records)
@@ -154,8 +159,10 @@ def export_int8(
             "pass --force to export unchecked"
         )
     ref = Predictor(src)
-    with tempfile.TemporaryDirectory(prefix="lensforge-int8-") as work:
-        model_file = Path(work) / MODEL_FILE
+    # scratch beside the output, not in the system temp dir: a kill -9 leaves it where the next
+    # export there sweeps it (see staging_directory)
+    with staging_directory(out.parent, f"{out.name}.work") as work, _tempfiles_in(work):
+        model_file = work / MODEL_FILE
         settings = _quantize(src, ref, calib_images, method, model_file)
         with atomic_directory(out, overwrite=overwrite) as tmp:
             shutil.copyfile(model_file, tmp / MODEL_FILE)
@@ -357,6 +364,24 @@ def _random_batch(src: Bundle) -> np.ndarray:
 
 
 # -- bundle plumbing -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tempfiles_in(folder: Path) -> Iterator[None]:
+    """Point :mod:`tempfile` at ``folder`` for the block.
+
+    ORT's quantiser and pre-processor write their scratch models (tens of MB) to
+    ``tempfile.TemporaryDirectory()`` and take no directory argument; a ``kill -9`` would
+    leave them in the system temp dir, where nothing can tell whose they are. Inside our
+    staging folder the next run sweeps them. Process-wide for the block's duration: an
+    export is the only work of the process that runs it (CLI, tests, notebooks).
+    """
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
 
 
 def _check_out(src: Bundle, out: Path, overwrite: bool) -> None:

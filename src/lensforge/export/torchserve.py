@@ -15,14 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from lensforge.errors import ExportError
 from lensforge.export import torchserve_handler
 from lensforge.export._serving import model_name
-from lensforge.runtime.bundle import as_bundle
-from lensforge.runtime.bundle import META_FILE, Bundle
+from lensforge.runtime.bundle import META_FILE, Bundle, as_bundle, staging_directory
+from lensforge.runtime.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +54,18 @@ def export_torchserve(
         raise ExportError("torch-model-archiver is not installed: pip install torch-model-archiver")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file; give a directory for the .mar")
+    # the check serve and predict make (the handler serves with this Predictor): a truncated or
+    # hostile model.onnx is one BundleError here instead of an archive that cannot load
+    Predictor(b, threads=1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))  # beside the .mar: os.replace stays atomic
-    try:
+    # beside the .mar (os.replace stays atomic); a kill -9 leaves it where the next export sweeps it
+    with staging_directory(out_dir, f"{name}.mar") as work:
         (work / "files").mkdir()
         handler = shutil.copyfile(torchserve_handler.__file__, work / "files" / HANDLER_FILE)
         index = work / "files" / INDEX_FILE
         index.write_text(json.dumps({str(i): c for i, c in enumerate(b.classes)}, indent=2) + "\n")
         _archive(name, b.model_path, handler, [index, b.path / META_FILE], work)
         os.replace(work / f"{name}.mar", mar)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     log.info("wrote TorchServe archive %s", mar)
     return mar
 

@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
+import socket
+import stat
+import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,8 @@ from lensforge.data.records import TASKS
 from lensforge.errors import BundleError
 from lensforge.runtime.results import DEFAULT_THRESHOLD
 from lensforge.runtime.preprocess import DetectSpec, InputSpec
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "lensforge.json"
@@ -108,6 +115,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         if (p / "bundle" / META_FILE).is_file():
             hint = f" (did you mean {p / 'bundle'}?)"
         raise BundleError(f"{p} is not a lensforge bundle: {META_FILE} is missing{hint}")
+    _check_file_stays_inside(p, META_FILE)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -129,9 +137,86 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         raise BundleError(f"{p} holds a {meta['task']!r} model; this lensforge handles {', '.join(TASKS)}")
     _check_meta(meta, meta_path)
     bundle = Bundle(p, meta)
+    model_file = meta.get("model", {}).get("file", MODEL_FILE)
+    for name in (model_file, WEIGHTS_FILE, SPLIT_FILE):
+        _check_file_stays_inside(p, name)
     if not bundle.model_path.is_file() or bundle.model_path.stat().st_size == 0:
         raise BundleError(f"{p} is incomplete: {bundle.model_path.name} is missing or empty")
+    if os.path.lexists(p / WEIGHTS_FILE):
+        check_safetensors(p / WEIGHTS_FILE)
     return bundle
+
+
+def _check_file_stays_inside(bundle_dir: Path, name: str) -> None:
+    """Refuse a bundle file (when there is one) that leads out of the bundle through a symlink,
+    or that is not a regular file (a FIFO would block the reader, a device never ends).
+
+    Checked before anything reads the file, so a hostile bundle never makes lensforge read
+    (or copy into an export) a file from elsewhere. ``name`` is already known to be a plain
+    relative path (``_check_meta``); a symlink that stays inside the bundle is fine.
+    """
+    path = bundle_dir / name
+    if not os.path.lexists(path):
+        return  # missing files are reported by whoever needs them, with their own message
+    if not _inside(bundle_dir, name):
+        raise BundleError(
+            f"{path} is a symlink that leads out of the bundle (bundles are read only from inside their "
+            "directory); copy the file into the bundle instead of linking it"
+        )
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{path} is not a regular file (a directory, FIFO or device); a bundle holds plain files")
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header (MAX_HEADER_SIZE)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a ``.safetensors`` file whose header cannot be right, before safetensors reads it.
+
+    The format is an 8-byte little-endian header length N, N bytes of JSON
+    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``), then the tensor bytes.
+    A length past the end of the file (e.g. 2**62 in a hostile or truncated file) or tensor
+    offsets past the end of the data mean a truncated or forged file: one
+    :class:`BundleError` naming it. Reads at most the header; needs neither torch nor safetensors.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise BundleError(f"{path} is corrupt: {size} bytes, too short for a safetensors header; "
+                                  "copy or re-export the bundle")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > SAFETENSORS_MAX_HEADER:
+                raise BundleError(
+                    f"{path} is corrupt: its safetensors header declares {n} bytes but the file holds {size} "
+                    "(truncated or forged); copy or re-export the bundle"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BundleError(f"{path} is corrupt: its safetensors header is not JSON; copy or re-export the bundle") from None
+    data = size - 8 - n
+    if not isinstance(header, dict):
+        raise BundleError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        valid = (isinstance(offsets, list) and len(offsets) == 2
+                 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets))
+        if not valid or not 0 <= offsets[0] <= offsets[1] <= data:
+            raise BundleError(
+                f"{path} is corrupt: tensor {_short(name, 60)} lies outside the file's {data} data bytes "
+                f"(data_offsets {_short(offsets, 60)}; truncated or forged); copy or re-export the bundle"
+            )
 
 
 def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
@@ -171,21 +256,27 @@ def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
         if key in meta and not isinstance(meta[key], dict):
             raise BundleError(f"{bad} {key!r} must be an object, got {_short(meta[key])}")
     file = meta.get("model", {}).get("file", MODEL_FILE)
-    if not _inside(meta_path.parent, file):
+    if not _plain_relative(file):
         raise BundleError(
             f"{bad} 'model.file' must be a relative file name inside the bundle (e.g. {MODEL_FILE!r}), "
             f"got {_short(file)}"
         )
 
 
-def _inside(bundle_dir: Path, file: Any) -> bool:
-    """Whether ``file`` names a path inside ``bundle_dir``.
+def _plain_relative(file: Any) -> bool:
+    """Whether ``file`` is a relative path with no '..' (and no NUL byte).
 
     The model is read from inside the bundle only: an edited bundle must not point a server at
-    an arbitrary file (an absolute path, '..', or a symlink that leads out of the bundle).
+    an arbitrary file (an absolute path or '..'; symlinks are :func:`_check_file_stays_inside`'s).
     '..' is refused even when it would come back inside: a plain name is all training writes.
     """
-    if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+    return (isinstance(file, str) and bool(file) and "\x00" not in file and not Path(file).is_absolute()
+            and ".." not in Path(file).parts)
+
+
+def _inside(bundle_dir: Path, file: Any) -> bool:
+    """Whether the plain relative path ``file`` resolves (symlinks followed) inside ``bundle_dir``."""
+    if not _plain_relative(file):
         return False
     try:
         root = bundle_dir.resolve()
@@ -214,45 +305,179 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+STAGING_DIR = ".staging"  # unfinished bundles and exports, beside where they will land
+# An entry this old is stale even when a process with its PID is alive: the PID was reused
+# (where /proc cannot tell), or the entry is another host's on a shared disk. No export or
+# training run writes one bundle for a day.
+STALE_AFTER_S = 24 * 3600
+_HOST = "".join(c if c.isalnum() or c in ".-" else "-" for c in socket.gethostname())[:64] or "host"
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``dest``; on success it becomes ``dest``.
+    """Yield an empty staging directory (in ``dest.parent/.staging``); on success it becomes ``dest``.
 
-    A crash or error inside the block removes the temporary directory, so a half-written
-    bundle is never visible at ``dest``. With ``overwrite`` an existing ``dest`` is replaced
-    only after the new one is complete.
+    An error inside the block removes the staging directory, so a half-written bundle is
+    never visible at ``dest``; after a ``kill -9`` the next staging in the same place sweeps
+    it (:func:`sweep_staging`). With ``overwrite`` an existing ``dest`` is replaced only after
+    the new one is complete.
     """
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest} already exists; pass --overwrite to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(dest.parent, prefix=f".{dest.name}.tmp-")
-    try:
+    with staging_directory(dest.parent, dest.name) as tmp:
         yield tmp
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            old = dest.parent / STAGING_DIR / _entry_name(f"{dest.name}.old")
             os.replace(dest, old)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def _make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A new empty directory in ``parent`` with the permissions any ``mkdir`` there gets.
+@contextlib.contextmanager
+def staging_directory(parent: Path, label: str) -> Iterator[Path]:
+    """An empty scratch directory in ``parent/.staging``, removed when the block ends.
+
+    Everything a run writes before it is complete goes here: on the same file system as
+    ``parent`` (so ``os.replace`` into place is atomic), named after its owner (host, PID,
+    creation time) so that the next run in ``parent`` can tell an interrupted run's leftovers
+    from a live one's and sweep only those. ``.staging`` itself goes once it is empty.
+    """
+    parent = Path(parent)
+    sweep_staging(parent)
+    tmp = _new_entry(parent / STAGING_DIR, label)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone when it was renamed into place
+        with contextlib.suppress(OSError):  # not empty: another run is staging there
+            (parent / STAGING_DIR).rmdir()
+
+
+def sweep_staging(parent: Path) -> list[Path]:
+    """Remove the stale entries of ``parent/.staging`` (left by killed runs) and return them.
+
+    Stale: made on this host by a process that is gone (or whose PID now belongs to a process
+    started later), or older than ``STALE_AFTER_S``. A live run's entry is never touched.
+    What is removed is said in one warning.
+    """
+    staging = Path(parent) / STAGING_DIR
+    try:
+        entries = list(staging.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        log.warning("cannot list %s to sweep leftovers of interrupted runs: %s", staging, e.strerror)
+        return []
+    now = time.time()
+    removed, freed = [], 0
+    for entry in entries:
+        if not _is_stale(entry, now):
+            continue
+        size = _tree_size(entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        if not os.path.lexists(entry):
+            removed.append(entry)
+            freed += size
+    if removed:
+        log.warning(
+            "removed %d leftover(s) of interrupted lensforge runs (%.1f MB) from %s: %s",
+            len(removed), freed / 1e6, staging, ", ".join(sorted(e.name for e in removed)),
+        )
+    with contextlib.suppress(OSError):
+        staging.rmdir()  # only when empty
+    return removed
+
+
+def _entry_name(label: str) -> str:
+    """``<label>~<host>~<pid>~<created>~<random>``: who made it and when, for the sweep."""
+    label = label.replace("~", "-")[:100]  # room for the owner part within a 255-byte name
+    return f"{label}~{_HOST}~{os.getpid()}~{int(time.time())}~{secrets.token_hex(4)}"
+
+
+def _new_entry(staging: Path, label: str) -> Path:
+    for _ in range(100):
+        staging.mkdir(mode=0o777, parents=True, exist_ok=True)
+        try:
+            return _make_temp_dir(staging, _entry_name(label))
+        except FileNotFoundError:  # another run removed the empty .staging in between: again
+            continue
+    raise BundleError(f"cannot create a staging directory in {staging}: it keeps disappearing")
+
+
+def _is_stale(entry: Path, now: float) -> bool:
+    parts = entry.name.rsplit("~", 4)
+    try:
+        host, pid, created = parts[1], int(parts[2]), int(parts[3])
+    except (IndexError, ValueError):  # not ours: only its age can tell
+        try:
+            return now - entry.lstat().st_mtime > STALE_AFTER_S
+        except OSError:
+            return False
+    if now - created > STALE_AFTER_S:
+        return True
+    if host != _HOST or pid == os.getpid():  # another machine's PIDs mean nothing here
+        return False
+    return not _owner_alive(pid, created)
+
+
+def _owner_alive(pid: int, created: int) -> bool:
+    """Whether the process that made an entry at ``created`` (its PID ``pid``) still runs."""
+    if os.name != "posix":
+        return True  # no safe probe (os.kill terminates on Windows): the entry's age decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    except (OverflowError, ValueError):
+        return False
+    started = _linux_process_start(pid)
+    if started is None:
+        return True
+    state, start = started
+    # a zombie is dead; a process started after the entry was made reuses the PID
+    # (2 s: start times and the entry's stamp are both whole-second-ish)
+    return state != "Z" and start <= created + 2
+
+
+def _linux_process_start(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time as a Unix time) from /proc, or None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def _make_temp_dir(parent: Path, name: str) -> Path:
+    """A new empty directory ``parent/name`` with the permissions any ``mkdir`` there gets.
 
     Not ``tempfile.mkdtemp``: that makes a private 0700 directory, so a bundle trained by one
     user could not be read by a server running as another. ``mkdir(mode=0o777)`` lets the
     kernel apply the umask (and any default ACL) atomically, without reading the umask with
     ``os.umask``, which changes it process-wide for a moment and is not thread-safe.
+    ``name`` ends in random hex (see :func:`_entry_name`), so it practically never exists.
     """
-    while True:
-        tmp = parent / f"{prefix}{secrets.token_hex(6)}"
-        try:
-            tmp.mkdir(mode=0o777)
-        except FileExistsError:  # 48 random bits: practically never twice
-            continue
-        return tmp
+    tmp = parent / name
+    tmp.mkdir(mode=0o777)
+    return tmp
