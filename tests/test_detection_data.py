@@ -510,6 +510,26 @@ def test_inspect_json_detection_section(capsys: pytest.CaptureFixture[str], quir
     assert report["skipped"]["count"] == 1  # valid/stray.jpg
 
 
+def test_inspect_json_has_per_split_totals_at_the_top_level(
+    capsys: pytest.CaptureFixture[str], quirky: Dataset
+) -> None:
+    code, out, _ = run_cli(["data", "inspect", quirky.root, "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    totals = report["split_totals"]
+    assert list(totals) == ["train", "val", "total"]
+    assert totals["total"] == {"images": report["total_images"], "boxes": 6, "empty_images": 1}
+    assert totals["train"]["empty_images"] == 1 and totals["val"]["empty_images"] == 0  # train/b.jpg
+    for key in ("images", "boxes", "empty_images"):
+        assert totals["train"][key] + totals["val"][key] == totals["total"][key]
+    assert totals["val"]["boxes"] == 1  # valid/img0.jpg's fish
+    # the console table's bottom rows show the same numbers, split by split
+    code, text, _ = run_cli(["data", "inspect", quirky.root], capsys)
+    all_row = next(line for line in text.splitlines() if line.strip("│ ").startswith("all"))
+    cells = [c.strip() for c in all_row.strip("│ ").split("│")[1:]]
+    assert cells == [str(totals[s][k]) for s in ("train", "val", "total") for k in ("images", "boxes")]
+
+
 def test_inspect_reports_annotated_size_that_differs_from_the_file(
     tmp_path: Path, make_image: MakeImage, capsys: pytest.CaptureFixture[str]
 ) -> None:

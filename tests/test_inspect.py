@@ -178,3 +178,60 @@ def test_fifos_and_symlink_loops_never_block_inspection(tmp_path: Path, make_ima
     assert (bad["path"], bad["code"]) == ("cats/x.jpg", "unreadable")
     assert "not a regular file" in bad["reason"]
     assert {s["path"] for s in report["skipped"]["examples"]} == {"cats/x.jpg", "cats/loop"}
+
+
+def test_inspect_lists_paths_outside_the_data_folder_without_reading_them(
+    tmp_path: Path, make_image: MakeImage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lensforge.cli import main
+
+    root = tmp_path / "data"
+    for cls in ("cats", "dogs"):
+        for i in range(2):
+            make_image(root / cls / f"{i}.png", size=SIZE)
+    outside = make_image(tmp_path / "private" / "me.png", size=SIZE)
+    os.symlink(outside, root / "cats" / "me.png")
+    os.symlink(tmp_path / "private", root / "private")  # a class folder leading out
+
+    assert main(["data", "inspect", str(root), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_images"] == 4  # the outside file was neither probed nor hashed
+    assert report["outside_root"] == {
+        "count": 2, "allowed": False,
+        "examples": [f"cats/me.png (→ {outside})", f"private (→ {tmp_path / 'private'})"],
+    }
+    assert any("2 paths outside the data folder (not read" in issue for issue in report["issues"])
+
+    assert main(["data", "inspect", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "outside the data folder" in text and "cats/me.png" in text
+
+    assert main(["data", "inspect", str(root), "--json", "--allow-outside-root"]) == 0
+    allowed = json.loads(capsys.readouterr().out)
+    assert allowed["total_images"] == 6 and allowed["outside_root"]["allowed"] is True
+    assert allowed["classes"] == ["cats", "dogs", "private"]
+
+
+def test_train_refuses_data_outside_its_folder(
+    tmp_path: Path, make_image: MakeImage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refusal comes from reading the data, before any model or run directory exists."""
+    from lensforge.cli import main
+    from lensforge.config import TrainConfig
+
+    data = tmp_path / "data"
+    rows = [f"{c}{i}.png,{c}" for c in ("a", "b") for i in range(2)]
+    for row in rows:
+        make_image(data / row.split(",")[0], size=SIZE)
+    for i in range(3):
+        make_image(tmp_path / "home" / f"p{i}.png", size=SIZE)
+    rows += [f"../home/p{i}.png,a" for i in range(3)] + ["/etc/passwd,b"]
+    (data / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code = main(["train", str(data), "--out", str(out), "--no-pretrained"])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "4 paths listed in labels.csv resolve outside the data folder" in err
+    assert "first: ../home/p0.png, ../home/p1.png, ../home/p2.png, ...)" in err
+    assert "--allow-outside-root" in err and "Traceback" not in err
+    assert TrainConfig(data=str(data), allow_outside_root=True).validate().allow_outside_root is True
