@@ -25,7 +25,7 @@ import torch
 from lensforge.config import TrainConfig
 from lensforge.hardware import cpu_count, describe
 from lensforge.models import Classifier, create_backbone
-from lensforge.training.finetune import choose_precision, fit
+from lensforge.training.finetune import ClassifierModule, choose_precision, fit
 
 
 def batches(n: int, batch: int, size: int, classes: int) -> torch.utils.data.DataLoader:
@@ -54,7 +54,8 @@ def lensforge_fit(data: torch.utils.data.DataLoader, lr: float) -> float:
     cfg = TrainConfig(data="bench", epochs=1, max_steps=len(data), lr=lr, patience=0)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        fit(model, data, None, cfg, Path(tmp), multilabel=False)
+        module = ClassifierModule(model, False, cfg, steps_per_epoch=len(data))
+        fit(module, data, None, cfg, Path(tmp), monitor="val_acc", channels_last=True)
         return time.perf_counter() - t
 
 

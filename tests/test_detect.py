@@ -15,7 +15,7 @@ from PIL import Image
 from lensforge.cli import main
 from lensforge.errors import BundleError, DataError
 from lensforge.runtime import DetectionResult, Predictor, load_bundle
-from lensforge.runtime.predictor import DetectorInput
+from lensforge.runtime.runners import DetectorInput
 
 
 def test_training_writes_a_verified_detector_bundle(detect_run: object, detect_bundle: Path) -> None:
@@ -57,7 +57,7 @@ def test_predictor_returns_boxes_in_original_pixels(detect_bundle: Path, detect_
 def test_box_mapping_is_exact_for_a_known_output(detect_bundle: Path) -> None:
     """result() divides by the shrink factor and clips to the original image."""
     p = Predictor(detect_bundle)
-    prepared = DetectorInput.wrap(np.zeros((3, 96, 128), np.float32), (384, 288))  # shrunk by 1/3
+    prepared = DetectorInput(np.zeros((3, 96, 128), np.float32), (384, 288))  # shrunk by 1/3
     output = (np.array([[3, 6, 30, 60], [90, 0, 200, 96]], np.float32), np.array([0.9, 0.4], np.float32),
               np.array([2, 0], np.int64))
     r = p.result(output, prepared)

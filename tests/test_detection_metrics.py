@@ -342,7 +342,7 @@ def test_sample_curve_keeps_exact_points_and_the_best() -> None:
 def test_detection_metrics_is_json_ready_and_consistent() -> None:
     records, results = SPLITS["mixed"]()
     m = detection_metrics(records, results, CLASSES, threshold=0.4, beta=2.0)
-    text = json.dumps(m, allow_nan=False)
+    text = json.dumps(m.to_dict(), allow_nan=False)
     assert json.loads(text) == m
     assert m["n"] == len(records) and m["n_detections"] == sum(len(r) for r in results)
     assert m["n_gt"] == sum(int((~r.crowd_array()).sum()) for r in records)

@@ -75,7 +75,7 @@ def test_single_label_metrics_equal_sklearn(case: str) -> None:
     assert [row["f1"] for row in m["per_class"]] == f.tolist()
     assert [row["support"] for row in m["per_class"]] == s.tolist()
     assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=labels).tolist()
-    assert json.loads(json.dumps(m)) == m  # JSON-ready: plain types only
+    assert json.loads(json.dumps(m.to_dict())) == m  # JSON-ready: plain types only
 
 
 def test_single_label_hand_made_values() -> None:
@@ -160,7 +160,7 @@ def test_multilabel_metrics_equal_sklearn(case: str) -> None:
     assert [row["support"] for row in m["per_class"]] == s.tolist()
     assert [row["threshold"] for row in m["per_class"]] == thresholds.tolist()
     assert m["n"] == len(y)
-    assert json.loads(json.dumps(m)) == m
+    assert json.loads(json.dumps(m.to_dict())) == m
 
 
 def test_multilabel_hand_made_values() -> None:

@@ -163,15 +163,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+SUMMARY_METRICS = ("f1_macro", "f1_micro", "exact_match", "map50")  # beside the headline, where a task has them
+
+
 def _print_summary(result: Any) -> None:
     t = Table(title="Done", show_header=False, title_justify="left", box=None, padding=(0, 2))
     t.add_row("bundle", str(result.bundle_dir))
     t.add_row("run directory", str(result.run_dir))
     t.add_row("ONNX vs torch", f"max |Δscore| {result.parity:.2e}")
     for split, m in result.metrics.items():
-        headline = {k: m[k] for k in ("accuracy", "f1_macro", "mAP", "f1_micro", "exact_match", "map", "map50")
-                    if isinstance(m.get(k), (int, float))}
-        t.add_row(f"{split} metrics", "  ".join(f"{k} {v:.3f}" for k, v in headline.items()))
+        shown = {k: m.get(k) for k in (m.headline[0], *SUMMARY_METRICS)}  # the headline first, then what exists
+        t.add_row(f"{split} metrics", "  ".join(f"{k} {v:.3f}" for k, v in shown.items() if isinstance(v, (int, float))))
     if result.skipped_images:
         t.add_row("skipped images", str(result.skipped_images))
     t.add_row("time", f"{result.seconds:.0f} s")
@@ -186,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate(args.bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json),
                    predictor=make_predictor(args, args.bundle), allow_outside_root=args.allow_outside_root)
     if args.json:
-        print(json.dumps(res.metrics, indent=2))
+        print(json.dumps(res.metrics.to_dict(), indent=2))
         return 0
     if res.task == "detect":
         from lensforge.metrics.detection import print_detection_report

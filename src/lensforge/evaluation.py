@@ -1,9 +1,9 @@
 """``evaluate(bundle, data)``: the bundle's Predictor over a held-out split → metrics, plots
-and per-image predictions. No torch: an exported model is evaluated as it will be served."""
+and per-image predictions, for every task (the task scores, measures and reports; see
+:mod:`lensforge.tasks`). No torch: an exported model is evaluated as it will be served."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -13,11 +13,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lensforge.data.records import Dataset, Record, targets
+from lensforge.data.formats import read_dataset
+from lensforge.data.records import Dataset, Record
+from lensforge.data.split import load_split
 from lensforge.errors import DataError
+from lensforge.metrics.base import Metrics
 from lensforge.runtime.bundle import SPLIT_FILE, Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
-from lensforge.runtime.results import DEFAULT_THRESHOLD, DetectionResult
+from lensforge.tasks import get_task
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalResult:
     task: str  # "classify", "multilabel" or "detect"
-    metrics: dict[str, Any]
+    metrics: Metrics
     out_dir: Path | None
     split: str  # which images were evaluated, in words
     failed: int  # images that could not be decoded
@@ -34,46 +37,30 @@ class EvalResult:
 
 
 def score_records(
-    predictor: Predictor, records: Sequence[Record], num_classes: int, multilabel: bool,
-    progress: Callable[[int], None] | None = None,
+    predictor: Predictor, records: Sequence[Record], progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Record], np.ndarray, np.ndarray, list[tuple[Record, str]]]:
-    """Run the Predictor over records. Returns (scored records, targets, scores (N, C), failures).
-
-    targets: (N,) class indices, or (N, C) 0/1 for multi-label.
-    """
-    done, results, failed = predict_records(predictor, records, 32, progress)
-    s = np.stack([r.scores for r in results]) if results else np.zeros((0, num_classes), np.float32)
-    return done, targets(done, num_classes, multilabel), s, failed
-
-
-def predict_records(
-    predictor: Predictor, records: Sequence[Record], batch_size: int, progress: Callable[[int], None] | None = None,
-) -> tuple[list[Record], list[Any], list[tuple[Record, str]]]:
-    """The Predictor over records' images, in order: (records that decoded, their results,
-    (record, reason) for the ones that did not)."""
-    done: list[Record] = []
-    results: list[Any] = []
-    failed: list[tuple[Record, str]] = []
-    for r, (_, res) in zip(records, predictor.predict_many([str(r.path) for r in records], batch_size=batch_size)):
-        if progress:
-            progress(1)
-        if isinstance(res, Exception):
-            failed.append((r, str(res)))
-            continue
-        done.append(r)
-        results.append(res)
-    return done, results, failed
+    """A classifier's Predictor over records, as arrays: (scored records, targets — class
+    indices (N,) or 0/1 (N, C) —, scores float32 (N, C), (record, reason) failures). What the
+    export checks compare formats with."""
+    task = get_task(predictor.task)
+    scored = task.score(predictor, records, progress)
+    y, s = task.arrays(scored, len(predictor.classes))  # type: ignore[attr-defined]
+    return scored.records, y, s, scored.failed
 
 
-def compute_metrics(
-    y: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool, thresholds: Sequence[float] | None
-) -> dict[str, Any]:
-    from lensforge.metrics.classification import multilabel_metrics, single_label_metrics
+def metric_points(src: Bundle, y: np.ndarray, scores: np.ndarray) -> float | None:
+    """A classifier's compared metric (accuracy, or mAP for multi-label) in points, 0-100,
+    from arrays (see :func:`score_records`); None when undefined (no positives)."""
+    if not len(scores):
+        return None
+    task = get_task(src.task)
+    value = task.array_metrics(y, scores, src.classes, src.meta).get(task.compare_key)  # type: ignore[attr-defined]
+    return None if value is None else round(100 * float(value), 2)
 
-    if multilabel:
-        th = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * len(classes), np.float32)
-        return multilabel_metrics(y, scores, th, classes)
-    return single_label_metrics(y, scores, classes)
+
+def headline_metric(src: Bundle) -> str:
+    """The metric formats of this bundle are compared by (accuracy, mAP, or mAP50 for detectors)."""
+    return get_task(src.task).compare_key
 
 
 def choose_records(bundle: Bundle, ds: Dataset, split: str | None) -> tuple[list[Record], str]:
@@ -86,8 +73,6 @@ def choose_records(bundle: Bundle, ds: Dataset, split: str | None) -> tuple[list
     if split == "all":
         return list(ds.records), "all images"
     if same_data and (bundle.path / SPLIT_FILE).is_file() and _shares_images(bundle.path / SPLIT_FILE, ds):
-        from lensforge.data.split import load_split
-
         saved = load_split(bundle.path / SPLIT_FILE, ds)
         name = split or ("test" if saved["test"] else "val")
         if not saved.get(name):
@@ -144,11 +129,9 @@ def evaluate(
     """Evaluate a bundle on a dataset; writes metrics.json, predictions.csv and PNG plots to
     ``out_dir`` (default: ``<run dir>/eval`` beside the bundle, or ``<bundle>/eval``).
     allow_outside_root: read images the data names outside its folder (refused by default)."""
-    from lensforge.data.formats import read_dataset
-
     ui = reporter or Reporter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    multilabel = b.task == "multilabel"
+    task = get_task(b.task)
     # a classifier's data must have one label per image
     ds = read_dataset(data, task=b.task, outside_root="allow" if allow_outside_root else "refuse")
     records, described = choose_records(b, ds, split)
@@ -156,69 +139,16 @@ def evaluate(
     pred = predictor or Predictor(b)
     ui.step(f"Evaluating {b.path} on {len(records)} images: {described}")
     out = Path(out_dir) if out_dir else default_eval_dir(b)
-    if b.task == "detect":
-        return _evaluate_detector(b, pred, records, described, out, ui)
     with ui.track("Predicting", len(records)) as advance:
-        done, y, s, failed = score_records(pred, records, len(b.classes), multilabel, advance)
-    if failed:
-        ui.warn(f"{len(failed)} image(s) could not be read and were left out, e.g. {failed[0][0].path}: {failed[0][1]}")
-    if not done:
+        scored = task.score(pred, records, advance)
+    if scored.failed:
+        first, why = scored.failed[0]
+        ui.warn(f"{len(scored.failed)} image(s) could not be read and were left out, e.g. {first.path}: {why}")
+    if not scored.records:
         raise DataError("no image could be evaluated")
-    metrics = compute_metrics(y, s, b.classes, multilabel, None if b.thresholds is None else list(b.thresholds))
-    metrics["evaluated_on"] = described
-    written = write_report(out, b, done, y, s, metrics)
-    return EvalResult(b.task, metrics, out, described, len(failed), written)
-
-
-def score_detections(
-    predictor: Predictor, records: Sequence[Record], progress: Callable[[int], None] | None = None,
-) -> tuple[list[Record], list[DetectionResult], list[tuple[Record, str]]]:
-    """Run a detector's Predictor over records: (scored records, their results — every
-    detection, low scores included —, failures (record, reason))."""
-    return predict_records(predictor, records, 8, progress)
-
-
-def _evaluate_detector(b: Bundle, pred: Predictor, records: list[Record], described: str, out: Path,
-                       ui: Reporter) -> EvalResult:
-    from lensforge.metrics.detection import detection_metrics
-
-    with ui.track("Detecting", len(records)) as advance:
-        done, results, failed = score_detections(pred, records, advance)
-    if failed:
-        ui.warn(f"{len(failed)} image(s) could not be read and were left out, e.g. {failed[0][0].path}: {failed[0][1]}")
-    if not done:
-        raise DataError("no image could be evaluated")
-    beta = float(b.meta.get("threshold_tuning", {}).get("beta", 2.0))
-    metrics = detection_metrics(done, results, b.classes, b.score_threshold, beta=beta)
-    metrics["evaluated_on"] = described
-    written = write_detection_report(out, done, results, metrics)
-    return EvalResult(b.task, metrics, out, described, len(failed), written)
-
-
-def write_detection_report(out: Path, records: Sequence[Record], results: Sequence[DetectionResult],
-                           metrics: dict[str, Any]) -> list[Path]:
-    """metrics.json, predictions.csv (one row per detection at or above the threshold) and the
-    plots: PR curves, per-class AP, F-beta against the threshold, and a grid of images with
-    ground truth beside predictions."""
-    from lensforge.metrics import detection_plots as dp
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    threshold = float(metrics["threshold"])
-    with (out / "predictions.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "score", "x1", "y1", "x2", "y2"])
-        for r, res in zip(records, results):
-            kept = res.above(threshold)
-            for label, score, box in zip(kept.labels, kept.scores, kept.boxes):
-                w.writerow([str(r.path), label, f"{score:.5f}", *(f"{v:.1f}" for v in box)])
-    written = [
-        dp.plot_detection_pr_curves(metrics, out / "pr_curves.png"),
-        dp.plot_ap_bars(metrics, out / "per_class_ap.png"),
-        dp.plot_fbeta_curve(metrics, out / "fbeta_threshold.png"),
-        dp.plot_detection_grid(records, results, out / "examples.png", threshold=threshold),
-    ]
-    return [Path(p) for p in written]
+    metrics = task.metrics(scored, b.classes, b.meta).with_source(described)
+    written = task.write_report(out, b, task.at_threshold(scored, b.meta), metrics)
+    return EvalResult(b.task, metrics, out, described, len(scored.failed), written)
 
 
 def default_eval_dir(b: Bundle) -> Path:
@@ -226,48 +156,9 @@ def default_eval_dir(b: Bundle) -> Path:
     return b.path.parent / "eval" if (b.path.parent / "config.yaml").is_file() else b.path / "eval"
 
 
-def write_report(
-    out: Path, b: Bundle, records: list[Record], y: np.ndarray, s: np.ndarray, metrics: dict[str, Any]
-) -> list[Path]:
-    """metrics.json, predictions.csv and the plots (confusion matrix or PR curves, per-class
-    bars) into ``out``; returns the plot paths."""
-    from lensforge.metrics import plots
-
-    multilabel = b.task == "multilabel"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_predictions(out / "predictions.csv", records, y, s, b, multilabel)
-    if multilabel:
-        written = [plots.plot_pr_curves(y, s, b.classes, out / "pr_curves.png", thresholds=b.thresholds)]
-    else:
-        written = [plots.plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), b.classes, out / "confusion_matrix.png")]
-    written.append(plots.plot_per_class_bars(metrics["per_class"], out / "per_class.png", metric="f1"))
-    return [Path(p) for p in written]
-
-
-def _write_predictions(path: Path, records: list[Record], y: np.ndarray, s: np.ndarray, b: Bundle, multilabel: bool) -> None:
-    classes = b.classes
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        if multilabel:
-            th = b.thresholds if b.thresholds is not None else np.full(len(classes), DEFAULT_THRESHOLD)
-            w.writerow(["path", "true", "predicted", *classes])
-            for r, yt, sc in zip(records, y, s):
-                w.writerow([str(r.path), ";".join(classes[j] for j in np.flatnonzero(yt)),
-                            ";".join(classes[j] for j in np.flatnonzero(sc >= th)), *[f"{v:.5f}" for v in sc]])
-        else:
-            w.writerow(["path", "true", "predicted", "score", "correct"])
-            for r, yt, sc in zip(records, y, s):
-                k = int(sc.argmax())
-                w.writerow([str(r.path), classes[int(yt)], classes[k], f"{sc[k]:.5f}", int(k == int(yt))])
-
-
 def saved_splits(src: Bundle) -> tuple[dict[str, list[Record]] | None, Any]:
     """The bundle's saved split mapped onto its training data (labels re-indexed to the
     bundle's classes), or (None, None) without a split.json."""
-    from lensforge.data.formats import read_dataset
-    from lensforge.data.split import load_split
-
     data = src.meta.get("data", {})
     if not (src.path / SPLIT_FILE).is_file() or not data.get("root"):
         return None, None
@@ -289,17 +180,3 @@ def held_out(src: Bundle, order: tuple[str, ...]) -> tuple[list[Record], str | N
         if splits and splits.get(name):
             return splits[name], name
     return [], None
-
-
-def headline_metric(src: Bundle) -> str:
-    """The one number a bundle is judged by: accuracy, mAP for multi-label, COCO mAP for detectors."""
-    return {"multilabel": "mAP", "detect": "map"}.get(src.task, "accuracy")
-
-
-def metric_points(src: Bundle, y: np.ndarray, scores: np.ndarray) -> float | None:
-    """Accuracy (or mAP for multi-label) in points, 0-100; None when undefined (no positives)."""
-    if not len(scores):
-        return None
-    th = None if src.thresholds is None else list(src.thresholds)
-    value = compute_metrics(y, scores, src.classes, src.task == "multilabel", th).get(headline_metric(src))
-    return None if value is None else round(100 * float(value), 2)

@@ -38,9 +38,11 @@ import numpy as np
 
 from lensforge.errors import ConfigError, DataError, ImageError
 from lensforge.evaluation import headline_metric
+from lensforge.tasks import get_task
 from lensforge.hardware import cpu_count, describe
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
+from lensforge.runtime.runners import pixels
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -525,9 +527,7 @@ def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], Any] | Non
     try:
         import torch
 
-        from lensforge.models import load_bundle_model
-
-        model = _torch_detector(bundle) if detector else load_bundle_model(bundle)
+        model = get_task(bundle.task).torch_model(bundle)
     except Exception as e:  # any failure (missing module, unknown backbone, shapes) only drops the row
         log.info("torch eager row skipped", exc_info=True)
         return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
@@ -537,38 +537,11 @@ def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], Any] | Non
             torch.set_num_threads(threads)
         with torch.inference_mode():
             if detector:  # one image per call, batched to (1, 3, h, w) as the graph takes it
-                out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)[None]))
+                out = model(torch.from_numpy(np.ascontiguousarray(pixels(x), dtype=np.float32)[None]))
                 return tuple(t.numpy() for t in out)
             return model(torch.from_numpy(x)).numpy()
 
     return run, ""
-
-
-def _torch_detector(bundle: Bundle) -> Any:
-    """The detector of a bundle, rebuilt from its saved training config (random init, no
-    download) and ``weights.safetensors``, wrapped in ``ExportableDetector``: the graph the
-    bundle's ONNX model was exported from, taking the Predictor's prepared input. Raises
-    ModelError when the bundle lacks the weights or config, ``load_state_dict``'s errors when
-    they do not fit."""
-    from safetensors.torch import load_file
-
-    from lensforge.config import TrainConfig
-    from lensforge.errors import ModelError
-    from lensforge.models.detector import ExportableDetector
-    from lensforge.runtime.bundle import WEIGHTS_FILE
-    from lensforge.training.detect import build_detector
-
-    weights = bundle.path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelError(f"{bundle.path} has no {WEIGHTS_FILE}")
-    config = bundle.meta.get("config")
-    if not isinstance(config, dict):
-        raise ModelError(f"{bundle.path}'s lensforge.json holds no training config to rebuild the detector from")
-    cfg = TrainConfig.from_dict(config).resolve("detect")
-    cfg.pretrained, cfg.weights = False, None  # the safetensors replace every tensor: nothing to fetch or read first
-    model = build_detector(cfg, len(bundle.classes))
-    model.load_state_dict(load_file(str(weights)))
-    return ExportableDetector(model.eval()).eval()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lensforge.errors import ExportError
+from lensforge.runtime.runners import DETECT_OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ def verify_onnx(model: nn.Module, path: Path, batch: torch.Tensor, max_abs_diff:
     return diff
 
 
-DETECT_OUTPUTS = ("boxes", "scores", "labels")
 PARITY_MIN_SCORE = 0.05  # boxes below this score are noise that NMS order may shuffle: not compared
 
 

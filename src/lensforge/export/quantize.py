@@ -337,11 +337,10 @@ def _calibration_images(
 
 def _scores_pair(ref: Predictor, cand: Predictor, src: Bundle, records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Targets and both models' scores on the records both could read."""
-    n, multilabel = len(src.classes), src.task == "multilabel"
-    done, y, s_ref, failed = score_records(ref, records, n, multilabel)
+    done, y, s_ref, failed = score_records(ref, records)
     if failed:
         log.warning("%d held-out image(s) could not be read, e.g. %s", len(failed), failed[0][0].path)
-    _, _, s_cand, _ = score_records(cand, done, n, multilabel)
+    _, _, s_cand, _ = score_records(cand, done)
     return y, s_ref, s_cand
 
 

@@ -9,7 +9,8 @@ are what the bundle's ``lensforge.json``, the CLI report and the plots read.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 from rich.console import Console, Group
@@ -17,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 from sklearn import metrics as skm
 
+from lensforge.metrics.base import Metrics
 from lensforge.runtime.results import DEFAULT_THRESHOLD
 
 # A threshold for labels the validation split cannot tune (see ``tune_thresholds``): the
@@ -59,7 +61,48 @@ def _check_multilabel(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
     return y_true.astype(np.int64), scores
 
 
-def single_label_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, Any]:
+@dataclass(frozen=True, eq=False)  # equality is the mapping's: equal to a dict of the same JSON
+class ClassificationMetrics(Metrics):
+    """A single-label classifier's numbers (see :func:`single_label_metrics`)."""
+
+    HEADLINE: ClassVar[str] = "accuracy"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"top5_accuracy", "evaluated_on"})
+
+    n: int
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+    f2_macro: float
+    precision_weighted: float
+    recall_weighted: float
+    f1_weighted: float
+    top5_accuracy: float | None  # only with more than five classes (else always 1)
+    per_class: list[dict[str, Any]]  # class, precision, recall, f1, support
+    confusion_matrix: list[list[int]]  # rows = true class, columns = predicted
+    evaluated_on: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class MultilabelMetrics(Metrics):
+    """A multi-label classifier's numbers at its thresholds (see :func:`multilabel_metrics`)."""
+
+    HEADLINE: ClassVar[str] = "mAP"
+    JSON_KEYS: ClassVar[dict[str, str]] = {"map": "mAP"}  # the key bundles have always held
+
+    n: int
+    map: float | None  # mean AP over the labels with a positive; None when none has
+    map_labels: int
+    f1_micro: float
+    f1_macro: float
+    f1_samples: float
+    exact_match: float
+    hamming_loss: float
+    per_class: list[dict[str, Any]]  # class, ap, precision, recall, f1, threshold, support
+    evaluated_on: str | None = None
+
+
+def single_label_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> ClassificationMetrics:
     """Metrics of a single-label classifier; the prediction is the argmax of the scores.
 
     y_true: int (N,), the true class index of each image, in ``[0, C)``.
@@ -67,7 +110,7 @@ def single_label_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[s
         order matters, except that ties in the argmax go to the lower class index).
     classes: the C class names, in score order.
 
-    Returns a JSON-ready dict with keys ``n``, ``accuracy``, ``precision_macro``,
+    Returns :class:`ClassificationMetrics`, whose JSON view has the keys ``n``, ``accuracy``, ``precision_macro``,
     ``recall_macro``, ``f1_macro``, ``f2_macro``, ``precision_weighted``, ``recall_weighted``,
     ``f1_weighted``, ``top5_accuracy`` (only when C > 5), ``per_class`` (C rows of ``class``,
     ``precision``, ``recall``, ``f1``, ``support``) and ``confusion_matrix`` (C x C counts,
@@ -113,12 +156,13 @@ def single_label_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[s
         for i, name in enumerate(classes)
     ]
     out["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
-    return out
+    out.setdefault("top5_accuracy", None)
+    return ClassificationMetrics(**out)
 
 
 def multilabel_metrics(
     y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray, classes: list[str]
-) -> dict[str, Any]:
+) -> MultilabelMetrics:
     """Metrics of a multi-label classifier at the given per-label thresholds.
 
     y_true: 0/1 (N, C), one column per label.
@@ -127,7 +171,7 @@ def multilabel_metrics(
         compared in float32 as the Predictor does (see ``tune_thresholds``).
     classes: the C label names, in column order.
 
-    Returns a JSON-ready dict with keys ``n``, ``mAP`` (mean average precision over the
+    Returns :class:`MultilabelMetrics`, whose JSON view has the keys ``n``, ``mAP`` (mean average precision over the
     ``map_labels`` labels that have at least one positive in ``y_true``; None if none has),
     ``map_labels``, ``f1_micro``, ``f1_macro``, ``f1_samples``, ``exact_match`` (subset
     accuracy: every label of the image right), ``hamming_loss`` (fraction of wrong
@@ -155,16 +199,16 @@ def multilabel_metrics(
         return float(skm.f1_score(y_true, y_pred, average=average, zero_division=0))
 
     p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
-    return {
-        "n": int(y_true.shape[0]),
-        "mAP": float(np.mean(defined)) if defined else None,
-        "map_labels": len(defined),
-        "f1_micro": f1("micro"),
-        "f1_macro": f1("macro"),
-        "f1_samples": f1("samples"),
-        "exact_match": float(skm.accuracy_score(y_true, y_pred)),
-        "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
-        "per_class": [
+    return MultilabelMetrics(
+        n=int(y_true.shape[0]),
+        map=float(np.mean(defined)) if defined else None,
+        map_labels=len(defined),
+        f1_micro=f1("micro"),
+        f1_macro=f1("macro"),
+        f1_samples=f1("samples"),
+        exact_match=float(skm.accuracy_score(y_true, y_pred)),
+        hamming_loss=float(skm.hamming_loss(y_true, y_pred)),
+        per_class=[
             {
                 "class": name,
                 "ap": aps[j],
@@ -176,7 +220,7 @@ def multilabel_metrics(
             }
             for j, name in enumerate(classes)
         ],
-    }
+    )
 
 
 def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, beta: float = 1.0) -> np.ndarray:

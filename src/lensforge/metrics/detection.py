@@ -24,12 +24,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from lensforge.data.records import Record
 from lensforge.errors import DataError
+from lensforge.metrics.base import Metrics
 from lensforge.runtime.results import DEFAULT_THRESHOLD, DetectionResult
 
 log = logging.getLogger(__name__)
@@ -504,11 +505,42 @@ def sample_curve(curve: dict[str, np.ndarray], points: int = CURVE_POINTS,
 
 # -- everything at once ------------------------------------------------------------------------
 
+@dataclass(frozen=True, eq=False)  # equality is the mapping's: equal to a dict of the same JSON
+class DetectionMetrics(Metrics):
+    """A detector's numbers (see :func:`detection_metrics`); judged by COCO mAP@[.5:.95]."""
+
+    HEADLINE: ClassVar[str] = "map"
+
+    n: int  # images
+    map: float | None
+    map50: float | None
+    map75: float | None
+    map_small: float | None
+    map_medium: float | None
+    map_large: float | None
+    mar1: float | None
+    mar10: float | None
+    mar100: float | None
+    per_class_ap: dict[str, float | None]
+    per_class_ap50: dict[str, float | None]
+    pr_curve: dict[str, Any]
+    n_gt: int  # non-crowd boxes
+    n_detections: int
+    beta: float
+    iou: float
+    threshold: float  # the operating threshold reported (the bundle's tuned one)
+    at_threshold: dict[str, Any]
+    best: dict[str, Any]  # the best F-beta operating point on these data
+    fbeta_curve: dict[str, list[float]]
+    per_class: list[dict[str, Any]]
+    evaluated_on: str | None = None
+
+
 def detection_metrics(
     records: Sequence[Record], results: Sequence[DetectionResult], classes: Sequence[str],
     threshold: float, beta: float = 2.0, iou: float = 0.5,
-) -> dict[str, Any]:
-    """Every detection number, JSON-ready: what ``metrics.json`` and the bundle hold.
+) -> DetectionMetrics:
+    """Every detection number: what ``metrics.json`` and the bundle hold (``to_dict()``).
 
     threshold: the operating threshold to report (the bundle's tuned one, or
         ``best_threshold(...)[0]`` on this split).
@@ -552,7 +584,7 @@ def detection_metrics(
          "fn": int(m.n_gt[k] - tp[k]), "ap": out["per_class_ap"][name], "ap50": out["per_class_ap50"][name]}
         for k, name in enumerate(names)
     ]
-    return out
+    return DetectionMetrics(**out)
 
 
 def print_detection_report(m: dict[str, Any], console: Any) -> None:

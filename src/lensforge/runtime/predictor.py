@@ -11,7 +11,7 @@ import platform
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -21,14 +21,16 @@ from lensforge.data.image import decode_image, to_rgb
 from lensforge.errors import BundleError, ImageError, ProviderError
 from lensforge.hardware import cpu_count, cpu_model
 from lensforge.runtime.bundle import Bundle, load_bundle
-from lensforge.runtime.preprocess import DetectSpec, InputSpec, detector_input, preprocess
-from lensforge.runtime.results import ClassificationResult, DetectionResult
+from lensforge.runtime.cache import cache_root
+from lensforge.runtime.preprocess import DetectSpec, InputSpec
+from lensforge.runtime.runners import ClassifierRunner, DetectorRunner, Result, Runner
+
+__all__ = ["ImageSource", "Predictor", "Result", "resolve_providers"]
+from lensforge.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
-Result = Union[ClassificationResult, DetectionResult]
-DETECT_OUTPUTS = ("boxes", "scores", "labels")  # a detector graph's outputs, in this order
 
 # short names users type → onnxruntime's provider names
 PROVIDERS = {
@@ -98,14 +100,7 @@ class Predictor:
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.task = self.bundle.task
-        self.detector = self.task == "detect"
-        # classifiers have an InputSpec (resize + crop), detectors a DetectSpec (sizes the graph resizes to)
-        self.spec: InputSpec | None = None if self.detector else self.bundle.input_spec
-        self.detect_spec: DetectSpec | None = self.bundle.detect_spec if self.detector else None
         self.classes = tuple(self.bundle.classes)
-        self.multilabel = self.task == "multilabel"
-        self.thresholds = self.bundle.thresholds
-        self.score_threshold = self.bundle.score_threshold
         if optimization not in OPTIMIZATION_LEVELS:
             raise ProviderError(
                 f"unknown graph optimization {optimization!r}; use one of {', '.join(OPTIMIZATION_LEVELS)}"
@@ -126,16 +121,37 @@ class Predictor:
             )
         if failed:
             log.warning("execution provider(s) %s did not start; running on %s", ", ".join(failed), ", ".join(self.providers))
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        self.input_name, self.output_name = inputs[0].name, outputs[0].name
-        if self.detector:
-            names = tuple(o.name for o in outputs)
-            if names != DETECT_OUTPUTS:
-                raise BundleError(f"{self.bundle.path}: a detector must output {', '.join(DETECT_OUTPUTS)}; this model outputs {', '.join(names)}")
-            return
-        n_out = outputs[0].shape[-1]
-        if isinstance(n_out, int) and n_out != len(self.classes):
-            raise BundleError(f"{self.bundle.path}: the model has {n_out} outputs but the bundle lists {len(self.classes)} classes")
+        # what differs between the kinds of graph (inputs, batching, results) is the task's runner
+        self.runner: Runner = get_task(self.task).runner(self.bundle, self.session)
+        self.input_name = self.runner.input_name
+        self.output_name = self.runner.output_names[0]
+
+    # the runner's facts, as the CLI, the server and the exporters read them
+    @property
+    def detector(self) -> bool:
+        return isinstance(self.runner, DetectorRunner)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    @property
+    def spec(self) -> InputSpec | None:
+        """A classifier's preprocessing (None for detectors: see :attr:`detect_spec`)."""
+        return self.runner.spec if isinstance(self.runner, ClassifierRunner) else None
+
+    @property
+    def detect_spec(self) -> DetectSpec | None:
+        """A detector's sizes (None for classifiers)."""
+        return self.runner.spec if isinstance(self.runner, DetectorRunner) else None
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        return self.bundle.thresholds
+
+    @property
+    def score_threshold(self) -> float:
+        return self.bundle.score_threshold
 
     def _open(self, opts: ort.SessionOptions, providers: list[str], optimization: str, cache: bool) -> ort.InferenceSession:
         """The session, from the cached optimised graph when there is a current one."""
@@ -195,53 +211,38 @@ class Predictor:
             if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
                 raise ImageError("unreadable", f"arrays must be HxWx3 uint8 RGB, got {source.shape} {source.dtype}")
             return Image.fromarray(source, "RGB")
-        return decode_image(source, min_size=self.detect_spec.min_size if self.detect_spec else self.spec.resize)
+        return decode_image(source, min_size=self.runner.decode_size)
 
-    def prepare(self, source: ImageSource) -> np.ndarray:
-        """Source → model input: classifiers float32 (3, S, S); detectors float32 (3, h, w)
-        in [0, 1], with the original (width, height) kept as :func:`original_size` reads it."""
-        img = self.load(source)
-        if self.detect_spec is None:
-            return preprocess(img, self.spec)
-        return DetectorInput.wrap(detector_input(img, self.detect_spec), img.info.get("original_size") or img.size)
+    def prepare(self, source: ImageSource) -> Any:
+        """Source → model input: classifiers float32 (3, S, S); detectors a
+        :class:`~lensforge.runtime.runners.DetectorInput` (float32 (3, h, w) in [0, 1] and the
+        original (width, height), to map boxes back)."""
+        return self.runner.prepare(self.load(source))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Classifiers: float32 (N, 3, S, S) → scores float32 (N, C)."""
-        if self.detector:
+        if not isinstance(self.runner, ClassifierRunner):
             raise TypeError("run() is for classifiers; detectors use run_detector() per image")
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return self.runner.run(batch)
 
-    def run_detector(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Detectors: float32 (3, h, w) in [0, 1] → boxes float32 (K, 4) xyxy in the input's
-        pixels, scores float32 (K,), class ids int64 (K,)."""
-        boxes, scores, labels = self.session.run(
-            list(DETECT_OUTPUTS), {self.input_name: np.ascontiguousarray(np.asarray(x)[None], dtype=np.float32)})
-        return boxes, scores, labels
+    def run_detector(self, x: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Detectors: float32 (3, h, w) in [0, 1] (or a prepared input) → boxes float32 (K, 4)
+        xyxy in the input's pixels, scores float32 (K,), class ids int64 (K,)."""
+        if not isinstance(self.runner, DetectorRunner):
+            raise TypeError("run_detector() is for detectors; classifiers use run()")
+        return self.runner.run_one(x)
 
-    def run_many(self, items: Sequence[np.ndarray]) -> list[object]:
+    def run_many(self, items: Sequence[Any]) -> list[object]:
         """Prepared inputs → raw outputs, one per item, in order: one batched call for
         classifiers, one call per image for detectors. What the server's batcher calls."""
-        if not items:
-            return []
-        if self.detector:
-            return [self.run_detector(x) for x in items]
-        return list(self.run(np.stack(items)))
+        return self.runner.run_many(items) if items else []
 
-    def result(self, output: object, prepared: np.ndarray | None = None) -> Result:
+    def result(self, output: object, prepared: Any = None) -> Result:
         """Raw output of one item (from :meth:`run_many`) → its result. Detectors need the
         ``prepared`` input it came from, to map boxes back to original pixels."""
-        if not self.detector:
-            return ClassificationResult(output, self.classes, self.multilabel, self.thresholds)
-        if prepared is None:
+        if prepared is None and self.detector:
             raise TypeError("a detector's result() needs the prepared input the output came from")
-        boxes, scores, labels = output  # type: ignore[misc]
-        w, h = original_size(prepared)
-        # input pixels → original pixels, per axis (rounding the resized size makes them differ slightly)
-        factors = np.array([w / prepared.shape[2], h / prepared.shape[1]] * 2, dtype=np.float32)
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factors
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        return DetectionResult(boxes, scores, labels, self.classes, self.score_threshold, (w, h))
+        return self.runner.result(output, prepared)
 
     # -- convenience ----------------------------------------------------------------------
 
@@ -265,7 +266,7 @@ class Predictor:
         place of a result instead of stopping the stream. Order is preserved.
         """
 
-        def prep(src: ImageSource) -> np.ndarray | ImageError:
+        def prep(src: ImageSource) -> Any:
             try:
                 return self.prepare(src)
             except ImageError as e:
@@ -285,9 +286,9 @@ class Predictor:
                 yield from self._run_chunk(pending[0], [f.result() for f in pending[1]])
 
     def _run_chunk(
-        self, chunk: list[ImageSource], items: list[np.ndarray | ImageError]
+        self, chunk: list[ImageSource], items: list[Any]
     ) -> Iterator[tuple[ImageSource, Result | ImageError]]:
-        ok = [x for x in items if isinstance(x, np.ndarray)]
+        ok = [x for x in items if not isinstance(x, ImageError)]
         outputs = iter(self.run_many(ok))
         for src, item in zip(chunk, items):
             yield src, (item if isinstance(item, ImageError) else self.result(next(outputs), item))
@@ -295,30 +296,6 @@ class Predictor:
     def __repr__(self) -> str:
         return (f"Predictor({str(self.bundle.path)!r}, task={self.bundle.task}, classes={len(self.classes)}, "
                 f"providers={self.providers})")
-
-
-class DetectorInput(np.ndarray):
-    """A detector's prepared input: the float32 (3, h, w) array, carrying the original
-    image's (width, height) so boxes can be mapped back after batching and threading."""
-
-    original_size: tuple[int, int]
-
-    @classmethod
-    def wrap(cls, x: np.ndarray, size: tuple[int, int]) -> DetectorInput:
-        out = x.view(cls)
-        out.original_size = (int(size[0]), int(size[1]))
-        return out
-
-    def __array_finalize__(self, obj: object) -> None:
-        self.original_size = getattr(obj, "original_size", (0, 0))
-
-
-def original_size(x: np.ndarray) -> tuple[int, int]:
-    """(width, height) of the image a prepared detector input came from."""
-    size = getattr(x, "original_size", None)
-    if not size or not size[0]:
-        return int(x.shape[2]), int(x.shape[1])  # a plain array: it is its own original
-    return size
 
 
 def resolve_providers(names: Sequence[str], *, fallback: bool = False) -> list[str]:
@@ -369,7 +346,7 @@ def optimized_model_path(bundle: Bundle, optimization: str, providers: Sequence[
     name = f"{stem}.{optimization}.{key}.ort.onnx"
     if os.access(bundle.model_path.parent, os.W_OK):
         return bundle.model_path.parent / name
-    root = os.environ.get("LENSFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lensforge"
+    root = cache_root()
     where = hashlib.sha256(str(bundle.model_path.resolve()).encode()).hexdigest()[:16]
     directory = Path(root) / "optimized" / where
     try:

@@ -1,13 +1,13 @@
-"""Detector training: records with boxes → Faster R-CNN (Lightning) → verified ONNX bundle.
+"""Detector training pieces: the model with its training sizes, decoded images with boxes,
+the LightningModule, the images the export is checked on, and the rebuild from a bundle.
 
-Shares the classification spine: the run directory, split, config, checkpoints, early
-stopping, resume, Ctrl-C and progress all come from :func:`lensforge.training.finetune.fit`;
-only the dataset, the LightningModule and the bundle's contents differ.
+Everything else (run directory, split, checkpoints, early stopping, resume, Ctrl-C, progress,
+the bundle writer) is the one pipeline every task shares; :mod:`lensforge.tasks.detect` plugs
+these pieces into it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,11 +21,14 @@ from torch import nn
 
 from lensforge.config import TrainConfig
 from lensforge.data.image import decode_image
-from lensforge.data.records import Dataset, Record
-from lensforge.errors import ConfigError, DataError, ImageError
-from lensforge.runtime.preprocess import DetectSpec
+from lensforge.data.records import Record
+from lensforge.errors import ConfigError, ImageError, ModelError
+from lensforge.metrics.detection import coco_metrics
+from lensforge.models.detector import IMAGENET_MEAN, IMAGENET_STD, ExportableDetector, create_detector, resolve_detector
+from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle
+from lensforge.runtime.preprocess import DetectSpec, detector_input
 from lensforge.runtime.results import DetectionResult
-from lensforge.ui import Reporter
+from lensforge.training.finetune import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,12 @@ MIN_PARITY_IOU = 0.99  # every confident torch box must have an ONNX twin overla
 def detect_spec(cfg: TrainConfig) -> DetectSpec:
     """The evaluation-time input sizes a detector trained with ``cfg`` uses (and its bundle holds)."""
     size = int(cfg.image_size or 512)
-    from lensforge.models.detector import IMAGENET_MEAN, IMAGENET_STD
-
     return DetectSpec(min_size=size, max_size=round(size * MAX_RATIO), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def build_detector(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The Faster R-CNN ``cfg`` asks for, with scale jitter for training. Called before any
     file is written, so a wrong name or weights file leaves nothing behind."""
-    from lensforge.models.detector import create_detector, resolve_detector
-
     cfg.backbone = resolve_detector(cfg.backbone)  # the saved config names the detector itself (lite0_fpn, ...)
     spec = detect_spec(cfg)
     sizes = tuple(sorted({_round32(spec.min_size * f) for f in JITTER} - {spec.min_size})) + (spec.min_size,)
@@ -176,8 +175,6 @@ class DetectorModule(L.LightningModule):
             self._train_max_size = None
         if not self._results or self.val is None:
             return
-        from lensforge.metrics.detection import coco_metrics
-
         order = sorted(self._results)
         m = coco_metrics([self.val.records[i] for i in order], [self._results[i] for i in order], self.classes)
         self._results.clear()
@@ -185,71 +182,9 @@ class DetectorModule(L.LightningModule):
         self.log("val_map50", float(m["map50"] or 0.0), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        from lensforge.training.finetune import warmup_cosine
-
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         return warmup_cosine(opt, self.cfg, self.steps_per_epoch)
-
-
-def train_detector_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, model: nn.Module, ui: Reporter) -> Any:
-    """Fit, export, verify, tune the score threshold and write the bundle and report."""
-    from lensforge.training.finetune import fit
-    from lensforge.training.run import TrainResult, _write_history, make_split, versions
-    from lensforge.hardware import describe
-
-    if cfg.resume:
-        check_resumable(run_dir, cfg, ds.classes)
-    # the classes are saved too: a resumed run must rebuild the same box head
-    cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes))
-    splits = make_split(ds, cfg, run_dir)
-    n_boxes = sum(int((~r.crowd_array()).sum()) for r in splits["train"])  # crowd boxes are not trained on
-    ui.step(
-        f"{ds.fmt} data, detect: {len(ds.classes)} classes, {len(ds.records)} images → train {len(splits['train'])} "
-        f"({n_boxes} boxes) / val {len(splits['val'])} / test {len(splits['test'])} (seed {cfg.seed})"
-    )
-    if n_boxes == 0:
-        raise DataError("the training split has no boxes (iscrowd regions are not trained on): a detector cannot "
-                        "learn from negatives only; annotate some training images")
-    spec = detect_spec(cfg)
-    loaded: dict[str, DetectionImages] = {}
-    skipped = 0
-    for name in ("train", "val"):
-        with ui.track(f"Decoding {name} images", len(splits[name])) as advance:
-            recs, imgs, factors, bad = load_detection_images(splits[name], spec, max(JITTER) if name == "train" else 1.0,
-                                                             advance)
-        loaded[name] = DetectionImages(recs, imgs, factors, train=name == "train")
-        skipped += len(bad)
-    if skipped:
-        ui.warn(f"skipped {skipped} unreadable image(s); `lensforge data inspect {cfg.data}` lists them")
-    if not len(loaded["train"]):
-        raise DataError("no readable training images")
-
-    train_loader = torch.utils.data.DataLoader(
-        loaded["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.workers,
-        drop_last=len(loaded["train"]) > cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    val_set = loaded["val"] if len(loaded["val"]) else None
-    val_loader = (torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate,
-                                              num_workers=cfg.workers) if val_set is not None else None)
-    module = DetectorModule(model, cfg, ds.classes, val_set, len(train_loader))
-    ui.step(f"Fine-tuning {cfg.backbone} detector at {spec.min_size}px for up to {cfg.epochs} epochs")
-    _, fitted = fit(model, train_loader, val_loader, cfg, run_dir, False, reporter=ui,
-                    resume_from=run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None,
-                    module=module, monitor="val_map", precision="32-true")  # roi_align/NMS stay fp32
-    _write_history(fitted.history, run_dir)
-
-    bundle_dir = run_dir / "bundle"
-    parity, metrics, scored = write_detector_bundle(model, ds, splits, loaded["val"], cfg, spec, bundle_dir, ui,
-                                                    fitted.history)
-    held_out = "test" if "test" in scored else "val" if "val" in scored else None
-    if held_out:
-        from lensforge.evaluation import write_detection_report
-
-        records, results = scored[held_out]
-        report = {**metrics[held_out], "evaluated_on": f"the {held_out} split saved at training time"}
-        write_detection_report(run_dir / "eval", records, results, report)
-    return TrainResult("detect", run_dir, bundle_dir, metrics, parity, skipped, fitted.history)
 
 
 def check_resumable(run_dir: Path, cfg: TrainConfig, classes: Sequence[str]) -> None:
@@ -278,77 +213,11 @@ def check_resumable(run_dir: Path, cfg: TrainConfig, classes: Sequence[str]) -> 
         )
 
 
-def write_detector_bundle(
-    model: nn.Module, ds: Dataset, splits: dict[str, list[Record]], val: DetectionImages, cfg: TrainConfig,
-    spec: DetectSpec, bundle_dir: Path, ui: Reporter, history: list[dict[str, Any]],
-) -> tuple[float, dict[str, Any], dict[str, tuple[list[Record], list[DetectionResult]]]]:
-    """Export (fixed eval size, dynamic image shape), verify against torch, score val/test
-    through the Predictor, pick the F-beta threshold on val, write the bundle atomically."""
-    from safetensors.torch import save_file
-
-    from lensforge.evaluation import score_detections
-    from lensforge.export.onnx import export_detector, verify_detector
-    from lensforge.metrics.detection import best_threshold, detection_metrics
-    from lensforge.models.detector import ExportableDetector
-    from lensforge.runtime.bundle import MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, atomic_directory, write_meta
-    from lensforge.runtime.predictor import Predictor
-    from lensforge.runtime.results import DEFAULT_THRESHOLD
-    from lensforge.data.split import save_split
-    from lensforge.training.run import _headline, run_meta
-
-    model = model.eval()
-    model.transform.min_size = (spec.min_size,)  # the graph resizes like evaluation did
-    model.transform.max_size = spec.max_size
-    graph = ExportableDetector(model).eval()
-    checks = parity_images(val, splits["train"], spec)
-    with atomic_directory(bundle_dir, overwrite=True) as tmp:
-        ui.step("Exporting the detector to ONNX and checking it against torch")
-        export_detector(graph, checks[0], tmp / MODEL_FILE)
-        parity = verify_detector(graph, tmp / MODEL_FILE, checks, min_iou=MIN_PARITY_IOU)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-        save_split(splits, ds, tmp / SPLIT_FILE, seed=cfg.seed)
-        meta: dict[str, Any] = {
-            "task": "detect",
-            "classes": ds.classes,
-            "input": spec.to_dict(),
-            "model": {"file": MODEL_FILE, "input": "images", "outputs": ["boxes", "scores", "labels"],
-                      "backbone": cfg.backbone, "num_classes": len(ds.classes)},
-            "score_threshold": DEFAULT_THRESHOLD,
-            "parity": parity,
-            **run_meta(ds, splits, cfg, history),
-        }
-        write_meta(tmp, meta)
-        predictor = Predictor(tmp)
-        scored: dict[str, tuple[list[Record], list[DetectionResult]]] = {}
-        for name in ("val", "test"):
-            if splits[name]:
-                with ui.track(f"Scoring {name} split with ONNX Runtime", len(splits[name])) as advance:
-                    records, results, failed = score_detections(predictor, splits[name], advance)
-                if failed:
-                    ui.warn(f"{len(failed)} {name} image(s) could not be read and are not in the {name} metrics")
-                scored[name] = (records, results)
-        if "val" in scored:
-            threshold, best = best_threshold(*scored["val"], beta=cfg.beta)
-            meta["score_threshold"] = threshold
-            meta["threshold_tuning"] = {"beta": cfg.beta, "iou": 0.5, "split": "val", **best}
-        else:
-            ui.warn(f"no validation images: the score threshold stays at {DEFAULT_THRESHOLD}")
-        metrics = {name: detection_metrics(recs, res, ds.classes, meta["score_threshold"], beta=cfg.beta)
-                   for name, (recs, res) in scored.items()}
-        meta["metrics"] = {k: _headline(v) for k, v in metrics.items()}
-        write_meta(tmp, meta)
-    final = {name: (recs, [dataclasses.replace(r, threshold=meta["score_threshold"]) for r in res])
-             for name, (recs, res) in scored.items()}
-    return float(parity["max_score_diff"]), metrics, final
-
-
 def parity_images(val: DetectionImages, train: Sequence[Record], spec: DetectSpec, n: int = 4) -> list[torch.Tensor]:
     """Up to ``n`` float32 (1, 3, h, w) images in [0, 1] to trace and verify the export on:
     validation images, else training images at the evaluation size (as the classifier export
     does), random pixels only when none can be read. A trained detector finds nothing on
     noise, so a check on noise alone would compare no box at all."""
-    from lensforge.runtime.preprocess import detector_input
-
     images = list(val.images[:n])
     if not images:
         images = load_detection_images(list(train)[: 2 * n], spec, 1.0)[1][:n]
@@ -361,3 +230,24 @@ def parity_images(val: DetectionImages, train: Sequence[Record], spec: DetectSpe
     if not checks:
         checks = [torch.rand(1, 3, spec.min_size, round(spec.min_size * 4 / 3), generator=torch.Generator().manual_seed(0))]
     return checks
+
+
+def load_bundle_detector(bundle: Bundle) -> ExportableDetector:
+    """The detector of a bundle, rebuilt from its saved training config (random init, no
+    download) and ``weights.safetensors``, wrapped in ``ExportableDetector``: the graph the
+    bundle's ONNX model was exported from, taking the Predictor's prepared input. Raises
+    ModelError when the bundle lacks the weights or config, ``load_state_dict``'s errors when
+    they do not fit."""
+    from safetensors.torch import load_file
+
+    weights = bundle.path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"{bundle.path} has no {WEIGHTS_FILE}")
+    config = bundle.meta.get("config")
+    if not isinstance(config, dict):
+        raise ModelError(f"{bundle.path}'s lensforge.json holds no training config to rebuild the detector from")
+    cfg = TrainConfig.from_dict(config).resolve("detect")
+    cfg.pretrained, cfg.weights = False, None  # the safetensors replace every tensor: nothing to fetch or read first
+    model = build_detector(cfg, len(bundle.classes))
+    model.load_state_dict(load_file(str(weights)))
+    return ExportableDetector(model.eval()).eval()

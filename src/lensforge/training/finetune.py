@@ -196,31 +196,28 @@ class FitResult:
 
 
 def fit(
-    model: nn.Module,
+    module: L.LightningModule,
     train_loader: torch.utils.data.DataLoader,
     val_loader: torch.utils.data.DataLoader | None,
     cfg: TrainConfig,
     run_dir: Path,
-    multilabel: bool,
     reporter: Reporter | None = None,
     resume_from: Path | None = None,
     *,
-    module: L.LightningModule | None = None,
-    monitor: str | None = None,
+    monitor: str,
     precision: str | None = None,
+    channels_last: bool = False,
 ) -> tuple[L.LightningModule, FitResult]:
-    """Fine-tune ``model`` in place; returns the module holding the *best* weights.
+    """Fine-tune ``module.model`` in place; returns the module holding the *best* weights.
 
-    Classifiers get a :class:`ClassifierModule`; other tasks pass their own ``module``
-    (wrapping ``model``) and the validation metric to ``monitor`` (higher is better), and
-    share everything else: checkpoints, early stopping, resume, Ctrl-C, progress, logs.
+    Every task shares this: checkpoints, early stopping on ``monitor`` (a validation metric,
+    higher is better), resume, Ctrl-C, progress, logs. ``channels_last``: train in that memory
+    layout (convolutional classifiers; measured faster on AVX2 too, 37 vs 31 img/s at 128 px),
+    returned to the default layout afterwards for export.
     """
-    if module is None:
-        model = model.to(memory_format=torch.channels_last)  # measured faster on AVX2 too (37 vs 31 img/s at 128 px)
-        module = ClassifierModule(model, multilabel, cfg, steps_per_epoch=len(train_loader))
-        monitor = "val_map" if multilabel else "val_acc"
-    elif monitor is None:
-        raise ValueError("pass the validation metric to monitor with a custom module")
+    model = module.model
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
                                  enable_version_counter=False)
