@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-if TYPE_CHECKING:
-    from lensforge.runtime.bundle import Bundle
+from lensforge.errors import ModelError
+from lensforge.models.backbones import create_backbone
+from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle
 
 
 class Classifier(nn.Module):
@@ -58,12 +58,6 @@ def load_bundle_model(bundle: Bundle) -> ScoresModel:
     facts in ``lensforge.json`` (backbone, head; classes and input size from the bundle), in
     eval mode. No pretrained download. Raises ModelError when the bundle lacks what it takes;
     weights that do not fit raise from ``load_state_dict``."""
-    from safetensors.torch import load_file
-
-    from lensforge.errors import ModelError
-    from lensforge.models.backbones import create_backbone
-    from lensforge.runtime.bundle import WEIGHTS_FILE
-
     weights = bundle.path / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"{bundle.path} has no {WEIGHTS_FILE}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lensforge.errors import ModelError
+from lensforge.models.backbones import create_backbone, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ def _lite0_fpn(num_classes: int, pretrained: bool, min_size: int | tuple[int, ..
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
-    from lensforge.models.backbones import create_backbone
-
     body = timm.create_model("efficientnet_lite0", features_only=True, out_indices=(2, 3, 4), pretrained=False)
     if pretrained:
         full, _ = create_backbone("efficientnet_lite0", pretrained=True)  # the offline loader, shape-checked
@@ -174,8 +173,6 @@ def create_detector(
         ``weights_only=True``); tensors whose shape differs (the class-specific box head for a
         COCO checkpoint) are left at their initial values and reported.
     """
-    from lensforge.models.backbones import load_weights_file
-
     if num_classes < 1:
         raise ModelError("a detector needs at least one object class")
     canonical = resolve_detector(name)

@@ -6,16 +6,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
 from lensforge.data.records import Dataset, targets
+from lensforge.export.onnx import export_onnx
+from lensforge.hardware import cpu_count
 from lensforge.models.classifier import Classifier
 from lensforge.runtime.cache import cache_root
+from lensforge.training.dataset import RecordDataset, eval_transform
+from lensforge.training.finetune import quick_metrics
 
 if TYPE_CHECKING:
     from lensforge.config import TrainConfig
@@ -37,8 +43,6 @@ def fit_linear_probe(model: Classifier, data: TrainData, ds: Dataset, cfg: Train
     stay held out. The C used and the validation metric of each C go to ``cfg.extra["probe"]``
     (saved in the bundle's ``config``) and ``cfg.probe_c``.
     """
-    from lensforge.training.dataset import RecordDataset, eval_transform
-
     n, multilabel = len(ds.classes), data.train.multilabel
 
     def features(part: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +90,6 @@ def choose_c(
     """The C of ``grid`` whose probe, fitted on (feats, y), scores best on the validation
     images (accuracy; mAP for multi-label), and every C's score. Ties go to the smaller C:
     the simpler head, whose smaller weights also quantise better."""
-    from lensforge.training.finetune import quick_metrics
-
     by_c: dict[float, float] = {}
     for c in sorted(grid):
         weight, bias = fit_probe(feats, y, num_classes, multilabel, c, seed)
@@ -123,13 +125,6 @@ def extract_features(
     ~5x faster than torch eager for the same weights (bench/predictor.py), and the export
     takes about a second.
     """
-    import tempfile
-
-    import onnxruntime as ort
-
-    from lensforge.export.onnx import export_onnx
-    from lensforge.hardware import cpu_count
-
     backbone.eval()
     feats: list[np.ndarray] = []
     with tempfile.TemporaryDirectory() as tmp:
