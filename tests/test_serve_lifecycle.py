@@ -3,6 +3,8 @@ packaging that runs it. Real processes on free loopback ports; nothing leaves th
 
 from __future__ import annotations
 
+import base64
+import http.client
 import io
 import json
 import logging
@@ -15,11 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import pytest
 import requests
@@ -27,8 +29,8 @@ import uvicorn
 from PIL import Image
 
 from lensforge.errors import BundleError
-from lensforge.serve import create_app, lifecycle
-from serving import raw_exchange
+from lensforge.serve import admission, create_app, dialects, lifecycle
+from serving import conv_bundle, raw_exchange
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,6 +161,77 @@ def test_sigterm_drains_under_load(shapes_bundle: Path, tmp_path: Path) -> None:
     assert {c.status for c in after} <= {503, "refused"}, {c.status for c in after}
     assert all(c.retry_after for c in after if c.status == 503)
     assert "Traceback" not in log
+
+
+# -- O14: SIGTERM with keep-alive clients still sending ---------------------------------------
+
+
+@dataclass
+class Outcome:
+    started: float
+    status: int | str  # HTTP status, "refused", or "reset (<error>)" for any other connection failure
+    connection: str = ""  # the response's Connection header
+
+
+def polite_client(port: int, body: bytes, done: threading.Event, out: list[Outcome]) -> None:
+    """One keep-alive connection, the next request as soon as the answer is in; after a 503 it
+    waits Retry-After, and it opens a new connection when the server said ``Connection: close``
+    (as requests/urllib3 and most HTTP clients do)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    while not done.is_set():
+        started = time.monotonic()
+        try:
+            conn.request("POST", "/predict", body, {"Content-Type": "image/jpeg"})
+            r = conn.getresponse()
+            r.read()
+            out.append(Outcome(started, r.status, r.getheader("Connection", "")))
+            if r.will_close:
+                conn.close()
+            if r.status == 503:
+                done.wait(float(r.getheader("Retry-After", "1")))
+        except ConnectionRefusedError:
+            out.append(Outcome(started, "refused"))
+            conn.close()
+            done.wait(0.05)
+        except (OSError, http.client.HTTPException) as e:  # a reset, or a kept-alive connection closed under us
+            out.append(Outcome(started, f"reset ({type(e).__name__})"))
+            conn.close()
+    conn.close()
+
+
+@pytest.mark.parametrize("model", ["shapes 64 px", "conv 224 px"])
+def test_keep_alive_clients_see_no_reset_during_drain(shapes_bundle: Path, tmp_path: Path, model: str) -> None:
+    bundle = shapes_bundle if model.endswith("64 px") else conv_bundle(tmp_path / "conv224")
+    body = jpeg()
+    for round_ in range(3):  # a reset is a race: several rounds
+        port = free_port()
+        log = tmp_path / f"serve-{round_}.log"
+        # drain 0.5 s: shorter than Retry-After (1 s), so a client told to wait meets a closed port
+        proc = serve_process(log, str(bundle), "--port", str(port), "--drain", "0.5", "--grace", "10")
+        try:
+            wait_for(f"http://127.0.0.1:{port}/readyz")
+            outcomes: list[Outcome] = []
+            done = threading.Event()
+            clients = [threading.Thread(target=polite_client, args=(port, body, done, outcomes)) for _ in range(8)]
+            for c in clients:
+                c.start()
+            time.sleep(1.0)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=0.5 + 10 + 5)
+            time.sleep(0.3)  # clients come back and meet the closed port
+            done.set()
+            for c in clients:
+                c.join(timeout=30)
+        finally:
+            text = stop(proc, log)
+        assert code == 0, text[-2000:]
+        statuses = [o.status for o in outcomes]
+        assert not [s for s in statuses if str(s).startswith("reset")], (round_, statuses)
+        assert statuses.count(200) >= 8 and "refused" in statuses, (round_, statuses)
+        after = [o for o in outcomes if o.started > signalled]
+        assert after and {o.status for o in after} <= {503, "refused"}, (round_, statuses)
+        assert all(o.connection.lower() == "close" for o in after if o.status == 503), (round_, after)
 
 
 # -- O6: strict load ------------------------------------------------------------------------
@@ -340,7 +413,31 @@ def test_draining_flag_answers_503_and_not_ready(shapes_bundle: Path) -> None:
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
         r = requests.post(s.url + "/predict", data=jpeg(), timeout=5)
         assert r.status_code == 503 and r.headers["Retry-After"] and "shutting down" in r.text
-        assert requests.get(s.url + "/healthz", timeout=5).status_code == 200  # live while draining
+        live = requests.get(s.url + "/healthz", timeout=5)
+        assert live.status_code == 200  # live while draining
+        # every answer while draining closes its connection (O14)
+        assert all(x.headers["Connection"] == "close" for x in (ready, r, live))
+
+
+def test_draining_reads_the_body_before_closing(shapes_bundle: Path) -> None:
+    # a 503 sent before the body is read, then a close: the kernel would reset the connection
+    # over the unread body and the client could lose the answer (O14)
+    app = create_app([shapes_bundle])
+    body = jpeg()
+    with ThreadServer(app) as s:
+        wait_for(s.url + "/readyz")
+        app.state.server.draining = True
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+            time.sleep(0.3)  # the server has answered by now; it must still take the rest
+            for i in range(1000, len(body), 4096):
+                c.sendall(body[i:i + 4096])  # BrokenPipe / ConnectionReset here if it had closed
+                time.sleep(0.01)
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"connection: close" in answer.lower(), answer[:300]
 
 
 # -- packaging --------------------------------------------------------------------------------
@@ -371,19 +468,101 @@ def test_docker_compose_and_readme_agree() -> None:
     assert "docker compose up" in readme
 
 
-def test_connections_over_the_limit_get_503(shapes_bundle: Path) -> None:
-    # uvicorn answers 503 itself past limit_concurrency instead of accepting without bound
-    with ThreadServer(create_app([shapes_bundle]), limit_concurrency=2) as s:
-        held = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(2)]
-        try:
-            time.sleep(0.2)  # let the server register both connections
-            answer = raw_exchange(s.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", whole_json=False)
-            assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
-        finally:
-            for c in held:
-                c.close()
-        time.sleep(0.2)
-        assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
+# -- O13: overload --------------------------------------------------------------------------
+
+HEALTH = ["/healthz", "/readyz", "/ping", "/v2/health/live", "/v2/health/ready", "/metrics"]
+# one route per dialect, and what its refusals look like
+DIALECTS: dict[str, tuple[str, Callable[[bytes], bytes], Callable[[Any], bool]]] = {
+    "seed": ("/predict", lambda img: img, lambda b: b["status"] == "Error" and "busy" in b["error"]),
+    "torchserve": ("/predictions/m", lambda img: img,
+                   lambda b: b["code"] == 503 and b["type"] == "ServiceUnavailableException" and "busy" in b["message"]),
+    "kserve": ("/v2/models/m/infer",
+               lambda img: json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                   "data": [base64.b64encode(img).decode()]}]}).encode(),
+               lambda b: set(b) == {"error"} and "busy" in b["error"]),
+    "native": ("/v1/models/m/predict", lambda img: img,
+               lambda b: b["error"]["code"] == "unavailable" and "busy" in b["error"]["message"]),
+}
+
+
+def test_256_clients_health_never_refused_refusals_in_dialect(shapes_bundle: Path) -> None:
+    # a small in-flight limit and batches that wait 100 ms for company: most of the 256
+    # concurrent clients are certainly refused, on every route
+    app = create_app({"m": shapes_bundle}, max_inflight=4, max_wait_ms=100)
+    body = jpeg((320, 240))
+    answers: list[tuple[str, int, str | None, bytes]] = []  # dialect, status, Retry-After, body
+    health: list[tuple[str, int | str]] = []
+    failures: list[str] = []
+    with ThreadServer(app) as s:
+        wait_for(s.url + "/readyz")
+        start = threading.Barrier(256 + 1)
+        loaded = threading.Event()
+
+        def client(i: int) -> None:
+            dialect = list(DIALECTS)[i % 4]
+            path, make_body, _ = DIALECTS[dialect]
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+            start.wait()
+            try:
+                for _ in range(3):
+                    conn.request("POST", path, make_body(body), {"Content-Type": "application/octet-stream"})
+                    r = conn.getresponse()
+                    answers.append((dialect, r.status, r.getheader("Retry-After"), r.read()))
+            except (OSError, http.client.HTTPException) as e:
+                failures.append(f"{dialect}: {type(e).__name__}")
+            finally:
+                conn.close()
+
+        def poll_health() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+            while not loaded.is_set():
+                for path in HEALTH:
+                    try:
+                        conn.request("GET", path)
+                        r = conn.getresponse()
+                        r.read()
+                        health.append((path, r.status))
+                    except (OSError, http.client.HTTPException) as e:
+                        health.append((path, type(e).__name__))
+                        conn.close()
+            conn.close()
+
+        pollers = [threading.Thread(target=poll_health) for _ in range(2)]
+        for p in pollers:
+            p.start()
+        with ThreadPoolExecutor(256) as pool:
+            for i in range(256):
+                pool.submit(client, i)
+            start.wait()
+        loaded.set()
+        for p in pollers:
+            p.join(timeout=60)
+        assert requests.get(s.url + "/predict", timeout=5).status_code == 405  # the app still routes
+        metrics = requests.get(s.url + "/metrics", timeout=5).text
+    assert not failures and len(answers) == 256 * 3, failures[:5]  # every request answered
+    assert health and all(status == 200 for _, status in health), [h for h in health if h[1] != 200][:10]
+    refused = [(d, retry, b) for d, status, retry, b in answers if status == 503]
+    assert {d for d, _, _ in refused} == set(DIALECTS), "every dialect should have met the limit"
+    for dialect, retry_after, raw in refused:
+        assert retry_after and int(retry_after) >= 1, (dialect, retry_after)
+        assert DIALECTS[dialect][2](json.loads(raw)), (dialect, raw)
+    assert re.search(r'lensforge_refused_requests_total\{reason="inflight_limit"\} [1-9]', metrics)
+
+
+@pytest.mark.parametrize(("path", "dialect", "is_exempt"), [
+    ("/predict", "seed", False), ("/predict/m", "seed", False), ("/annotate/m", "seed", False),
+    ("/predictions/m", "torchserve", False), ("/models", "torchserve", False), ("/ping", "torchserve", True),
+    ("/v2", "kserve", False), ("/v2/models/m/infer", "kserve", False), ("/v2/health/live", "kserve", True),
+    ("/v1/models/m/predict", "native", False), ("/healthz", "native", True), ("/metrics", "native", True),
+    ("/readyz", "native", True), ("/", "native", False), ("/predictionsx", "native", False),
+])
+def test_dialect_and_exemption_by_path(path: str, dialect: str, is_exempt: bool) -> None:
+    assert dialects.dialect_of(path) == dialect and admission.exempt(path) is is_exempt
+
+
+def test_uvicorn_refuses_nothing_itself() -> None:
+    # uvicorn's limit_concurrency would answer even /healthz with a plain-text 503 (O13)
+    assert lifecycle.uvicorn_config(object()).limit_concurrency is None
 
 
 class FakeServer:

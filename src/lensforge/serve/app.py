@@ -44,7 +44,9 @@ from lensforge.runtime import Bundle, DetectionResult, Predictor, load_bundle
 from lensforge.runtime.predictor import Result
 from lensforge.runtime.bundle import display_name
 from lensforge.serve import fetch, inputs, kserve, lifecycle, web
+from lensforge.serve.admission import Admission
 from lensforge.serve.batching import RETRY_AFTER_S, Batcher, unavailable
+from lensforge.serve.dialects import error_response
 from lensforge.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,6 @@ DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MB: a large phone JPEG is ~10 MB
 # its input size, so a 65535x1 PNG (a few hundred bytes) would become a 350-megapixel image
 # (1 GB, seconds of CPU); 100:1 leaves room for panoramas and long screenshots.
 MAX_ASPECT = 100
-TORCHSERVE_TYPES = {400: "BadRequestException", 403: "ForbiddenException", 404: "ModelNotFoundException",
-                    413: "RequestEntityTooLargeException", 415: "UnsupportedMediaTypeException",
-                    500: "InternalServerException", 503: "ServiceUnavailableException"}
 
 
 @dataclass
@@ -82,6 +81,7 @@ class Settings:
     top_k: int = 5
     local_roots: tuple[Path, ...] = ()  # seed local_url: resolved --allow-local-root dirs; empty = off
     allow_remote: bool = False  # seed remote_url (SSRF guards in serve/fetch.py)
+    max_inflight: int = 128  # requests inside the app at once (serve/admission.py); health is exempt
 
 
 def create_app(
@@ -96,6 +96,7 @@ def create_app(
     top_k: int = 5,
     local_roots: Sequence[str | os.PathLike[str]] = (),
     allow_remote: bool = False,
+    max_inflight: int | None = None,
 ) -> Starlette:
     """The ASGI app serving ``bundles`` (the first is the default model).
 
@@ -108,17 +109,27 @@ def create_app(
     local_roots: directories whose files seed ``local_url`` may name (default none: 403);
     each must exist (:class:`~lensforge.errors.ConfigError`). allow_remote: let seed
     ``remote_url`` fetch public http(s) URLs (default off: 403). See :mod:`lensforge.serve.fetch`.
+    max_inflight: requests inside the app at once; one more gets 503 + Retry-After in its
+    dialect before its body is read, health and metrics never (:mod:`lensforge.serve.admission`).
+    Default ``2 x max_queue`` per model: room for one queue of images being read and decoded
+    and one waiting for the model; any more would be refused by those queues after costing
+    a body read and a decode.
 
     Bundle metadata is checked now (a :class:`~lensforge.errors.BundleError` names the bad
     one); the onnxruntime sessions load and warm up in the background after startup, while
     ``/healthz`` already answers and ``/readyz`` says 503.
     """
-    settings = Settings(max_batch, max_wait_ms, max_queue, max_body_bytes, timeout_s, threads, top_k,
-                        local_roots=fetch.resolve_roots(local_roots), allow_remote=allow_remote)
     if not bundles:
         raise ConfigError("no bundle to serve; pass at least one bundle directory")
-    if max_body_bytes < 1 or timeout_s <= 0 or top_k < 1 or max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-        raise ConfigError("max_body_bytes, timeout_s, top_k, max_batch and max_queue must be positive, max_wait_ms >= 0")
+    if max_inflight is None:
+        max_inflight = 2 * max_queue * len(bundles)
+    if (max_body_bytes < 1 or timeout_s <= 0 or top_k < 1 or max_batch < 1 or max_queue < 1 or max_wait_ms < 0
+            or max_inflight < 1):
+        raise ConfigError("max_body_bytes, timeout_s, top_k, max_batch, max_queue and max_inflight must be positive, "
+                          "max_wait_ms >= 0")
+    settings = Settings(max_batch, max_wait_ms, max_queue, max_body_bytes, timeout_s, threads, top_k,
+                        local_roots=fetch.resolve_roots(local_roots), allow_remote=allow_remote,
+                        max_inflight=max_inflight)
     named = bundles.items() if isinstance(bundles, Mapping) else [(display_name(Path(b)), b) for b in bundles]
     models: dict[str, Model] = {}
     for name, path in named:
@@ -143,6 +154,7 @@ def create_app(
         *web.routes(server),  # /annotate, the web page at /, /docs and /openapi.json
     ]
     app = Starlette(routes=routes, lifespan=server.lifespan)
+    app.add_middleware(Admission, server=server, limit=settings.max_inflight)
     app.state.server = server
     return app
 
@@ -371,20 +383,6 @@ def seed_preds(result: Result, top_k: int) -> Any:
     pairs = ([(label, float(result.scores[result.classes.index(label)])) for label in result.labels]
              if result.multilabel else result.top(top_k))
     return {label: str(np.float32(score)) for label, score in pairs}
-
-
-def error_response(dialect: str, status: int, code: str, message: str) -> JSONResponse:
-    """An error in the shape each dialect's clients expect; 503s carry Retry-After."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    if dialect == "seed":
-        body: Any = {"status": "Error", "error": message}
-    elif dialect == "torchserve":
-        body = {"code": status, "type": TORCHSERVE_TYPES.get(status, "BadRequestException"), "message": message}
-    elif dialect == "kserve":
-        body = {"error": message}  # Triton's shape, what tritonclient reads
-    else:
-        body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def serve(

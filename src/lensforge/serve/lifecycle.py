@@ -20,13 +20,15 @@
   in one read (h11 only caps *incomplete* heads): over 16 KB or 100 headers → 431.
   :class:`HeadDeadlineH11` closes a connection whose request head is not complete within
   ``head_timeout_s`` (slowloris: uvicorn itself times out only idle keep-alive connections;
-  slow *bodies* hit the app's read deadline). Also ``limit_concurrency``
-  (beyond it uvicorn answers 503 itself instead of accepting without bound) and a keep-alive
-  timeout for idle connections.
+  slow *bodies* hit the app's read deadline). A keep-alive timeout closes idle connections.
+  uvicorn's ``limit_concurrency`` stays off: it refuses health checks too, as plain text
+  without ``Retry-After``; the app's :class:`~lensforge.serve.admission.Admission` limits
+  requests in flight instead (O13) and says ``Connection: close`` while draining (O14).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import logging
@@ -39,6 +41,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # Windows: no FIONREAD on sockets through fcntl; shutdown closes idle connections as uvicorn does
+    fcntl = termios = None  # type: ignore[assignment]
 
 from lensforge.errors import BundleError, ConfigError
 from lensforge.hardware import cpu_count
@@ -179,6 +187,20 @@ class HeadDeadlineH11(H11Protocol):
         self._disarm()  # uvicorn's keep-alive timeout covers the idle time
         super().on_response_complete()
 
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown closes an idle connection at once; but a connection
+        whose next request is already arriving (bytes in the socket or in h11's buffer: a
+        client that connected or sent just before the drain ended) is left open, so that the
+        request is read and answered (503 + Connection: close while draining, see
+        :mod:`.admission`) instead of reset by a close over unread data (O14). The head
+        deadline still bounds how long it may take."""
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing() and (self.conn.trailing_data[0] or _unread_bytes(self.transport)):
+            log.info("graceful shutdown: answering the request arriving on an idle connection before closing it")
+            self._unset_keepalive_if_required()
+            return
+        super().shutdown()
+
     def _arm(self) -> None:
         self._disarm()
         timeout = getattr(self.config, "head_timeout_s", HEAD_TIMEOUT_S)
@@ -194,6 +216,19 @@ class HeadDeadlineH11(H11Protocol):
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             log.info("closing a connection whose request head was not complete in time")
             self.transport.close()
+
+
+def _unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the kernel's receive buffer of ``transport``'s socket (0 if unknown)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or fcntl is None:
+        return 0
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count, True)
+    except OSError:
+        return 0
+    return count[0]
 
 
 class HeadLimit:
@@ -236,13 +271,14 @@ def uvicorn_config(
     *,
     workers: int = 1,
     log_level: str = "info",
-    limit_concurrency: int | None = 256,
+    limit_concurrency: int | None = None,
     grace_s: float = GRACE_S,
     head_timeout_s: float = HEAD_TIMEOUT_S,
     **extra: Any,
 ) -> uvicorn.Config:
     """uvicorn settings shared by ``serve`` and the tests: h11 with a head cap and a head
-    deadline, connection cap, keep-alive timeout, graceful-shutdown grace."""
+    deadline, keep-alive timeout, graceful-shutdown grace. limit_concurrency: uvicorn's own
+    cap (off by default, see the module docstring)."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -265,16 +301,15 @@ def run(
     strict: bool | None = None,
     drain_s: float = DRAIN_S,
     grace_s: float = GRACE_S,
-    limit_concurrency: int | None = None,
     log_level: str = "info",
     **options: Any,
 ) -> None:
     """Serve ``bundles`` until SIGTERM/SIGINT, then drain and return (the process exits 0).
 
     workers: processes (uvicorn's supervisor restarts one that dies). strict: see
-    :func:`resolve_strict`. drain_s / grace_s: see the module docstring. limit_concurrency:
-    connections + requests at once before uvicorn answers 503 (default: 4 x max_queue per
-    model, at least 64). options: :func:`~lensforge.serve.app.create_app`'s keyword arguments.
+    :func:`resolve_strict`. drain_s / grace_s: see the module docstring.
+    options: :func:`~lensforge.serve.app.create_app`'s keyword arguments (``max_inflight``
+    bounds the requests in flight per worker).
     """
     import uvicorn
 
@@ -284,18 +319,16 @@ def run(
     if resolve_strict(strict, n):
         check_bundles(bundles)
     options = dict(options, threads=worker_threads(options.get("threads"), workers))
-    if limit_concurrency is None:
-        limit_concurrency = max(64, 4 * int(options.get("max_queue", 64)) * max(1, n))
     named = ({k: str(v) for k, v in bundles.items()} if isinstance(bundles, Mapping) else [str(b) for b in bundles])
     config = RunConfig(named, options, drain_s)
     if workers == 1:
         app: Any = build_app(config)
-        uv = uvicorn_config(app, host, port, log_level=log_level, limit_concurrency=limit_concurrency, grace_s=grace_s)
+        uv = uvicorn_config(app, host, port, log_level=log_level, grace_s=grace_s)
     else:
         build_app(config)  # fail here, once, on bad options or metadata rather than in N workers
         os.environ[ENV_VAR] = json.dumps(asdict(config), default=str)  # inherited by the spawned workers (paths as text)
         uv = uvicorn_config(APP_FACTORY, host, port, workers=workers, factory=True, log_level=log_level,
-                            limit_concurrency=limit_concurrency, grace_s=grace_s)
+                            grace_s=grace_s)
     # uvicorn re-raises the signal it stopped on once it has shut down; with the default
     # handlers that would kill us by SIGTERM (or raise KeyboardInterrupt) after a clean drain
     saved = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -18,7 +18,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class ServerMetrics:
-    """Requests by route template and status, latency, batch sizes, queue depth, load time."""
+    """Requests by route template and status, latency, batch sizes, queue depth, load time,
+    refusals by the in-flight limit."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -34,6 +35,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("lensforge_queue_depth", "inputs waiting for the model", ["model"], registry=r)
         self.load_seconds = Gauge("lensforge_model_load_seconds", "time to load and warm up the model",
                                   ["model"], registry=r)
+        self.refused = Counter("lensforge_refused_requests", "requests refused before reaching a route, by reason",
+                               ["reason"], registry=r)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         self.requests.labels(route, str(code)).inc()
