@@ -10,12 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from lensforge.cli import main
 from lensforge.data.demo import DETECT_CLASSES, make_demo_detection
+from lensforge.data.boxes import BoxTally, clip_box
+from lensforge.data.files import mostly_missing
 from lensforge.data.formats import detect_format, read_dataset
-from lensforge.data.records import Dataset, Record
+from lensforge.data.records import Box, Dataset, Record
 from lensforge.data.split import split_records
 from lensforge.data.yolo import label_path
 from lensforge.errors import DataError
@@ -397,6 +400,85 @@ def test_bad_data_yaml(tmp_path: Path, make_image: MakeImage, yaml_text: str, ex
     with pytest.raises(DataError) as info:
         read_dataset(tmp_path / "data.yaml")
     assert expected in str(info.value)
+
+
+# --------------------------------------------------------------------------- shared reader rules
+
+
+CLIP_CASES = [
+    # (raw xyxy, image 40x20) -> (kept box or None, counted as clipped, counted as degenerate)
+    ("inside", (10.0, 5.0, 30.0, 15.0), (10.0, 5.0, 30.0, 15.0), False, False),
+    ("past the right edge", (30.0, 5.0, 50.0, 15.0), (30.0, 5.0, 40.0, 15.0), True, False),
+    ("rounding noise", (-0.25, 0.0, 8.0, 8.0), (0.0, 0.0, 8.0, 8.0), False, False),
+    ("1 px wide after clipping", (39.0, 0.0, 41.0, 10.0), None, False, True),
+    ("0.5 px high", (5.0, 5.0, 9.0, 5.5), None, False, True),
+    ("outside entirely", (50.0, 5.0, 60.0, 15.0), None, False, True),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected", "clipped", "degenerate"),
+                         [c[1:] for c in CLIP_CASES], ids=[c[0] for c in CLIP_CASES])
+def test_clip_box(raw: Box, expected: Box | None, clipped: bool, degenerate: bool) -> None:
+    tally = BoxTally()
+    assert clip_box(raw, 40, 20, "here", tally) == expected
+    assert (tally.clipped == ["here"], tally.degenerate == ["here"]) == (clipped, degenerate)
+
+
+def test_coco_and_yolo_clip_and_drop_the_same_boxes(tmp_path: Path, make_image: MakeImage) -> None:
+    # the same four boxes on a 40x20 image, as COCO [x, y, w, h] and as YOLO "cx cy w h"
+    coco_boxes = [[10, 5, 20, 10], [30, 5, 20, 10], [39, 0, 2, 10], [0, 0, 8, 8]]
+    yolo_lines = "".join(
+        f"0 {(x + w / 2) / 40} {(y + h / 2) / 20} {w / 40} {h / 20}\n" for x, y, w, h in coco_boxes
+    )
+    coco = read_dataset(_write(tmp_path / "coco", _coco([("a.png", 40, 20)], [(1, 1, b) for b in coco_boxes],
+                                                         _cats((1, "cat"), dummy=None)), make_image))
+    yolo = read_dataset(_yolo(tmp_path / "yolo", make_image, ["cat"], {"train/images/a.png": yolo_lines}))
+    assert coco.records[0].boxes == ((10, 5, 30, 15), (30, 5, 40, 15), (0, 0, 8, 8))
+    assert np.allclose(coco.records[0].box_array(), yolo.records[0].box_array())
+    for ds in (coco, yolo):
+        notes = "\n".join(ds.notes)
+        assert "clipped 1 boxes" in notes and "dropped 1 degenerate boxes" in notes, notes
+
+
+def _csv_listing(root: Path, mk: MakeImage) -> Path:
+    root.mkdir(parents=True)
+    for i in range(4):
+        mk(root / f"{i}.png")
+    (root / "labels.csv").write_text("path,label\n0.png,a\n1.png,b\n2.png,a\n3.png,b\n")
+    return root
+
+
+def _coco_listing(root: Path, mk: MakeImage) -> Path:
+    images = [(f"{i}.png", 40, 20) for i in range(4)]
+    _write(root, _coco(images, [(i, 1, [2, 2, 10, 10]) for i in range(1, 5)], _cats((1, "cat"), dummy=None)), mk)
+    return root
+
+
+def _yolo_listing(root: Path, mk: MakeImage) -> Path:
+    _yolo(root, mk, ["cat"], {f"images/{i}.png": "0 0.5 0.5 0.5 0.5\n" for i in range(4)})
+    (root / "train.txt").write_text("".join(f"images/{i}.png\n" for i in range(4)))
+    (root / "data.yaml").write_text("names: [cat]\ntrain: train.txt\n")  # a list names missing files
+    return root
+
+
+@pytest.mark.parametrize("build", [_csv_listing, _coco_listing, _yolo_listing], ids=["csv", "coco", "yolo"])
+def test_more_than_half_the_images_missing_is_an_error_in_every_reader(
+    tmp_path: Path, make_image: MakeImage, build: Callable[[Path, MakeImage], Path]
+) -> None:
+    root = build(tmp_path / "data", make_image)
+    images = sorted(p for p in root.rglob("*.png"))
+    for p in images[:2]:
+        p.unlink()
+    assert len(read_dataset(root).records) == 2  # half missing: skipped with a warning
+    images[2].unlink()
+    with pytest.raises(DataError, match=r"3 of 4 images listed"):
+        read_dataset(root)
+
+
+@pytest.mark.parametrize(("n_missing", "n_listed", "expected"),
+                         [(0, 0, False), (0, 4, False), (2, 4, False), (3, 4, True), (1, 1, True), (3, 5, True)])
+def test_mostly_missing(n_missing: int, n_listed: int, expected: bool) -> None:
+    assert mostly_missing(n_missing, n_listed) is expected
 
 
 # --------------------------------------------------------------------------- detection

@@ -10,13 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lensforge.data.formats import (
-    IMAGE_EXTENSIONS,
-    detect_format,
-    is_image_file,
-    list_images,
-    read_dataset,
-)
+from lensforge.data.files import IMAGE_EXTENSIONS, is_image_file
+from lensforge.data.formats import detect_format, list_images, read_dataset
 from lensforge.errors import DataError
 
 MakeImage = Callable[..., Path]

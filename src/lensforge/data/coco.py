@@ -26,7 +26,7 @@ What the reader decides, each written to ``Dataset.notes`` with counts and first
 - categories sharing a name (a real export had ids 6 and 7 both "starfish") are merged into
   one class, at the position of the lower id;
 - boxes reaching outside their image are clipped to it; boxes whose width or height is at
-  most :data:`MIN_BOX_SIDE` px after clipping (or negative / not finite) are dropped;
+  most :data:`~lensforge.data.boxes.MIN_BOX_SIDE` px after clipping (or negative / not finite) are dropped;
 - images without boxes are kept as negatives; ``iscrowd`` boxes are kept with
   ``crowd=True``.
 
@@ -51,18 +51,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lensforge.data.files import RootGuard, first_few, listed_path, rel_posix, visible, walk_files
-from lensforge.data.formats import SPLIT_ALIASES
+from lensforge.data.boxes import MIN_BOX_SIDE, BoxTally, clip_box
+from lensforge.data.files import (
+    RootGuard,
+    first_few,
+    listed_path,
+    mostly_missing,
+    rel_posix,
+    visible,
+    walk_files,
+)
 from lensforge.data.image import probe_image
-from lensforge.data.records import Box, Dataset, Record
+from lensforge.data.records import SPLIT_ALIASES, Box, Dataset, Record
 from lensforge.errors import DataError
 
 log = logging.getLogger(__name__)
 
 ROBOFLOW_JSON = "_annotations.coco.json"
 TOP_LEVEL_JSONS = (ROBOFLOW_JSON, "annotations.json")  # auto-detected in a dataset folder
-MIN_BOX_SIDE = 1.0  # px; thinner boxes (after clipping) carry no object and break IoU losses
-CLIP_TOLERANCE = 0.5  # px; clipping by less is float/rounding noise and is not counted
 _ROOT_PROBE = 20  # first file_names checked when choosing a JSON's image folder
 _EXAMPLES = 3
 
@@ -78,14 +84,6 @@ class _CocoFile:
     annotations: list[dict[str, Any]]
     categories: list[dict[str, Any]]
     listed_dir: bool = False  # the image folder holds exactly this JSON's images (Roboflow)
-
-
-@dataclass
-class _Tally:
-    """What box conversion fixed or dropped, for the notes."""
-
-    clipped: list[str]
-    degenerate: list[str]
 
 
 # --------------------------------------------------------------------------- public API
@@ -378,7 +376,7 @@ def _id_order(cid: Any) -> tuple[int, Any]:
 
 
 def _convert_box(
-    bbox: Any, width: int, height: int, where: str, tally: _Tally
+    bbox: Any, width: int, height: int, where: str, tally: BoxTally
 ) -> Box | None:
     """COCO [x, y, w, h] → clipped xyxy, or None when degenerate (counted in ``tally``)."""
     if (
@@ -394,14 +392,7 @@ def _convert_box(
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
         tally.degenerate.append(where)
         return None
-    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x2 - x1 <= MIN_BOX_SIDE or y2 - y1 <= MIN_BOX_SIDE:
-        tally.degenerate.append(where)
-        return None
-    if max(abs(x1 - x), abs(y1 - y), abs(x2 - x - w), abs(y2 - y - h)) > CLIP_TOLERANCE:
-        tally.clipped.append(where)
-    return (x1, y1, x2, y2)
+    return clip_box((x, y, x + w, y + h), width, height, where, tally)
 
 
 def _image_size(img: dict[str, Any], path: Path) -> tuple[int, int] | None:
@@ -417,7 +408,7 @@ def _file_records(
     f: _CocoFile,
     root: Path,
     class_index: dict[Any, int],
-    tally: _Tally,
+    tally: BoxTally,
     skipped: list[tuple[Path, str]],
     guard: RootGuard,
 ) -> list[Record]:
@@ -453,7 +444,7 @@ def _file_records(
         by_image[ann["image_id"]].append((i, ann))
 
     missing = [(p, iid) for p, iid in paths.items() if not p.is_file()]
-    if missing and (len(missing) == len(paths) or 2 * len(missing) > len(paths)):
+    if mostly_missing(len(missing), len(paths)):
         first = first_few([images[iid]["file_name"] for _, iid in missing])
         raise DataError(
             f"{len(missing)} of {len(paths)} images listed in {f.path} are missing (first: "
@@ -507,7 +498,7 @@ def _build(root: Path, files: list[_CocoFile], fmt: str, guard: RootGuard) -> Da
     """Records of every file, checked and noted; the one place a COCO Dataset is made."""
     notes: list[str] = []
     classes, class_index = _classes(files, notes)
-    tally = _Tally(clipped=[], degenerate=[])
+    tally = BoxTally()
     skipped: list[tuple[Path, str]] = []
     records: list[Record] = []
     for f in files:

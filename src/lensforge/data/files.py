@@ -54,6 +54,14 @@ def first_few(items: Iterable[str], n: int = 3) -> str:
     return text + (", ..." if len(items) > n else "")
 
 
+def mostly_missing(n_missing: int, n_listed: int) -> bool:
+    """Whether a reader should refuse its dataset because more than half of the ``n_listed``
+    images it names are missing (or unreadable): that means the images were not put where the
+    CSV / COCO JSON / YOLO lists expect them, not that a few files went astray. Fewer missing
+    ones are skipped with a warning."""
+    return n_missing > 0 and 2 * n_missing > n_listed
+
+
 def rel_posix(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` in POSIX form when it is lexically below it, else as is."""
     try:

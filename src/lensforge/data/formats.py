@@ -39,17 +39,24 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from lensforge.data.files import (  # IMAGE_EXTENSIONS and is_image_file: also imported from here
+from lensforge.data.coco import (
+    find_coco_jsons,
+    is_roboflow_layout,
+    read_coco,
+    read_roboflow_coco,
+)
+from lensforge.data.files import (
     IMAGE_EXTENSIONS,
     OUTSIDE_ROOT_POLICIES,
     RootGuard,
     first_few,
-    is_image_file,
     listed_path,
+    mostly_missing,
     visible,
     walk_files,
 )
-from lensforge.data.records import TASKS, Dataset, Record
+from lensforge.data.records import SPLIT_ALIASES, TASKS, Dataset, Record
+from lensforge.data.yolo import YAML_NAMES, find_yolo_yaml, read_yolo
 from lensforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -62,13 +69,6 @@ PATH_COLUMNS = ("path", "image", "file", "filename", "image_path")
 SINGLE_LABEL_COLUMNS = ("label", "class", "category")
 MULTI_LABEL_COLUMNS = ("labels", "tags")
 SPLIT_COLUMN = "split"
-SPLIT_ALIASES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-}
 LABEL_SEPARATOR = ";"
 _ONE_HOT = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}  # 0.0/1.0: what pandas writes for floats
 
@@ -131,10 +131,6 @@ def _is_split_layout(directory: Path) -> bool:
 
 def detect_format(path: Path) -> str:
     """The layout of ``path``: one of :data:`FORMATS`. Raises DataError when none fits."""
-    # imported here: coco.py and yolo.py use this module's listing helpers
-    from lensforge.data.coco import find_coco_jsons, is_roboflow_layout
-    from lensforge.data.yolo import find_yolo_yaml
-
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".csv":
@@ -227,9 +223,6 @@ def read_dataset(
 
 
 def _read_detection(path: Path, fmt: str, task: str | None, outside_root: str) -> Dataset:
-    from lensforge.data.coco import read_coco, read_roboflow_coco
-    from lensforge.data.yolo import YAML_NAMES, find_yolo_yaml, read_yolo
-
     if task not in (None, "detect"):
         raise DataError(
             f"{path} is a detection dataset ({fmt}: boxes, not image labels); use task "
@@ -575,7 +568,7 @@ def _read_csv(csv_path: Path, task: str | None, guard: RootGuard) -> Dataset:
     if missing:
         n, total = len(missing), len(order)
         first = first_few((written[p] for p, _ in skipped), 3)
-        if n == total or n * 2 > total:
+        if mostly_missing(n, total):
             raise DataError(
                 f"{n} of {total} images listed in {csv_path} do not exist (first: {first}); "
                 f"paths are read relative to {base} — check them"

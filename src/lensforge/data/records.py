@@ -14,6 +14,14 @@ from typing import Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+# Folder names and CSV / JSON-name values accepted for each split (compared lower-cased).
+SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
 TASKS = ("classify", "multilabel", "detect")  # what a Dataset, a config and a bundle can hold
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the image as displayed (EXIF applied)

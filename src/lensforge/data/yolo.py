@@ -15,7 +15,7 @@ Labels: the image path with its last ``images`` folder replaced by ``labels`` an
 by ``.txt``; one object per line, ``class cx cy w h`` normalised to the image (0-1). A
 polygon line (``class x1 y1 x2 y2 ...``, YOLO segmentation) becomes its bounding box. An
 image without a label file, or with an empty one, is a negative. Boxes reaching outside the
-image are clipped, and ones at most ``MIN_BOX_SIDE`` px wide or high are dropped (both
+image are clipped, and ones at most :data:`~lensforge.data.boxes.MIN_BOX_SIDE` px wide or high are dropped (both
 noted, as the COCO reader does).
 
 Unlike the other readers this one opens every image, header only
@@ -33,13 +33,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lensforge.data.coco import CLIP_TOLERANCE, MIN_BOX_SIDE
-from lensforge.data.files import RootGuard, first_few, is_image_file, listed_path, rel_posix, walk_files
+from lensforge.data.boxes import MIN_BOX_SIDE, BoxTally, clip_box
+from lensforge.data.files import (
+    RootGuard,
+    first_few,
+    is_image_file,
+    listed_path,
+    mostly_missing,
+    rel_posix,
+    walk_files,
+)
 from lensforge.data.image import probe_image
 from lensforge.data.records import SPLITS, Box, Dataset, Record
 from lensforge.errors import DataError
@@ -49,6 +58,14 @@ log = logging.getLogger(__name__)
 YAML_NAMES = ("data.yaml", "data.yml")
 COORD_TOLERANCE = 1e-3  # normalised values up to 1.001 are rounding, not pixel coordinates
 _EXAMPLES = 3
+
+
+@dataclass
+class _LabelTally(BoxTally):
+    """Box clipping plus what only YOLO label files have, for the notes."""
+
+    polygon: list[str] = field(default_factory=list)
+    no_label: list[str] = field(default_factory=list)
 
 
 def find_yolo_yaml(directory: Path) -> Path | None:
@@ -79,7 +96,7 @@ def read_yolo(yaml_path: Path, outside_root: str = "refuse") -> Dataset:
     base = _base(yaml_path, data)
     notes: list[str] = []
     skipped: list[tuple[Path, str]] = []
-    tally: dict[str, list[str]] = {"clipped": [], "degenerate": [], "polygon": [], "no_label": []}
+    tally = _LabelTally()
     records: list[Record] = []
     where_split: dict[Path, str] = {}
     for split in SPLITS:
@@ -115,7 +132,7 @@ def read_yolo(yaml_path: Path, outside_root: str = "refuse") -> Dataset:
             f"{yaml_path} names no images: add 'train:' (and 'val:') entries pointing at the "
             "image folders"
         )
-    if 2 * len(skipped) > len(where_split):  # the CSV and COCO readers' rule
+    if mostly_missing(len(skipped), len(where_split)):
         raise DataError(
             f"{len(skipped)} of {len(where_split)} images listed by {yaml_path} are missing or "
             f"unreadable (first: {first_few(str(p) for p, _ in skipped)}); check the image paths"
@@ -259,11 +276,11 @@ def label_path(image: Path) -> Path:
 
 
 def _read_labels(
-    image: Path, size: tuple[int, int], class_index: dict[int, int], tally: dict[str, list[str]]
+    image: Path, size: tuple[int, int], class_index: dict[int, int], tally: _LabelTally
 ) -> tuple[tuple[Box, ...], tuple[int, ...]]:
     txt = label_path(image)
     if not txt.is_file():
-        tally["no_label"].append(str(image))
+        tally.no_label.append(str(image))
         return (), ()
     boxes: list[Box] = []
     labels: list[int] = []
@@ -292,7 +309,7 @@ def _read_labels(
         elif len(coords) >= 6 and len(coords) % 2 == 0:
             xs, ys = coords[0::2], coords[1::2]
             x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
-            tally["polygon"].append(where)
+            tally.polygon.append(where)
         else:
             raise DataError(
                 f"{where}: expected 'class cx cy w h' (5 numbers) or a polygon "
@@ -322,36 +339,27 @@ def _to_pixels(
     norm: tuple[float, float, float, float],
     size: tuple[int, int],
     where: str,
-    tally: dict[str, list[str]],
+    tally: BoxTally,
 ) -> Box | None:
     """Normalised xyxy → pixel xyxy clipped to the image; None (counted) when degenerate."""
     w, h = size
     raw = (norm[0] * w, norm[1] * h, norm[2] * w, norm[3] * h)
-    box = (
-        min(max(raw[0], 0.0), w), min(max(raw[1], 0.0), h),
-        min(max(raw[2], 0.0), w), min(max(raw[3], 0.0), h),
-    )
-    if box[2] - box[0] <= MIN_BOX_SIDE or box[3] - box[1] <= MIN_BOX_SIDE:
-        tally["degenerate"].append(where)
-        return None
-    if max(abs(a - b) for a, b in zip(box, raw)) > CLIP_TOLERANCE:
-        tally["clipped"].append(where)
-    return box
+    return clip_box(raw, w, h, where, tally)
 
 
 def _notes(
-    tally: dict[str, list[str]], skipped: list[tuple[Path, str]], notes: list[str], root: Path
+    tally: _LabelTally, skipped: list[tuple[Path, str]], notes: list[str], root: Path
 ) -> None:
-    texts = {
-        "clipped": "clipped {n} boxes reaching outside their image",
-        "degenerate": f"dropped {{n}} degenerate boxes (width or height <= {MIN_BOX_SIDE:g} px)",
-        "polygon": "read {n} polygon lines as their bounding boxes",
-        "no_label": "{n} images have no label file; read as negatives",
-    }
-    for key, text in texts.items():
-        if tally[key]:
-            first = first_few([rel_posix(Path(where), root) for where in tally[key]], _EXAMPLES)
-            notes.append(f"{text.format(n=len(tally[key]))} (first: {first})")
+    texts = (
+        (tally.clipped, "clipped {n} boxes reaching outside their image"),
+        (tally.degenerate, f"dropped {{n}} degenerate boxes (width or height <= {MIN_BOX_SIDE:g} px)"),
+        (tally.polygon, "read {n} polygon lines as their bounding boxes"),
+        (tally.no_label, "{n} images have no label file; read as negatives"),
+    )
+    for wheres, text in texts:
+        if wheres:
+            first = first_few([rel_posix(Path(where), root) for where in wheres], _EXAMPLES)
+            notes.append(f"{text.format(n=len(wheres))} (first: {first})")
     if skipped:
         notes.append(f"skipped {len(skipped)} missing or unreadable images")
     for note in notes:
