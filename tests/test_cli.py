@@ -335,12 +335,12 @@ def test_a_failed_overwrite_puts_the_previous_run_back(
 
 
 def test_a_command_missing_its_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import lensforge.cli as cli
+    from lensforge.cli import commands
 
     def needs_torch(_args: object) -> int:
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
-    monkeypatch.setattr(cli, "cmd_evaluate", needs_torch)
+    monkeypatch.setattr(commands, "cmd_evaluate", needs_torch)
     code, _, err = run_cli(["evaluate", "b", "d"], capsys)
     assert code == 2 and "pip install 'lensforge[train]'" in err and "torch" in err
 
@@ -442,3 +442,101 @@ def test_bench_accepts_the_current_directory_as_bundle(
                               "--no-torch", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["rows"]
+
+
+# -- the parser: train's options come from TrainConfig -----------------------------------------
+
+# every option `lensforge train --help` listed before the options were generated (issue 11)
+TRAIN_OPTIONS_BEFORE = [
+    "--config", "--task {classify,multilabel,detect}", "--format {folders,split-folders,csv,coco,roboflow-coco,yolo}",
+    "--out", "--backbone", "--weights", "--no-pretrained", "--head {linear,mlp}", "--probe", "--image-size",
+    "--epochs", "--batch-size", "--lr", "--label-smoothing", "--beta", "--split", "--seed", "--patience",
+    "--workers", "--precision {auto,32,bf16}", "--max-steps", "--overwrite", "--resume", "--allow-outside-root",
+]
+
+
+def _train_help(capsys: pytest.CaptureFixture[str]) -> str:
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0
+    return " ".join(out.split())  # argparse wraps at the terminal width
+
+
+@pytest.mark.parametrize("option", TRAIN_OPTIONS_BEFORE)
+def test_train_help_lists_every_option_it_always_had(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert f" {option}" in _train_help(capsys)
+
+
+def test_train_help_shows_the_task_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _train_help(capsys)
+    assert "(default: 224 for classifiers, 512 for detectors)" in text
+    assert "(default: 32 for classifiers, 4 for detectors)" in text
+    assert "(default: 1.0 for classifiers, 2.0 for detectors)" in text  # beta
+    assert "maximum epochs (default: 10)" in text
+
+
+def test_every_train_option_sets_its_config_field(tmp_path: Path) -> None:
+    from lensforge.cli import build_parser
+    from lensforge.cli.commands import train_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data: elsewhere\nepochs: 3\nhead: mlp\npretrained: false\nseed: 9\n")
+    args = build_parser().parse_args([
+        "train", "photos", "--config", str(cfg_file), "--task", "detect", "--image-size", "64", "--probe",
+        "--lr", "0.01", "--weight-decay", "0.1", "--split", "0.3", "--max-steps", "-1", "--probe-c", "2",
+        "--allow-outside-root", "--overwrite",
+    ])
+    cfg = train_config(args)
+    assert (cfg.data, cfg.task, cfg.image_size, cfg.probe, cfg.lr, cfg.weight_decay) == ("photos", "detect", 64, True, 0.01, 0.1)
+    assert (cfg.test_fraction, cfg.val_fraction, cfg.max_steps, cfg.probe_c) == (0.3, 0.2, -1, 2.0)
+    assert cfg.allow_outside_root and cfg.overwrite and not cfg.resume
+    # options not given leave the file's values alone
+    assert (cfg.epochs, cfg.head, cfg.pretrained, cfg.seed) == (3, "mlp", False, 9)
+    assert train_config(build_parser().parse_args(["train", "d", "--no-pretrained"])).pretrained is False
+    assert train_config(build_parser().parse_args(["train", "d"])).pretrained is True
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _done_table(metrics: dict[str, object]) -> str:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from lensforge.cli.render import print_summary
+
+    result = SimpleNamespace(bundle_dir=Path("b"), run_dir=Path("r"), parity=1e-6, metrics=metrics, skipped_images=0,
+                             seconds=3.0)
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(result, console)  # type: ignore[arg-type]
+    return console.export_text()
+
+
+def test_the_summary_shows_each_splits_typed_headline_first() -> None:
+    from dataclasses import fields
+
+    from lensforge.metrics.classification import multilabel_metrics, single_label_metrics
+    from lensforge.metrics.detection import DetectionMetrics
+
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    multi = multilabel_metrics(y, np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6]]), np.array([0.5, 0.5]), ["a", "b"])
+    single = single_label_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+    det = DetectionMetrics(**{**{f.name: None for f in fields(DetectionMetrics)}, "n": 2, "map": 0.25, "map50": 0.5})
+    text = _done_table({"val": multi, "test": det, "train": single})
+    lines = {line.split(" metrics")[0].strip(): line for line in text.splitlines() if " metrics " in line}
+    assert lines["val"].split()[2:4] == ["mAP", "1.000"] and " map " not in lines["val"]
+    assert lines["test"].split()[2:] == ["map", "0.250", "map50", "0.500"] and "mAP" not in lines["test"]
+    assert lines["train"].split()[2:4] == ["accuracy", "1.000"]
+
+
+def test_library_modules_leave_the_console_to_the_cli() -> None:
+    # results are typed, rendering is the CLI's: no rich outside lensforge.cli (and the demo, which prints through it)
+    import re
+
+    import lensforge
+
+    root = Path(lensforge.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.parts[len(root.parts)] not in ("cli", "demo.py")
+                 and re.search(r"^\s*(from|import) rich\b", p.read_text(), re.MULTILINE)]
+    assert offenders == []

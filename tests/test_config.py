@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
-from lensforge.config import TrainConfig
+import lensforge.runtime  # noqa: F401  before lensforge.tasks (they import each other)
+from lensforge.config import TrainConfig, field_help
 from lensforge.errors import ConfigError
+from lensforge.tasks import get_task
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -58,3 +61,36 @@ def test_missing_or_unreadable_file(tmp_path: Path) -> None:
         TrainConfig.load(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="cannot read"):
         TrainConfig.load(tmp_path)  # a directory
+
+
+def test_every_field_has_help() -> None:
+    # the field comments are `lensforge train --help`: a field without one is an undocumented option
+    helps = field_help(TrainConfig)
+    assert [f.name for f in fields(TrainConfig) if not helps.get(f.name)] == []
+    assert helps["backbone"].endswith("(COCO weights from the hub)")  # continuation lines are joined
+    assert "fasterrcnn_mobilenet_v3_large_fpn" in helps["backbone"]
+
+
+def test_field_help_reads_trailing_and_continued_comments_only() -> None:
+    @dataclass
+    class Example:
+        a: int = 1  # first
+        # second
+        b: int = 2
+        # not b's: b has no comment of its own
+        c: str = "x"  # one line
+
+    assert field_help(Example) == {"a": "first second", "c": "one line"}
+
+
+@pytest.mark.parametrize("task", ["classify", "multilabel", "detect"])
+def test_resolve_takes_the_task_defaults(task: str) -> None:
+    defaults = get_task(task).defaults
+    cfg = TrainConfig(data="x").resolve(task)
+    assert {k: getattr(cfg, k) for k in defaults} == defaults
+    assert TrainConfig(data="x", batch_size=7, beta=3.0).resolve(task).batch_size == 7  # a value given stays
+
+
+def test_task_defaults_differ_where_the_help_says() -> None:
+    assert get_task("detect").defaults["image_size"] == 512 and get_task("classify").defaults["image_size"] == 224
+    assert get_task("detect").defaults["beta"] == 2.0 and get_task("multilabel").defaults["beta"] == 1.0

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from lensforge.cli.render import print_inspection
 from lensforge.data.formats import read_dataset
-from lensforge.data.inspect import inspect_dataset, print_inspection
+from lensforge.data.inspect import inspect_dataset
 from lensforge.data.records import Dataset, Record
 from lensforge.data.split import split_records
 

@@ -11,12 +11,12 @@ from PIL import Image
 from rich.console import Console
 from sklearn import metrics as skm
 
+from lensforge.cli.render import format_classification as format_report
+from lensforge.cli.render import print_classification as print_report
 from lensforge.metrics import plots
 from lensforge.metrics.classification import (
     FALLBACK_THRESHOLD,
-    format_report,
     multilabel_metrics,
-    print_report,
     single_label_metrics,
     tune_thresholds,
 )

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from lensforge.cli.render import print_parity as print_report
 from lensforge.errors import ExportError
-from lensforge.export.parity import ParityReport, export_all, print_report
+from lensforge.export.parity import ParityReport, export_all
 
 ROWS = ["torch", "onnx fp32", "fp16", "int8", "triton", "torchserve"]
 

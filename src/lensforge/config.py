@@ -3,8 +3,14 @@ saved resolved next to the run."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,14 +21,10 @@ from lensforge.data.records import TASKS
 from lensforge.errors import ConfigError
 
 ACTIONS = ("overwrite", "resume")  # flags for one invocation, never saved with a run
-# Settings whose good value depends on the task; None in a config means "this table's value".
-# Detectors see whole images (not 224-px crops), need a few images per step on a CPU, and
-# fine-tune a detection head that SGD-style large learning rates destabilise.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classify": {"image_size": 224, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05},
-    "multilabel": {"image_size": 224, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05},
-    "detect": {"image_size": 512, "batch_size": 4, "lr": 3e-4, "weight_decay": 1e-4},
-}
+HEADS = ("linear", "mlp")
+PRECISIONS = ("auto", "32", "bf16")
+# Settings whose good value depends on the task are None here; ``resolve`` fills them from the
+# task's ``defaults`` (lensforge.tasks) once the task is known.
 _RANGE_HINTS = {
     "lr": "> 0", "weight_decay": ">= 0", "warmup_epochs": ">= 0", "label_smoothing": "in [0, 1)", "dropout": "in [0, 1)",
     "beta": "> 0; 1 = F1, 2 = F2", "workers": ">= 0", "patience": ">= 0, 0 = off", "probe_c": "> 0", "max_parity": "> 0",
@@ -32,36 +34,48 @@ _RANGE_HINTS = {
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run.
+
+    Each field's comment is its ``lensforge train --help`` text (see :func:`field_help`): the
+    comment right after the field, continued by comment lines directly below it. Fields whose
+    default is None take their task's default (``lensforge.tasks``) in :meth:`resolve`.
+    """
+
     data: str = ""  # dataset directory or CSV file
-    task: str | None = None  # classify | multilabel | detect; None = what the data says
-    format: str | None = None  # folders | split-folders | csv | coco | roboflow-coco | yolo; None = auto-detect
-    out: str | None = None  # run directory; default runs/<data name>-<task>
-    allow_outside_root: bool = False  # read images the data names outside its folder (CSV rows, file_name, symlinks)
-    backbone: str = "efficientnet_lite0"  # detectors: lite0_fpn (= efficientnet_lite0), fasterrcnn_resnet50_fpn[_v2], ...
-    pretrained: bool = True
-    weights: str | None = None  # local weights file for the backbone (safetensors / state dict)
-    head: str = "linear"  # linear | mlp
+    task: str | None = None  # default: what the data says
+    format: str | None = None  # default: auto-detect
+    out: str | None = None  # run directory (default: runs/<data>-<task>)
+    allow_outside_root: bool = False  # read images that the data names outside its folder (CSV rows, COCO file_name,
+    # YOLO lists, symlinks); refused by default
+    backbone: str = "efficientnet_lite0"  # classifiers: efficientnet_lite0 (offline weights), resnet50, vit_b16,
+    # dino_vits16, or any timm name; detectors: lite0_fpn (= efficientnet_lite0, offline ImageNet backbone),
+    # fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn (COCO weights from the hub)
+    pretrained: bool = True  # off: random init (tests, or training from scratch)
+    weights: str | None = None  # weights file (.safetensors, or a state dict read with weights_only=True): a backbone
+    # for classifiers, a whole detector checkpoint (e.g. COCO Faster R-CNN saved to disk) for detectors
+    head: str = "linear"  # classifier head
     probe: bool = False  # logistic regression on frozen features instead of fine-tuning
-    image_size: int | None = None  # classifiers: input side (224); detectors: shorter image side (512); None = TASK_DEFAULTS
-    epochs: int = 10
-    batch_size: int | None = None  # None = TASK_DEFAULTS (32 classifiers, 4 detectors)
-    lr: float | None = None  # backbone learning rate (classifier heads learn 10x faster); None = TASK_DEFAULTS
-    weight_decay: float | None = None  # None = TASK_DEFAULTS
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    dropout: float = 0.2
-    patience: int = 5  # early stopping: epochs without a better validation metric
-    beta: float | None = None  # thresholds maximise F-beta on validation; None = 1 (multi-label), 2 (detection: recall matters more)
+    image_size: int | None = None  # classifiers: model input side; detectors: shorter image side (pixels)
+    epochs: int = 10  # maximum epochs
+    batch_size: int | None = None  # images per step
+    lr: float | None = None  # learning rate (a classifier's new head uses 10x)
+    weight_decay: float | None = None  # AdamW weight decay
+    warmup_epochs: float = 1.0  # epochs of linear learning-rate warm-up before the cosine decay
+    label_smoothing: float = 0.0  # single-label only
+    dropout: float = 0.2  # in a classifier's head, before its last layer
+    patience: int = 5  # early stopping patience in epochs, 0 = off
+    beta: float | None = None  # multi-label thresholds / the detection score threshold maximise F-beta on validation
+    # (1 = F1, 2 = F2: recall matters more when looking for objects)
     test_fraction: float = 0.2  # of all images, when the data is not pre-split
     val_fraction: float = 0.2  # of the rest
-    seed: int = 0
-    workers: int = 0  # data-loader processes; 0 decodes in the training process
-    precision: str = "auto"  # auto | 32 | bf16 (auto: bf16 only on CPUs with native bf16)
-    max_steps: int = -1  # stop after this many optimiser steps (-1: no limit); for smoke tests
+    seed: int = 0  # split and training seed
+    workers: int = 0  # data-loader processes; 0 decodes in the main process
+    precision: str = "auto"  # auto = bf16 only where the CPU/GPU has it natively
+    max_steps: int = -1  # stop after N optimiser steps (smoke tests); -1: no limit
     probe_c: float = 1.0  # inverse regularisation strength of the probe's logistic regression
     max_parity: float = 1e-3  # export fails if ONNX and torch scores differ more than this
-    overwrite: bool = False
-    resume: bool = False
+    overwrite: bool = False  # replace an existing run directory
+    resume: bool = False  # continue the run in --out from its last checkpoint
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def validate(self) -> "TrainConfig":
@@ -74,9 +88,9 @@ class TrainConfig:
             raise ConfigError("no data given: pass a dataset directory or CSV file")
         if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.head not in ("linear", "mlp"):
+        if self.head not in HEADS:
             raise ConfigError(f"head must be 'linear' or 'mlp', got {self.head!r}")
-        if self.precision not in ("auto", "32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be auto, 32 or bf16, got {self.precision!r}")
         for name in ("test_fraction", "val_fraction"):
             v = getattr(self, name)
@@ -100,13 +114,13 @@ class TrainConfig:
         return self
 
     def resolve(self, task: str) -> "TrainConfig":
-        """Fill the task-dependent settings left as None (see TASK_DEFAULTS) once the task is
-        known; the saved config then records the values actually used."""
-        for key, value in TASK_DEFAULTS[task].items():
+        """Fill the task-dependent settings left as None from ``get_task(task).defaults`` once
+        the task is known; the saved config then records the values actually used."""
+        from lensforge.tasks import get_task  # tasks import onnxruntime: not for every config read
+
+        for key, value in get_task(task).defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.beta is None:
-            self.beta = 2.0 if task == "detect" else 1.0
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,3 +185,33 @@ def _check_type(name: str, value: Any) -> None:
 
 
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+@functools.cache
+def field_help(cls: type = TrainConfig) -> dict[str, str]:
+    """{field name: its comment} of a dataclass written like :class:`TrainConfig`: the comment
+    after the field on its line, continued by comment-only lines right below it.
+
+    The comments are the documentation a reader of this file sees; reading them here makes them
+    the ``--help`` text too, so the two never drift apart. A field without a trailing comment gets
+    no entry (the CLI's tests require one for every field)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, the line holds only the comment)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.lstrip().startswith("#"))
+    helps: dict[str, str] = {}
+    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+        parts = [comments[n][0] for n in lines if n in comments and not comments[n][1]]
+        if not parts:
+            continue
+        below = lines[-1] + 1
+        while below in comments and comments[below][1]:  # continuation lines
+            parts.append(comments[below][0])
+            below += 1
+        helps[node.target.id] = " ".join(parts)
+    return helps
+

@@ -1,15 +1,21 @@
 """``lensforge demo``: generated data → inspect → train → evaluate → predict, in minutes on a
-laptop CPU. The first thing a new user runs, and a smoke test of the whole spine."""
+laptop CPU. The first thing a new user runs, and a smoke test of the whole spine.
+
+The demo is a console walk-through: it prints, through the CLI's renderers
+(:mod:`lensforge.cli.render`), on the console it is given."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from lensforge.ui import Reporter
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lensforge.metrics.base import Metrics
 
 # Small images and few epochs keep the demo under 3 minutes on 2 cores; the pretrained
 # backbone makes that enough to pass the stated bar.
@@ -29,14 +35,15 @@ def run_demo(
     reporter: Reporter | None = None, console: Console | None = None,
 ) -> int:
     """Returns 0 when the test-split metric reaches the stated goal, 1 otherwise."""
+    from lensforge.cli.console import console as cli_console
+    from lensforge.cli.render import print_metrics
     from lensforge.config import TrainConfig
     from lensforge.data.demo import make_demo_dataset
-    from lensforge.metrics.classification import print_report
     from lensforge.runtime.predictor import Predictor
     from lensforge.training import train
 
     ui = reporter or Reporter()
-    out = console or Console()
+    out = console or cli_console
     t0 = time.perf_counter()
     data_dir = root / "data"
     if task == "detect":
@@ -55,7 +62,7 @@ def run_demo(
     result = train(cfg, reporter=ui)
     test = result.metrics["test"]
     out.print()
-    print_report(test, result.task, out)
+    print_metrics(test, out)
 
     ui.step("4/4 Predicting three test images with the ONNX bundle (no torch)")
     predictor = Predictor(result.bundle_dir)
@@ -74,9 +81,9 @@ def run_demo(
 
 
 def _run_detect_demo(root: Path, data_dir: Path, epochs: int | None, ui: Reporter, out: Console, t0: float) -> int:
+    from lensforge.cli.render import print_metrics
     from lensforge.config import TrainConfig
     from lensforge.data.demo import make_demo_detection
-    from lensforge.metrics.detection import print_detection_report
     from lensforge.runtime.draw import save_annotated
     from lensforge.runtime.predictor import Predictor
     from lensforge.training import train
@@ -94,7 +101,7 @@ def _run_detect_demo(root: Path, data_dir: Path, epochs: int | None, ui: Reporte
     result = train(cfg, reporter=ui)
     test = result.metrics.get("test") or result.metrics["val"]
     out.print()
-    print_detection_report(test, out)
+    print_metrics(test, out)
 
     ui.step("4/4 Detecting objects in three test images with the ONNX bundle (no torch), drawing them")
     predictor = Predictor(result.bundle_dir)
@@ -122,7 +129,7 @@ def _inspect(data_dir: Path, ui: Reporter) -> Any:
     return ds
 
 
-def _verdict(out: Console, result: Any, test: dict[str, Any], metric_name: str, t0: float, try_command: str) -> int:
+def _verdict(out: Console, result: Any, test: Metrics, metric_name: str, t0: float, try_command: str) -> int:
     """The last lines of both demos: the test metric against GOAL; 0 when it is reached."""
     metric, goal = GOAL[result.task]
     value = test.get(metric) or 0.0

@@ -3,7 +3,7 @@
 :func:`inspect_dataset` reads every file once (:func:`~lensforge.data.image.probe_image` for
 format, size, mode and corruption, then SHA-256 of its bytes for exact duplicates; only
 regular files are read, so a FIFO named like an image cannot block) and returns a JSON-ready
-dict; :func:`print_inspection` renders that dict with rich.
+dict; the CLI renders it (``lensforge.cli.render.print_inspection``).
 
 Problems (they count in the verdict): unreadable files, exact duplicates (and duplicates
 that cross splits = leakage, or carry different labels), entries the reader skipped, classes
@@ -33,10 +33,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from lensforge.data.image import ImageInfo, probe_image
 from lensforge.data.records import SPLITS, Dataset, Record
@@ -422,157 +418,3 @@ def _verdict(report: dict[str, Any]) -> str:
             f"{_plural(report['total_images'], 'image')}{boxes}, no problems"
         )
     return f"{_plural(len(issues), 'problem')}: {'; '.join(issues)}"
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def _examples(items: list[Any], n: int = 3) -> str:
-    texts = [
-        item if isinstance(item, str) else f"{item['path']} ({item.get('code') or item['reason']})"
-        for item in items[:n]
-    ]
-    more = " ..." if len(items) > n else ""
-    return escape(", ".join(texts) + more)
-
-
-def print_inspection(report: dict[str, Any], console: Console) -> None:
-    """Render an :func:`inspect_dataset` report as rich tables, ending with the verdict."""
-    head = Table.grid(padding=(0, 2))
-    head.add_row("[bold]dataset[/]", escape(report["root"]))
-    head.add_row("[bold]format[/]", f"{report['format']}  (task {report['task']})")
-    head.add_row("[bold]images[/]", str(report["total_images"]))
-    if report["file_formats"]:
-        head.add_row(
-            "[bold]files[/]", ", ".join(f"{k} {v}" for k, v in report["file_formats"].items())
-        )
-    if report["imbalance_ratio"] is not None:
-        ratio = f"{report['imbalance_ratio']:.2f} (largest / smallest class)"
-        head.add_row("[bold]imbalance[/]", ratio)
-    console.print(head)
-
-    if "detection" in report:
-        _print_detection(report, console)
-    else:
-        _print_class_table(report, console)
-    _print_sizes_and_problems(report, console)
-
-
-def _print_class_table(report: dict[str, Any], console: Console) -> None:
-    counts = report["counts"]
-    classes = Table(title="Images per class", title_justify="left")
-    classes.add_column("class")
-    for split in report["splits"]:
-        classes.add_column(split, justify="right")
-    classes.add_column("total", justify="right")
-    for name, n in counts["per_class"].items():
-        row = [str(counts["table"][name][s]) for s in report["splits"]]
-        classes.add_row(escape(name), *row, str(n))
-    if report["task"] == "multilabel":
-        blanks = [""] * len(report["splits"])
-        classes.add_row("[dim](no label)[/]", *blanks, str(counts["no_label"]))
-    classes.add_row(
-        "[bold]images[/]",
-        *[str(counts["per_split"][s]) for s in report["splits"]],
-        str(report["total_images"]),
-    )
-    console.print(classes)
-
-
-def _print_detection(report: dict[str, Any], console: Console) -> None:
-    det = report["detection"]
-    columns = [*report["splits"], "total"]
-    table = Table(title="Images / boxes per class", title_justify="left")
-    table.add_column("class")
-    for col in columns:
-        table.add_column(f"{col}\nimages", justify="right")
-        table.add_column(f"{col}\nboxes", justify="right")
-    for name, row in det["table"].items():
-        cells = [str(row[c][k]) for c in columns for k in ("images", "boxes")]
-        table.add_row(escape(name), *cells)
-    totals = report["split_totals"]  # the JSON's per-split totals, row for row
-    table.add_row("[dim]no boxes[/]", *[x for c in columns for x in (str(totals[c]["empty_images"]), "")])
-    table.add_row("[bold]all[/]", *[str(totals[c][k]) for c in columns for k in ("images", "boxes")])
-    console.print(table)
-    spread = det["boxes_per_image"]
-    if spread:
-        console.print(
-            f"boxes per image  min {spread['min']}  median {spread['median']:g}  max {spread['max']}"
-            f"   crowd boxes {det['crowd_boxes']}"
-        )
-    sizes = det["box_sizes"]
-    console.print(
-        f"box sizes (area)  small <32²: {sizes['small']}  medium: {sizes['medium']}  "
-        f"large >96²: {sizes['large']}"
-    )
-    if det["notes"]:
-        notes = Table(title="What the reader fixed or decided", title_justify="left")
-        notes.add_column("note")
-        for note in det["notes"]:
-            notes.add_row(escape(note))
-        console.print(notes)
-
-
-def _print_sizes_and_problems(report: dict[str, Any], console: Console) -> None:
-    sizes = report["image_sizes"]
-    if sizes:
-        table = Table(title="Image sizes (px)", title_justify="left")
-        for col in ("", "min", "median", "max"):
-            table.add_column(col, justify="right")
-        for axis in ("width", "height"):
-            s = sizes[axis]
-            table.add_row(axis, str(s["min"]), f"{s['median']:g}", str(s["max"]))
-        console.print(table)
-        buckets = "  ".join(f"{k}: {v}" for k, v in sizes["shorter_side"].items() if v)
-        console.print(f"shorter side  {buckets}")
-
-    problems = Table(title="Problems", title_justify="left")
-    problems.add_column("problem")
-    problems.add_column("count", justify="right")
-    problems.add_column("examples")
-    dup = report["duplicates"]
-    rows = [
-        ("unreadable / truncated", report["unreadable"]["count"], report["unreadable"]["examples"]),
-        (
-            "duplicates across splits",
-            dup["cross_split_groups"],
-            [
-                " = ".join(f"{d['path']} ({d['split']})" for d in g)
-                for g in dup["cross_split_examples"]
-            ],
-        ),
-        ("duplicate groups", dup["groups"], [" = ".join(g) for g in dup["examples"]]),
-        (
-            "duplicates, different labels",
-            dup["conflicting_label_groups"],
-            [" = ".join(d["path"] for d in g) for g in dup["conflicting_label_examples"]],
-        ),
-        ("skipped by reader", report["skipped"]["count"], report["skipped"]["examples"]),
-        ("outside the data folder", report["outside_root"]["count"], report["outside_root"]["examples"]),
-    ]
-    if "detection" in report:
-        mismatch = report["detection"]["size_mismatch"]
-        rows.append((
-            "annotated size ≠ file size",
-            mismatch["count"],
-            [f"{m['path']} ({m['annotated'][0]}x{m['annotated'][1]} vs "
-             f"{m['file'][0]}x{m['file'][1]})" for m in mismatch["examples"]],
-        ))
-    for name, n, examples in rows:
-        if n:
-            problems.add_row(name, f"[red]{n}[/]", _examples(examples))
-    if problems.row_count:
-        console.print(problems)
-
-    notes = Table(title="Odd images (decoded to RGB, worth a look)", title_justify="left")
-    notes.add_column("kind")
-    notes.add_column("count", justify="right")
-    notes.add_column("examples")
-    for kind, entry in report["odd_images"].items():
-        if entry["count"]:
-            notes.add_row(ODD_KINDS[kind], str(entry["count"]), _examples(entry["examples"]))
-    if notes.row_count:
-        console.print(notes)
-
-    style = "green" if not report["issues"] else "yellow"
-    console.print(f"[bold {style}]{escape(report['verdict'])}[/]")

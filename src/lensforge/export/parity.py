@@ -172,27 +172,6 @@ def export_all(
     return report
 
 
-def print_report(report: ParityReport, console: Any) -> None:
-    """The parity table, on a rich ``Console``."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    t = Table(title=f"Parity with the fp32 ONNX model on {report.images} images ({escape(report.source)})",
-              title_justify="left")
-    t.add_column("model")
-    t.add_column("max |Δscore|", justify="right")
-    t.add_column("top-1 agreement", justify="right")
-    t.add_column(report.metric, justify="right")
-    t.add_column("file / note")
-    for r in report.rows:
-        diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.2e}" + (" (top-5)" if r.compared != "all scores" else "")
-        agree = "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.1f}%"
-        acc = "" if r.accuracy is None else f"{r.accuracy:.1f}"
-        detail = r.note if r.note else (r.artifact or "")
-        t.add_row(escape(r.target), diff, agree, acc, escape(detail))
-    console.print(t)
-
-
 # -- the images --------------------------------------------------------------------------------
 
 

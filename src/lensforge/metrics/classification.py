@@ -1,10 +1,10 @@
-"""Classification metrics: single-label and multi-label numbers, threshold tuning, a report.
+"""Classification metrics: single-label and multi-label numbers and threshold tuning.
 
 scikit-learn is the reference: every number here is the scikit-learn function of the same
 name, called with ``labels=range(C)`` (so classes absent from the evaluated split still get a
 row) and ``zero_division=0`` (an undefined precision/recall/F counts as 0, never as a warning
 or NaN). The dicts returned are JSON-ready (plain ``float``/``int``/``list``/``None``) and
-are what the bundle's ``lensforge.json``, the CLI report and the plots read.
+are what the bundle's ``lensforge.json``, the CLI report (``lensforge.cli.render``) and the plots read.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
 from sklearn import metrics as skm
 
 from lensforge.metrics.base import Metrics
-from lensforge.metrics.fbeta import FALLBACK_THRESHOLD, best_ties, f_beta
+from lensforge.runtime.results import DEFAULT_THRESHOLD
 
-# The report shows every class up to this many; beyond it, the worst and best few.
-_REPORT_ALL_UP_TO = 15
-_REPORT_WORST = 10
-_REPORT_BEST = 5
+# A threshold for labels the validation split cannot tune (see ``tune_thresholds``): the
+# neutral point of a sigmoid, and the default ``ClassificationResult`` uses when untuned.
+FALLBACK_THRESHOLD = DEFAULT_THRESHOLD
+
+# Ties in F-beta are decided within this relative tolerance: equal fractions such as 2/3 and
+# 8/12 may differ in the last bit once computed from float precision and recall.
+_TIE_RTOL = 1e-9
 
 
 def _check_scores(scores: np.ndarray, n: int, classes: list[str] | None = None) -> np.ndarray:
@@ -237,6 +237,7 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, beta: float = 1.0) -
         raise ValueError(f"beta must be positive, got {beta}")
     y_true, scores = _check_multilabel(y_true, scores)
     scores = scores.astype(np.float32)
+    b2 = beta * beta
     out = np.full(y_true.shape[1], FALLBACK_THRESHOLD, dtype=np.float32)
     for j in range(y_true.shape[1]):
         n_pos = int(y_true[:, j].sum())
@@ -245,90 +246,8 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, beta: float = 1.0) -
         precision, recall, thr = skm.precision_recall_curve(y_true[:, j], scores[:, j])
         # The last (precision 1, recall 0) point has no threshold; thresholds increase.
         precision, recall = precision[:-1], recall[:-1]
-        best = best_ties(f_beta(precision, recall, beta))[-1]  # highest of the ties
+        denom = b2 * precision + recall
+        fbeta = np.divide((1 + b2) * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+        best = np.flatnonzero(fbeta >= fbeta.max() * (1 - _TIE_RTOL))[-1]  # highest of the ties
         out[j] = thr[best]
     return out
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _summary_table(metrics: dict[str, Any], task: str) -> Table:
-    table = Table(title="Overall", show_header=False, title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    n_classes = len(metrics["per_class"])
-    if task == "classify":
-        rows = [
-            ("images", metrics["n"]),
-            ("accuracy", metrics["accuracy"]),
-            ("top-5 accuracy", metrics.get("top5_accuracy")),
-            ("precision (macro / weighted)", (metrics["precision_macro"], metrics["precision_weighted"])),
-            ("recall (macro / weighted)", (metrics["recall_macro"], metrics["recall_weighted"])),
-            ("F1 (macro / weighted)", (metrics["f1_macro"], metrics["f1_weighted"])),
-            ("F2 (macro)", metrics["f2_macro"]),
-        ]
-        if "top5_accuracy" not in metrics:
-            rows.pop(2)
-    else:
-        rows = [
-            ("images", metrics["n"]),
-            (f"mAP (over {metrics['map_labels']} of {n_classes} labels with positives)", metrics["mAP"]),
-            ("F1 (micro / macro / samples)", (metrics["f1_micro"], metrics["f1_macro"], metrics["f1_samples"])),
-            ("exact match", metrics["exact_match"]),
-            ("Hamming loss", metrics["hamming_loss"]),
-        ]
-    for name, value in rows:
-        shown = " / ".join(_fmt(v) for v in value) if isinstance(value, tuple) else _fmt(value)
-        table.add_row(name, shown)
-    return table
-
-
-def _per_class_table(metrics: dict[str, Any], task: str) -> Table:
-    rows = metrics["per_class"]
-    # Worst first; among equals, the class with more images first (it matters more).
-    order = sorted(rows, key=lambda r: (r["f1"], -r["support"]))
-    columns = ["class", "support", "precision", "recall", "f1"]
-    if task == "multilabel":
-        columns += ["ap", "threshold"]
-    one, many = ("label", "labels") if task == "multilabel" else ("class", "classes")
-    table = Table(title=f"Per {one} (worst F1 first)", title_justify="left")
-    for c in columns:
-        header = one if c == "class" else c.upper() if c in ("f1", "ap") else c
-        table.add_column(header, justify="left" if c == "class" else "right")
-    if len(order) > _REPORT_ALL_UP_TO:
-        hidden = len(order) - _REPORT_WORST - _REPORT_BEST
-        shown = order[:_REPORT_WORST] + [None] + order[-_REPORT_BEST:]
-        table.caption = f"{_REPORT_WORST} worst and {_REPORT_BEST} best of {len(order)} {many} (all in the JSON)"
-    else:
-        hidden, shown = 0, order
-    for row in shown:
-        if row is None:
-            table.add_row(f"… {hidden} more …", *[""] * (len(columns) - 1), style="dim")
-        else:
-            table.add_row(*[_fmt(row[c]) for c in columns])
-    return table
-
-
-def format_report(metrics: dict[str, Any], task: str) -> Group:
-    """The report as rich renderables: an overall table, then the per-class table.
-
-    metrics: a dict from ``single_label_metrics`` (task ``"classify"``) or
-    ``multilabel_metrics`` (task ``"multilabel"``).
-    """
-    if task not in ("classify", "multilabel"):
-        raise ValueError(f"task must be one of classify, multilabel, got {task!r} "
-                         "(detection reports: lensforge.metrics.detection.print_detection_report)")
-    if "per_class" not in metrics or ("accuracy" if task == "classify" else "mAP") not in metrics:
-        raise ValueError(f"these metrics are not {task} metrics (keys: {', '.join(sorted(metrics))})")
-    return Group(_summary_table(metrics, task), Text(""), _per_class_table(metrics, task))
-
-
-def print_report(metrics: dict[str, Any], task: str, console: Console | None = None) -> None:
-    """Print ``format_report(metrics, task)`` on ``console`` (a new stdout console if None)."""
-    (console or Console()).print(format_report(metrics, task))

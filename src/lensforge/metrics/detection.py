@@ -31,10 +31,17 @@ import numpy as np
 from lensforge.data.records import Record
 from lensforge.errors import DataError
 from lensforge.metrics.base import Metrics
-from lensforge.metrics.fbeta import FALLBACK_THRESHOLD, best_ties, f_beta
-from lensforge.runtime.results import DetectionResult
+from lensforge.runtime.results import DEFAULT_THRESHOLD, DetectionResult
 
 log = logging.getLogger(__name__)
+
+# Used where the data cannot choose a threshold (no ground truth box, no detection, or F-beta
+# 0 everywhere): the neutral default every untuned DetectionResult uses.
+FALLBACK_THRESHOLD = DEFAULT_THRESHOLD
+
+# Ties in F-beta are decided within this relative tolerance (see classification.py): equal
+# fractions such as 2/3 and 8/12 may differ in the last bit once computed from floats.
+_TIE_RTOL = 1e-9
 
 # COCO's summary rows: (key, AP (True) or AR, IoU (None = mean over .50:.95), area, maxDets).
 _COCO_STATS: tuple[tuple[str, bool, float | None, str, int], ...] = (
@@ -390,6 +397,12 @@ def match_detections(
 
 # -- F-beta over thresholds --------------------------------------------------------------------
 
+def _fbeta(precision: np.ndarray, recall: np.ndarray, beta: float) -> np.ndarray:
+    b2 = beta * beta
+    denom = b2 * precision + recall
+    return np.divide((1 + b2) * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
 def _curve(m: Matches, beta: float) -> dict[str, np.ndarray]:
     keep = ~m.ignored
     s = m.scores[keep]
@@ -404,7 +417,7 @@ def _curve(m: Matches, beta: float) -> dict[str, np.ndarray]:
     precision = tps / np.maximum(tps + fps, 1)
     recall = tps / n_gt if n_gt else np.zeros(tps.shape)
     return {"thresholds": s[ends], "precision": precision, "recall": recall,
-            "fbeta": f_beta(precision, recall, beta), "tp": tps, "fp": fps, "fn": n_gt - tps}
+            "fbeta": _fbeta(precision, recall, beta), "tp": tps, "fp": fps, "fn": n_gt - tps}
 
 
 def fbeta_curve(
@@ -431,7 +444,7 @@ def _at(m: Matches, threshold: float, beta: float) -> dict[str, Any]:
     n_gt = int(m.n_gt.sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / n_gt if n_gt else 0.0
-    fb = float(f_beta(np.array([precision]), np.array([recall]), beta)[0])
+    fb = float(_fbeta(np.array([precision]), np.array([recall]), beta)[0])
     return {"threshold": float(threshold), "precision": precision, "recall": recall, "fbeta": fb,
             "tp": tp, "fp": fp, "fn": n_gt - tp}
 
@@ -454,7 +467,7 @@ def _best(curve: dict[str, np.ndarray], m: Matches, beta: float) -> tuple[float,
         # none says anything about new data; keep the untuned default.
         return FALLBACK_THRESHOLD, _at(m, FALLBACK_THRESHOLD, beta)
     # Ties go to the highest threshold: the same F-beta with fewer detections shown.
-    best = int(best_ties(fb)[0])  # thresholds descend: the first tie is the highest
+    best = int(np.flatnonzero(fb >= fb.max() * (1 - _TIE_RTOL))[0])
     threshold = float(curve["thresholds"][best])
     return threshold, _at(m, threshold, beta)
 
@@ -564,7 +577,7 @@ def detection_metrics(
     fp = np.bincount(m.class_ids[hit & ~m.tp], minlength=n)
     precision = np.divide(tp, tp + fp, out=np.zeros(n), where=tp + fp > 0)
     recall = np.divide(tp, m.n_gt, out=np.zeros(n), where=m.n_gt > 0)
-    fb = f_beta(precision, recall, beta)
+    fb = _fbeta(precision, recall, beta)
     out["per_class"] = [
         {"class": name, "support": int(m.n_gt[k]), "precision": float(precision[k]),
          "recall": float(recall[k]), "fbeta": float(fb[k]), "tp": int(tp[k]), "fp": int(fp[k]),
@@ -572,30 +585,3 @@ def detection_metrics(
         for k, name in enumerate(names)
     ]
     return DetectionMetrics(**out)
-
-
-def print_detection_report(m: dict[str, Any], console: Any) -> None:
-    """The COCO numbers, the operating point and the per-class table, for the terminal."""
-    from rich.table import Table
-
-    def f(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    head = Table(title="Detection (COCO box metrics)", show_header=False, title_justify="left", box=None, padding=(0, 2))
-    head.add_row("AP@[.50:.95]", f(m.get("map")), "AP50", f(m.get("map50")), "AP75", f(m.get("map75")))
-    head.add_row("AP small", f(m.get("map_small")), "AP medium", f(m.get("map_medium")), "AP large", f(m.get("map_large")))
-    head.add_row("AR@1", f(m.get("mar1")), "AR@10", f(m.get("mar10")), "AR@100", f(m.get("mar100")))
-    at = m.get("at_threshold", {})
-    beta = m.get("beta", 2.0)
-    console.print(head)
-    console.print(f"  at score ≥ {m.get('threshold', 0):.3f} (IoU 0.5): precision {f(at.get('precision'))}  "
-                  f"recall {f(at.get('recall'))}  F{beta:g} {f(at.get('fbeta'))}")
-    rows = m.get("per_class", [])
-    if rows:
-        t = Table(title="Per class (IoU 0.5 at the threshold)", title_justify="left")
-        for col in ("class", "boxes", "AP", "AP50", "precision", "recall", f"F{beta:g}"):
-            t.add_column(col, justify="left" if col == "class" else "right")
-        for r in rows:
-            t.add_row(r["class"], str(r["support"]), f(r["ap"]), f(r["ap50"]), f(r["precision"]), f(r["recall"]),
-                      f(r["fbeta"]))
-        console.print(t)

@@ -1,0 +1,269 @@
+"""What each subcommand does: read its options, call the library, hand the result to
+:mod:`lensforge.cli.render`. Library imports are inside the commands: ``lensforge serve``
+never loads torch, and a missing extra is reported for the command that needs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lensforge.cli import render
+from lensforge.cli.console import ConsoleReporter, console
+from lensforge.errors import ConfigError, DataError
+
+EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve", "all")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lensforge.data.formats import read_dataset
+    from lensforge.data.inspect import inspect_dataset
+
+    # without the flag, paths outside the data folder are listed in the report but not read
+    ds = read_dataset(args.data, fmt=args.format, task=args.task,
+                      outside_root="allow" if args.allow_outside_root else "skip")
+    ui = ConsoleReporter(quiet=args.json)
+    with ui.track("Checking images", len(ds.records)) as advance:
+        report = inspect_dataset(ds, verify=not args.fast, progress=lambda done, total: advance(1),
+                                 outside_allowed=args.allow_outside_root)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        render.print_inspection(report, console)
+    return 0
+
+
+# -- train ------------------------------------------------------------------------------------
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig the options ask for: --config (or a resumed run's config.yaml), then every
+    option given. Options not given are None and leave the file's value alone."""
+    from lensforge.config import TrainConfig
+
+    overrides = {name: getattr(args, name) for name in args.config_fields}
+    overrides.update(data=args.data, overwrite=args.overwrite or None, resume=args.resume or None)
+    if args.split is not None:
+        overrides["test_fraction"], overrides["val_fraction"] = parse_split(args.split)
+    if args.config:
+        return TrainConfig.load(args.config, **overrides)
+    if args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        # continue with the run's own settings (epochs, schedule, split); options given now still win
+        return TrainConfig.load(Path(args.out) / "config.yaml", **overrides)
+    return TrainConfig().override(**overrides)
+
+
+def parse_split(text: str) -> tuple[float, float]:
+    """"0.2,0.1" → (test, val); "0.2" keeps the default validation fraction."""
+    from lensforge.config import TrainConfig
+
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--split takes TEST[,VAL] fractions like 0.2,0.2; got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise ConfigError(f"--split takes TEST[,VAL] fractions like 0.2,0.2; got {text!r}")
+    return parts[0], parts[1] if len(parts) == 2 else TrainConfig.val_fraction
+
+
+def quiet_lightning() -> None:
+    """Lightning sets its own loggers to INFO when imported; its start-up chatter ("GPU
+    available: False", "`Trainer.fit` stopped") is noise next to our own summary."""
+    import warnings
+
+    import lightning  # noqa: F401  (the import is what installs Lightning's handlers)
+
+    warnings.filterwarnings("ignore", module=r"lightning(\.|$)")  # internal deprecations, not actionable by users
+
+    if not logging.getLogger("lensforge").isEnabledFor(logging.INFO):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lensforge.training import train
+
+    quiet_lightning()
+    cfg = train_config(args)
+    result = train(cfg, reporter=ConsoleReporter())
+    test = result.metrics.get("test") or result.metrics.get("val")
+    if test:
+        console.print()
+        render.print_metrics(test, console)
+    render.print_summary(result, console)
+    return 0
+
+
+# -- evaluate, predict ------------------------------------------------------------------------
+
+
+def make_predictor(args: argparse.Namespace, bundle: Any) -> Any:
+    from lensforge.runtime.predictor import Predictor
+
+    providers = [p.strip() for item in (args.provider or []) for p in item.split(",") if p.strip()] or None
+    return Predictor(bundle, threads=args.threads, providers=providers, fallback=args.fallback,
+                     optimization=args.optimization, cache_optimized=args.cache_optimized)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from lensforge.evaluation import evaluate
+
+    res = evaluate(args.bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json),
+                   predictor=make_predictor(args, args.bundle), allow_outside_root=args.allow_outside_root)
+    if args.json:
+        print(json.dumps(res.metrics.to_dict(), indent=2))
+        return 0
+    render.print_metrics(res.metrics, console)
+    console.print(f"[bold cyan]›[/] Report, predictions.csv and plots in {escape(str(res.out_dir))}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lensforge.data.formats import list_images
+    from lensforge.runtime.draw import save_annotated
+
+    predictor = make_predictor(args, args.bundle)
+    paths = list_images(args.inputs)
+    if not paths:
+        raise DataError(f"no images found in {', '.join(args.inputs)}")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} input(s) not found or not a file, e.g. {missing[0]}")
+    ui = ConsoleReporter(quiet=args.json)
+    rows = []
+    failed = 0
+    t0 = time.perf_counter()
+    annotate_dir = Path(args.annotate) if args.annotate else None
+    taken = {p.resolve() for p in paths}  # --annotate never overwrites an input
+    if annotate_dir:
+        try:
+            annotate_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create --annotate directory {annotate_dir}: {e.strerror}") from None
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else None
+    except OSError as e:
+        raise DataError(f"cannot write --output {args.output}: {e.strerror}") from None
+    try:
+        with ui.track("Predicting", len(paths)) as advance:
+            for src, res in predictor.predict_many(paths, batch_size=args.batch_size):
+                advance(1)
+                if isinstance(res, Exception):
+                    failed += 1
+                    doc = {"path": str(src), "error": str(res)}
+                else:
+                    doc = {"path": str(src), **(res.to_dict() if predictor.detector else res.to_dict(k=args.top))}
+                    if annotate_dir:
+                        doc["annotated"] = str(save_annotated(src, res, annotate_dir, taken=taken))
+                if args.json or out:
+                    print(json.dumps(doc), file=out or sys.stdout)
+                rows.append(doc)
+    finally:
+        if out:
+            out.close()
+    if not args.json:
+        render.print_predictions(rows, detector=predictor.detector, top=args.top, show=args.show,
+                                 seconds=time.perf_counter() - t0, failed=failed, annotate_dir=annotate_dir,
+                                 console=console)
+    return 1 if failed and failed == len(rows) else 0
+
+
+# -- export, bench, serve, demo ---------------------------------------------------------------
+
+
+def default_export_dir(bundle: Path, target: str) -> Path:
+    """Beside the bundle: <bundle>-fp16, <bundle>-int8, triton/, torchserve/."""
+    bundle = bundle.resolve()
+    return {
+        "onnx-fp16": bundle.with_name(f"{bundle.name}-fp16"),
+        "onnx-int8": bundle.with_name(f"{bundle.name}-int8"),
+        "triton": bundle.parent / "triton",
+        "torchserve": bundle.parent / "torchserve",
+        "all": bundle.parent / "exports",
+    }[target]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from lensforge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)  # a clear error before any export tool is imported
+    out = Path(args.out) if args.out else default_export_dir(bundle.path, args.to)
+    ui = ConsoleReporter()
+    ui.step(f"Exporting {bundle.path} → {args.to} in {out}")
+    if args.to == "onnx-fp16":
+        from lensforge.export.quantize import export_fp16
+
+        written = export_fp16(bundle.path, out, overwrite=args.overwrite)
+    elif args.to == "onnx-int8":
+        from lensforge.export.quantize import export_int8
+
+        written = export_int8(bundle.path, out, calib=args.calib, calib_dir=Path(args.calib_dir) if args.calib_dir else None,
+                              max_drop=args.max_drop, force=args.force, method=args.method, overwrite=args.overwrite)
+    elif args.to == "all":
+        from lensforge.export.parity import export_all
+
+        report = export_all(bundle.path, out, calib=args.calib, calib_dir=args.calib_dir, method=args.method,
+                            max_drop=args.max_drop, force=args.force, name=args.name, overwrite=args.overwrite,
+                            reporter=ui)
+        (out / "parity.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        render.print_parity(report, console)
+        console.print(f"[bold cyan]›[/] Written: {escape(str(out))} (parity table in parity.json)")
+        return 0
+    elif args.to == "triton":
+        from lensforge.export.triton import export_triton
+
+        written = export_triton(bundle.path, out, name=args.name, overwrite=args.overwrite)
+    else:
+        from lensforge.export.torchserve import export_torchserve
+
+        written = export_torchserve(bundle.path, out, name=args.name, overwrite=args.overwrite)
+    render.print_export_check(Path(written), console)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lensforge.export.bench import benchmark
+
+    bundle = Path(args.bundle)
+    # the exports `lensforge export` writes beside a bundle are compared with it automatically
+    siblings = [default_export_dir(bundle, target) for target in ("onnx-fp16", "onnx-int8")]
+    bundles = [bundle, *(s for s in siblings if s.is_dir()), *(Path(b) for b in args.also)]
+    report = benchmark(
+        bundles, batch_sizes=args.batch_sizes, threads=args.threads or None, seconds=args.seconds,
+        images=args.images or None, reporter=ConsoleReporter(quiet=args.json), torch_eager=not args.no_torch,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render.print_bench(report, console)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lensforge.serve import serve
+
+    bundles: Any = list(args.bundles)
+    if args.name:
+        if len(args.name) != len(args.bundles):
+            raise DataError(f"--name given {len(args.name)} time(s) for {len(args.bundles)} bundle(s); give one name per bundle")
+        bundles = dict(zip(args.name, args.bundles))
+    serve(bundles, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024), timeout_s=args.timeout,
+          threads=args.threads, workers=args.workers, strict=args.strict, drain_s=args.drain, grace_s=args.grace,
+          local_roots=args.allow_local_root, allow_remote=args.allow_remote)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lensforge.demo import run_demo
+
+    quiet_lightning()
+    return run_demo(Path(args.dir), task=args.task, epochs=args.epochs, reporter=ConsoleReporter(), console=console)
