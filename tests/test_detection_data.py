@@ -4,8 +4,8 @@ auto-detection, splits, ``data inspect`` on detection data, and the synthetic de
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from lensforge.cli import main
-from lensforge.data.demo import DETECT_CLASSES, make_demo_detection
 from lensforge.data.boxes import BoxTally, clip_box
+from lensforge.data.demo import DETECT_CLASSES, make_demo_detection
 from lensforge.data.files import mostly_missing
 from lensforge.data.formats import detect_format, read_dataset
 from lensforge.data.records import Box, Dataset, Record

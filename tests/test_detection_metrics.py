@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from sklearn import metrics as skm
 
 from lensforge.data.records import Record
 from lensforge.errors import DataError
@@ -30,6 +31,7 @@ from lensforge.metrics.detection import (
     sample_curve,
     to_coco,
 )
+from lensforge.metrics.fbeta import best_ties, f_beta
 from lensforge.runtime.results import DetectionResult
 
 CLASSES = ("person", "car", "bicycle", "dog")
@@ -283,6 +285,24 @@ def test_best_threshold_ties_go_to_the_highest_threshold() -> None:
     np.testing.assert_allclose(curve["fbeta"], [2 / 3, 0.5, 0.4, 2 / 3])
     t, best = best_threshold(records, results, beta=1.0)
     assert t == float(np.float32(0.9)) and best["tp"] == 1 and best["fp"] == 0
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_f_beta_equals_sklearn(beta: float) -> None:
+    # the one F-beta both detection and classification use (metrics/fbeta.py)
+    rng = np.random.default_rng(int(beta * 10))
+    for _ in range(20):
+        y, pred = rng.integers(0, 2, 12), rng.integers(0, 2, 12)
+        p = skm.precision_score(y, pred, zero_division=0)
+        r = skm.recall_score(y, pred, zero_division=0)
+        got = f_beta(np.array([p]), np.array([r]), beta)[0]
+        assert got == pytest.approx(skm.fbeta_score(y, pred, beta=beta, zero_division=0), abs=1e-12)
+    assert f_beta(np.zeros(2), np.zeros(2), beta).tolist() == [0.0, 0.0]
+
+
+def test_best_ties_are_equal_within_the_float_tolerance() -> None:
+    assert 0.1 + 0.2 != 0.3  # equal fractions that differ in the last bit once computed
+    np.testing.assert_array_equal(best_ties(np.array([0.1 + 0.2, 0.2, 0.3, 0.3 - 1e-6])), [0, 2])
 
 
 def test_equal_scores_form_one_threshold() -> None:

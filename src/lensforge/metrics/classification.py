@@ -16,15 +16,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from lensforge.metrics.base import Metrics
-from lensforge.runtime.results import DEFAULT_THRESHOLD
-
-# A threshold for labels the validation split cannot tune (see ``tune_thresholds``): the
-# neutral point of a sigmoid, and the default ``ClassificationResult`` uses when untuned.
-FALLBACK_THRESHOLD = DEFAULT_THRESHOLD
-
-# Ties in F-beta are decided within this relative tolerance: equal fractions such as 2/3 and
-# 8/12 may differ in the last bit once computed from float precision and recall.
-_TIE_RTOL = 1e-9
+from lensforge.metrics.fbeta import FALLBACK_THRESHOLD, best_ties, f_beta
 
 
 def _check_scores(scores: np.ndarray, n: int, classes: list[str] | None = None) -> np.ndarray:
@@ -237,7 +229,6 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, beta: float = 1.0) -
         raise ValueError(f"beta must be positive, got {beta}")
     y_true, scores = _check_multilabel(y_true, scores)
     scores = scores.astype(np.float32)
-    b2 = beta * beta
     out = np.full(y_true.shape[1], FALLBACK_THRESHOLD, dtype=np.float32)
     for j in range(y_true.shape[1]):
         n_pos = int(y_true[:, j].sum())
@@ -246,8 +237,6 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, beta: float = 1.0) -
         precision, recall, thr = skm.precision_recall_curve(y_true[:, j], scores[:, j])
         # The last (precision 1, recall 0) point has no threshold; thresholds increase.
         precision, recall = precision[:-1], recall[:-1]
-        denom = b2 * precision + recall
-        fbeta = np.divide((1 + b2) * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-        best = np.flatnonzero(fbeta >= fbeta.max() * (1 - _TIE_RTOL))[-1]  # highest of the ties
+        best = best_ties(f_beta(precision, recall, beta))[-1]  # highest of the ties
         out[j] = thr[best]
     return out

@@ -31,17 +31,10 @@ import numpy as np
 from lensforge.data.records import Record
 from lensforge.errors import DataError
 from lensforge.metrics.base import Metrics
-from lensforge.runtime.results import DEFAULT_THRESHOLD, DetectionResult
+from lensforge.metrics.fbeta import FALLBACK_THRESHOLD, best_ties, f_beta
+from lensforge.runtime.results import DetectionResult
 
 log = logging.getLogger(__name__)
-
-# Used where the data cannot choose a threshold (no ground truth box, no detection, or F-beta
-# 0 everywhere): the neutral default every untuned DetectionResult uses.
-FALLBACK_THRESHOLD = DEFAULT_THRESHOLD
-
-# Ties in F-beta are decided within this relative tolerance (see classification.py): equal
-# fractions such as 2/3 and 8/12 may differ in the last bit once computed from floats.
-_TIE_RTOL = 1e-9
 
 # COCO's summary rows: (key, AP (True) or AR, IoU (None = mean over .50:.95), area, maxDets).
 _COCO_STATS: tuple[tuple[str, bool, float | None, str, int], ...] = (
@@ -397,12 +390,6 @@ def match_detections(
 
 # -- F-beta over thresholds --------------------------------------------------------------------
 
-def _fbeta(precision: np.ndarray, recall: np.ndarray, beta: float) -> np.ndarray:
-    b2 = beta * beta
-    denom = b2 * precision + recall
-    return np.divide((1 + b2) * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-
-
 def _curve(m: Matches, beta: float) -> dict[str, np.ndarray]:
     keep = ~m.ignored
     s = m.scores[keep]
@@ -417,7 +404,7 @@ def _curve(m: Matches, beta: float) -> dict[str, np.ndarray]:
     precision = tps / np.maximum(tps + fps, 1)
     recall = tps / n_gt if n_gt else np.zeros(tps.shape)
     return {"thresholds": s[ends], "precision": precision, "recall": recall,
-            "fbeta": _fbeta(precision, recall, beta), "tp": tps, "fp": fps, "fn": n_gt - tps}
+            "fbeta": f_beta(precision, recall, beta), "tp": tps, "fp": fps, "fn": n_gt - tps}
 
 
 def fbeta_curve(
@@ -444,7 +431,7 @@ def _at(m: Matches, threshold: float, beta: float) -> dict[str, Any]:
     n_gt = int(m.n_gt.sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / n_gt if n_gt else 0.0
-    fb = float(_fbeta(np.array([precision]), np.array([recall]), beta)[0])
+    fb = float(f_beta(np.array([precision]), np.array([recall]), beta)[0])
     return {"threshold": float(threshold), "precision": precision, "recall": recall, "fbeta": fb,
             "tp": tp, "fp": fp, "fn": n_gt - tp}
 
@@ -467,7 +454,7 @@ def _best(curve: dict[str, np.ndarray], m: Matches, beta: float) -> tuple[float,
         # none says anything about new data; keep the untuned default.
         return FALLBACK_THRESHOLD, _at(m, FALLBACK_THRESHOLD, beta)
     # Ties go to the highest threshold: the same F-beta with fewer detections shown.
-    best = int(np.flatnonzero(fb >= fb.max() * (1 - _TIE_RTOL))[0])
+    best = int(best_ties(fb)[0])  # thresholds descend: the first tie is the highest
     threshold = float(curve["thresholds"][best])
     return threshold, _at(m, threshold, beta)
 
@@ -577,7 +564,7 @@ def detection_metrics(
     fp = np.bincount(m.class_ids[hit & ~m.tp], minlength=n)
     precision = np.divide(tp, tp + fp, out=np.zeros(n), where=tp + fp > 0)
     recall = np.divide(tp, m.n_gt, out=np.zeros(n), where=m.n_gt > 0)
-    fb = _fbeta(precision, recall, beta)
+    fb = f_beta(precision, recall, beta)
     out["per_class"] = [
         {"class": name, "support": int(m.n_gt[k]), "precision": float(precision[k]),
          "recall": float(recall[k]), "fbeta": float(fb[k]), "tp": int(tp[k]), "fp": int(fp[k]),

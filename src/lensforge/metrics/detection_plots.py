@@ -22,7 +22,7 @@ from PIL import Image
 
 from lensforge.data.image import decode_image
 from lensforge.data.records import Record
-from lensforge.metrics.plots import _save, _short, pr_axes
+from lensforge.metrics.plots import pr_axes, save_png, short_name
 from lensforge.runtime.draw import class_color, draw_detections, fit_within
 from lensforge.runtime.results import DetectionResult
 
@@ -75,7 +75,7 @@ def plot_detection_pr_curves(metrics: dict[str, Any], path: str | Path, max_lege
             ax.plot(recall, curves[names[k]], color="0.8", linewidth=0.8)
     for k in reversed(highlight):  # best first in the legend
         ax.plot(recall, curves[names[k]], color=_rgb(k), linewidth=1.6,
-                label=f"{_short(names[k])} (AP50 {ap50[k]:.2f})")
+                label=f"{short_name(names[k])} (AP50 {ap50[k]:.2f})")
     if with_gt:
         mean = np.mean([curves[names[k]] for k in with_gt], axis=0)
         ax.plot(recall, mean, color="black", linewidth=3,
@@ -94,7 +94,7 @@ def plot_detection_pr_curves(metrics: dict[str, Any], path: str | Path, max_lege
     else:
         ax.text(0.5, 0.5, "no class has a ground truth box", ha="center", va="center", fontsize=12)
     pr_axes(ax, f"Precision–recall per class at IoU {metrics['pr_curve']['iou']:.2f} (COCO, interpolated)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_ap_bars(metrics: dict[str, Any], path: str | Path) -> Path:
@@ -129,7 +129,7 @@ def plot_ap_bars(metrics: dict[str, Any], path: str | Path) -> Path:
     if metrics["map"] is not None:
         ax.axvline(metrics["map"], color="C0", linestyle="--", linewidth=1, zorder=0)
         ax.axvline(metrics["map50"], color="C1", linestyle="--", linewidth=1, zorder=0)
-    labels = [_short(r) + (f" (n={support[r]})" if r in support else "") for r in rows]
+    labels = [short_name(r) + (f" (n={support[r]})" if r in support else "") for r in rows]
     ax.set_yticks(y, labels, fontsize=font)
     ax.set_ylim(n - 0.5, -0.5)  # worst at the top
     ax.set_xlim(0, 1.1)
@@ -139,7 +139,7 @@ def plot_ap_bars(metrics: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"AP per class, worst first · {overall}")
     ax.legend(loc="lower right", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_fbeta_curve(metrics: dict[str, Any], path: str | Path) -> Path:
@@ -186,7 +186,7 @@ def plot_fbeta_curve(metrics: dict[str, Any], path: str | Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower left", fontsize=9)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _load(image: Image.Image | str | Path) -> Image.Image:
@@ -261,6 +261,6 @@ def plot_detection_grid(
             ax.imshow(np.asarray(img), interpolation="nearest", aspect="auto")
             ax.set_axis_off()
             fig.text((_GAP + col * (col_w + _GAP) + col_w / 2) / fig_w, (top + 6) / fig_h,
-                     f"{_short(name)} · {title}", ha="center", va="bottom", fontsize=10)
+                     f"{short_name(name)} · {title}", ha="center", va="bottom", fontsize=10)
         top -= max(gt_img.height, pred_img.height)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -23,11 +23,15 @@ _HEADINGS = {"f1": "F1", "ap": "AP"}
 _MAX_NAME = 24  # longer class names are cut with an ellipsis so tick labels stay legible
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
+    """``name`` cut to :data:`_MAX_NAME` characters with an ellipsis, for tick labels and
+    legends (shared with :mod:`lensforge.metrics.detection_plots`)."""
     return name if len(name) <= _MAX_NAME else name[: _MAX_NAME - 1] + "…"
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG to ``path``, creating its folder; returns the path (every plot
+    function of this module and :mod:`lensforge.metrics.detection_plots` ends with it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI, format="png")
@@ -74,7 +78,7 @@ def plot_confusion_matrix(
     cbar.set_label("fraction of the true class" if normalize else "images", fontsize=11)
     cbar.ax.tick_params(labelsize=10)
 
-    names = [_short(c) for c in classes]
+    names = [short_name(c) for c in classes]
     ticks = np.arange(n_classes)
     if n_classes <= 20:  # slanted labels read more easily; beyond 20 only vertical ones fit
         ax.set_xticks(ticks, names, fontsize=tick_size, rotation=45, ha="right", rotation_mode="anchor")
@@ -103,7 +107,7 @@ def plot_confusion_matrix(
                         color="white" if values[i, j] > dark else "black")
     ax.set_title(f"{title}\naccuracy {accuracy:.3f} · {total} images · {n_classes} classes",
                  fontsize=14)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_pr_curves(
@@ -160,7 +164,7 @@ def plot_pr_curves(
         color = colors[k % len(colors)]
         precision, recall, _ = precision_recall_curve(y_true[:, j], scores[:, j])
         ax.plot(recall, precision, drawstyle="steps-post", color=color, linewidth=1.6,
-                label=f"{_short(classes[j])} (AP {aps[j]:.2f})")
+                label=f"{short_name(classes[j])} (AP {aps[j]:.2f})")
         if thresholds is not None:
             predicted = scores[:, j].astype(np.float32) >= thresholds[j]
             tp = int((predicted & (y_true[:, j] == 1)).sum())
@@ -180,7 +184,7 @@ def plot_pr_curves(
                   title="\n".join(notes) if notes else None, title_fontsize=8, alignment="left")
     mean_ap = f"mAP {np.mean(list(aps.values())):.3f} over {len(aps)} labels" if aps else "no label has a positive"
     pr_axes(ax, f"Precision–recall per label · {mean_ap}")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def pr_axes(ax: Any, title: str) -> None:
@@ -238,7 +242,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Pat
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_per_class_bars(per_class: list[dict[str, Any]], path: str | Path, metric: str = "f1") -> Path:
@@ -266,7 +270,7 @@ def plot_per_class_bars(per_class: list[dict[str, Any]], path: str | Path, metri
     red_to_green = colormaps["RdYlGn"]
     colors = ["0.8" if r[metric] is None else red_to_green(0.1 + 0.8 * v) if unit else "C0" for r, v in zip(rows, values)]
     ax.barh(y, values, color=colors, height=0.75)
-    labels = [_short(str(r["class"])) + (f" (n={r['support']})" if "support" in r else "") for r in rows]
+    labels = [short_name(str(r["class"])) + (f" (n={r['support']})" if "support" in r else "") for r in rows]
     font = float(np.clip(11 - n / 12, 8, 10))
     ax.set_yticks(y, labels, fontsize=font)
     for yi, (r, v) in enumerate(zip(rows, values)):
@@ -283,4 +287,4 @@ def plot_per_class_bars(per_class: list[dict[str, Any]], path: str | Path, metri
     ax.set_xlabel(_HEADINGS.get(metric, metric))
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
