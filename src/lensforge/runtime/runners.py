@@ -61,6 +61,7 @@ class Runner(ABC):
     """One kind of graph: how images become its input, and its outputs become results."""
 
     kind: ClassVar[str]
+    batched: ClassVar[bool]  # whether one call takes a batch of same-size inputs (else one image per call)
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession) -> None:
         self.bundle = bundle
@@ -89,6 +90,7 @@ class Runner(ABC):
 
 class ClassifierRunner(Runner):
     kind = "classifier"
+    batched = True
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession) -> None:
         super().__init__(bundle, session)
@@ -119,6 +121,7 @@ class ClassifierRunner(Runner):
 
 class DetectorRunner(Runner):
     kind = "detector"
+    batched = False  # images keep their own sizes
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession) -> None:
         super().__init__(bundle, session)

@@ -60,14 +60,17 @@ class Built:
 
 @dataclass
 class TrainData:
-    """Decoded training data: loaders for ``fit``, the validation set the export is checked
-    on, and how many images could not be read."""
+    """Decoded training data: the train and validation sets (torch Datasets; validation may be
+    empty), how many images could not be read, and how items form a batch (None: stacked).
+    The pipeline makes the loaders (``train_loader``, ``val_loader``) once the sets are known
+    to be usable."""
 
-    train: Any  # torch Dataset
-    val: Any  # torch Dataset (may be empty)
-    train_loader: Any
-    val_loader: Any | None
+    train: Any
+    val: Any
     skipped: int = 0
+    collate: Callable[[list[Any]], Any] | None = None
+    train_loader: Any = None
+    val_loader: Any = None
 
 
 @dataclass
@@ -86,6 +89,8 @@ class Task(ABC):
     defaults: ClassVar[dict[str, Any]]  # TrainConfig values that depend on the task
     score_batch: ClassVar[int] = 32  # images per Predictor call when scoring a split
     compare_key: ClassVar[str]  # the metric (JSON key) formats and exports are compared by
+    compare_label: ClassVar[str]  # ... and its name in tables
+    torch_needs: ClassVar[tuple[str, ...]] = ("torch", "timm")  # what :meth:`torch_model` imports
 
     # -- before training -------------------------------------------------------------------
 
@@ -100,6 +105,11 @@ class Task(ABC):
     def torch_model(self, bundle: Bundle) -> Any:
         """The bundle's graph rebuilt in torch from ``weights.safetensors`` (no download), in
         eval mode, taking what the ONNX graph takes: bench's eager row and export parity."""
+
+    @abstractmethod
+    def torch_call(self, model: Any, batch: Any) -> Any:
+        """Run :meth:`torch_model` on what the runner's ``run_many`` takes in one call (a
+        stacked batch, or one prepared image) and return numpy outputs in the runner's form."""
 
     def describe(self, ds: Dataset, splits: dict[str, list[Record]], cfg: TrainConfig) -> str:
         """The one-line summary of the data and split that training prints."""

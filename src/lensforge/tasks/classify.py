@@ -31,7 +31,7 @@ class Classify(Task):
     name = "classify"
     runner = ClassifierRunner
     multilabel: ClassVar[bool] = False
-    compare_key = "accuracy"
+    compare_key = compare_label = "accuracy"
     defaults: ClassVar[dict[str, Any]] = {"image_size": 224, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05,
                                           "beta": 1.0}
 
@@ -58,12 +58,15 @@ class Classify(Task):
 
         return load_bundle_model(bundle)
 
+    def torch_call(self, model: Any, batch: Any) -> Any:
+        import torch
+
+        return model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+
     # -- training --------------------------------------------------------------------------
 
     def load(self, splits: dict[str, list[Record]], built: Built, cfg: TrainConfig, ds: Dataset,
              ui: Reporter) -> TrainData:
-        import torch
-
         from lensforge.training.dataset import RecordDataset, eval_transform, load_images, train_transform
 
         loaded = {}
@@ -78,15 +81,7 @@ class Classify(Task):
                               loaded["train"][1])
         val = RecordDataset(loaded["val"][0], n, self.multilabel, eval_transform(built.spec), built.spec,
                             loaded["val"][1])
-
-        def loader(d: RecordDataset, shuffle: bool) -> torch.utils.data.DataLoader:
-            return torch.utils.data.DataLoader(
-                d, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.workers,
-                drop_last=shuffle and len(d) > cfg.batch_size, persistent_workers=cfg.workers > 0,
-                generator=torch.Generator().manual_seed(cfg.seed) if shuffle else None,
-            )
-
-        return TrainData(train, val, loader(train, True), loader(val, False) if len(val) else None, skipped)
+        return TrainData(train, val, skipped)
 
     def fit(self, built: Built, data: TrainData, cfg: TrainConfig, ds: Dataset, run_dir: Path,
             ui: Reporter) -> list[dict[str, Any]]:
@@ -180,7 +175,7 @@ class Multilabel(Classify):
 
     name = "multilabel"
     multilabel = True
-    compare_key = "mAP"
+    compare_key = compare_label = "mAP"
 
     def tune(self, val: Scored | None, classes: Sequence[str], cfg: TrainConfig, ui: Reporter) -> dict[str, Any]:
         from lensforge.metrics.classification import tune_thresholds

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from lensforge.data.records import Dataset, Record
 from lensforge.errors import ConfigError, DataError
 from lensforge.runtime.results import DEFAULT_THRESHOLD
-from lensforge.runtime.runners import DETECT_OUTPUTS, DetectorRunner
+from lensforge.runtime.runners import DETECT_OUTPUTS, DetectorRunner, pixels
 from lensforge.tasks.base import Built, Parity, Scored, Task, TrainData
 
 if TYPE_CHECKING:
@@ -31,7 +33,8 @@ class Detect(Task):
     name = "detect"
     runner = DetectorRunner
     score_batch = 8
-    compare_key = "map50"  # formats are compared at IoU 0.5; the COCO mAP@[.5:.95] headline stays in lensforge.json
+    torch_needs = ("torch", "torchvision", "timm")  # lite0_fpn's backbone is timm's
+    compare_key, compare_label = "map50", "mAP50"  # formats are compared at IoU 0.5; the COCO mAP@[.5:.95] headline stays in lensforge.json
     # Detectors see whole images (not 224-px crops), need a few images per step on a CPU, and
     # fine-tune a detection head that large learning rates destabilise; recall matters more
     # than precision when looking for objects (F2).
@@ -54,6 +57,13 @@ class Detect(Task):
 
         return load_bundle_detector(bundle)
 
+    def torch_call(self, model: Any, batch: Any) -> Any:
+        """One prepared image, batched to (1, 3, h, w) as the graph takes it → (boxes, scores, labels)."""
+        import torch
+
+        x = np.ascontiguousarray(pixels(batch), dtype=np.float32)[None]
+        return tuple(t.numpy() for t in model(torch.from_numpy(x)))
+
     def describe(self, ds: Dataset, splits: dict[str, list[Record]], cfg: TrainConfig) -> str:
         n_boxes = train_boxes(splits)
         return (f"{ds.fmt} data, detect: {len(ds.classes)} classes, {len(ds.records)} images → train "
@@ -67,8 +77,6 @@ class Detect(Task):
 
     def load(self, splits: dict[str, list[Record]], built: Built, cfg: TrainConfig, ds: Dataset,
              ui: Reporter) -> TrainData:
-        import torch
-
         from lensforge.training.detect import JITTER, DetectionImages, collate, load_detection_images
 
         if train_boxes(splits) == 0:
@@ -82,14 +90,7 @@ class Detect(Task):
                     splits[name], built.spec, max(JITTER) if name == "train" else 1.0, advance)
             loaded[name] = DetectionImages(recs, imgs, factors, train=name == "train")
             skipped += len(bad)
-        train, val = loaded["train"], loaded["val"]
-        train_loader = torch.utils.data.DataLoader(
-            train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.workers,
-            drop_last=len(train) > cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        val_loader = (torch.utils.data.DataLoader(val, batch_size=cfg.batch_size, collate_fn=collate,
-                                                  num_workers=cfg.workers) if len(val) else None)
-        return TrainData(train, val, train_loader, val_loader, skipped)
+        return TrainData(loaded["train"], loaded["val"], skipped, collate=collate)  # images keep their sizes: lists
 
     def fit(self, built: Built, data: TrainData, cfg: TrainConfig, ds: Dataset, run_dir: Path,
             ui: Reporter) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from lensforge.errors import ConfigError, DataError, TrainingInterrupted
 from lensforge.hardware import cpu_count, describe
 from lensforge.metrics.plots import plot_training_curves
 from lensforge.runtime.bundle import SPLIT_FILE, load_bundle
-from lensforge.tasks import Built, Task, get_task
+from lensforge.tasks import Built, Task, TrainData, get_task
 from lensforge.training.bundle import versions, write_bundle
 from lensforge.ui import Reporter
 
@@ -145,6 +145,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
         ui.warn(f"skipped {data.skipped} unreadable image(s); `lensforge data inspect {cfg.data}` lists them")
     if not len(data.train):
         raise DataError("no readable training images")
+    data.train_loader, data.val_loader = loaders(data, cfg)
     history = task.fit(built, data, cfg, ds, run_dir, ui)
     write_history(history, run_dir)
 
@@ -155,6 +156,17 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
         metrics = written.metrics[held_out].with_source(f"the {held_out} split saved at training time")
         task.write_report(run_dir / "eval", load_bundle(bundle_dir), written.scored[held_out], metrics)
     return TrainResult(task.name, run_dir, bundle_dir, written.metrics, written.parity.figure, data.skipped, history)
+
+
+def loaders(data: TrainData, cfg: TrainConfig) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
+    """The training loader (shuffled by the run's seed; a last short batch dropped when there
+    is more than one) and the validation loader (None without validation images)."""
+    workers = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0, "collate_fn": data.collate}
+    train = torch.utils.data.DataLoader(
+        data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data.train) > cfg.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed), **workers)
+    val = torch.utils.data.DataLoader(data.val, batch_size=cfg.batch_size, **workers) if len(data.val) else None
+    return train, val
 
 
 def write_history(history: list[dict[str, Any]], run_dir: Path) -> None:

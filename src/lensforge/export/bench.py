@@ -22,6 +22,7 @@ torch (with timm or torchvision) and the weights allow.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import functools
 import io
 import logging
@@ -37,12 +38,10 @@ from typing import Any
 import numpy as np
 
 from lensforge.errors import ConfigError, DataError, ImageError
-from lensforge.evaluation import headline_metric
 from lensforge.tasks import get_task
 from lensforge.hardware import cpu_count, describe
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
-from lensforge.runtime.runners import pixels
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -164,16 +163,16 @@ def benchmark(
     asked = batch_sizes
     batch_sizes, thread_counts = _check_args(bundles, BATCH_SIZES if asked is None else asked, threads, seconds)
     loaded = [b if isinstance(b, Bundle) else load_bundle(b) for b in bundles]
-    detector = _is_detector(loaded)
+    single = _one_per_call(loaded)
     notes: list[str] = []
-    if detector:
+    if single:
         if asked is not None and batch_sizes != [1]:
             notes.append(f"batch sizes {', '.join(str(n) for n in batch_sizes if n != 1)} not timed: detectors run "
                          "one image per onnxruntime call (images keep their own sizes), so every row is batch 1")
         batch_sizes = [1]
     formats = _formats(loaded)
     base = formats[0]  # _formats puts the fp32 baseline first
-    if len({(repr(_input(f.bundle)), len(f.bundle.classes)) for f in formats}) > 1:
+    if len({(repr(f.bundle.meta.get("input")), len(f.bundle.classes)) for f in formats}) > 1:
         ui.warn("these bundles differ in input size or classes: they are not one model in several formats")
 
     probe, *_ = (Predictor(f.bundle, threads=1) for f in formats)  # all load now: BundleError before any timing
@@ -200,48 +199,12 @@ def benchmark(
             for n in batch_sizes:
                 batch_bytes = [encoded[i % len(encoded)] for i in range(n)]
                 items = [prepared[i % len(prepared)] for i in range(n)]
-                batch = items[0] if detector else np.stack(items)  # a detector call takes one (3, h, w) image
+                batch = items[0] if single else np.stack(items)  # a detector call takes one (3, h, w) image
                 for mode in MODES:
                     times = _measure(_calls(runners, mode, batch, batch_bytes), seconds)
                     rows += [_row(f, n, t, mode, times[f.label]) for f in formats]
                     advance(1)
     return BenchReport(rows, describe(), _recommend(rows, formats), _metric(base.bundle)[1], described, notes)
-
-
-def print_report(report: BenchReport, console: Any) -> None:
-    """Draw the report as a rich table on ``console`` (a ``rich.console.Console``).
-
-    One line per format × batch × threads: model-only and end-to-end images/s and batch
-    latency p50/p99 in ms, and the format's accuracy; the recommendation follows the table.
-    """
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=escape(f"lensforge bench — {report.machine}"), title_justify="left")
-    for name in ("format", "batch", "threads"):
-        table.add_column(name, justify="left" if name == "format" else "right")
-    for name in ("model img/s", "model p50/p99 ms", "e2e img/s", "e2e p50/p99 ms", f"{report.metric} %", "Δ pt"):
-        table.add_column(name, justify="right")
-    keys = list(dict.fromkeys((r.threads, r.batch) for r in report.rows))
-    for i, (t, n) in enumerate(keys):
-        if i:
-            table.add_section()
-        for fmt in report.formats:
-            model, e2e = report.row(fmt, n, t, "model"), report.row(fmt, n, t, "e2e")
-            if model is None or e2e is None:
-                continue
-            acc = "—" if model.accuracy is None else f"{model.accuracy:.1f}"
-            delta = "—" if model.accuracy_delta is None else _signed(model.accuracy_delta)
-            table.add_row(
-                escape(fmt), str(n), str(t),
-                f"{model.img_s:,.1f}", f"{model.batch_p50_ms:.1f} / {model.batch_p99_ms:.1f}",
-                f"{e2e.img_s:,.1f}", f"{e2e.batch_p50_ms:.1f} / {e2e.batch_p99_ms:.1f}", acc, delta,
-            )
-    console.print(table)
-    console.print(f"[dim]e2e: {escape(report.images)}; latencies are per batch; Δ pt: {escape(report.metric)} vs fp32[/]")
-    for note in report.notes:
-        console.print(f"[dim]{escape(note)}[/]")
-    console.print(f"[bold]Recommended:[/] {escape(report.recommendation)}")
 
 
 # -- formats and their accuracy ----------------------------------------------------------------
@@ -263,29 +226,25 @@ def _check_args(
     return list(dict.fromkeys(batch_sizes)), list(dict.fromkeys(threads))
 
 
-def _is_detector(bundles: list[Bundle]) -> bool:
-    """Whether these are detectors; one run times one kind (a detector call takes one image of
-    its own size, a classifier's a fixed-size batch), so a mix is a ConfigError."""
-    detectors = [b for b in bundles if b.task == "detect"]
-    if detectors and len(detectors) < len(bundles):
-        other = next(b for b in bundles if b.task != "detect")
-        raise ConfigError(f"{detectors[0].path} is a detector but {other.path} is not (task {other.task!r}): bench "
-                          "compares formats of one model; bench detectors and classifiers in separate runs")
-    return bool(detectors)
-
-
-def _input(b: Bundle) -> object:
-    """The bundle's preprocessing facts: a DetectSpec for detectors, else an InputSpec."""
-    return b.detect_spec if b.task == "detect" else b.input_spec
+def _one_per_call(bundles: list[Bundle]) -> bool:
+    """Whether these graphs take one image per call (detectors) rather than a batch; one run
+    times one kind (a fixed-size batch and one image of its own size do not compare), so a mix
+    is a ConfigError."""
+    single = [b for b in bundles if not get_task(b.task).runner.batched]
+    if single and len(single) < len(bundles):
+        other = next(b for b in bundles if get_task(b.task).runner.batched)
+        kind = get_task(single[0].task).runner.kind  # "detector": one image of its own size per call
+        raise ConfigError(f"{single[0].path} is a {kind} but {other.path} is not (task {other.task!r}): bench "
+                          "compares formats of one model; bench them in separate runs")
+    return bool(single)
 
 
 def _metric(b: Bundle) -> tuple[str, str]:
     """(key in ``lensforge.json``'s metrics, name in the report) of the number a format is judged
-    by here: the headline metric, but mAP at IoU 0.5 for detectors (training records both; the
-    bench shows map50, and the COCO mAP@[.5:.95] headline stays in ``lensforge.json``)."""
-    if b.task == "detect":
-        return "map50", "mAP50"
-    return headline_metric(b), headline_metric(b)
+    by here: the task's compared metric (mAP at IoU 0.5 for detectors: training records both;
+    the COCO mAP@[.5:.95] headline stays in ``lensforge.json``)."""
+    task = get_task(b.task)
+    return task.compare_key, task.compare_label
 
 
 def _formats(bundles: list[Bundle]) -> list[_Format]:
@@ -413,7 +372,7 @@ def _runners(
         if f.torch:
             continue
         p = Predictor(f.bundle, threads=threads)
-        out[f.label] = (p.run_detector if p.detector else p.run, p.predict_batch)
+        out[f.label] = (p.run if p.runner.batched else p.run_detector, p.predict_batch)
     if torch_run is not None:
         ref = Predictor(formats[0].bundle, threads=threads)
 
@@ -422,7 +381,7 @@ def _runners(
 
         def e2e(sources: list[bytes]) -> list[Any]:
             xs = [ref.prepare(b) for b in sources]
-            outputs = [model(x) for x in xs] if ref.detector else list(model(np.stack(xs)))
+            outputs = list(model(np.stack(xs))) if ref.runner.batched else [model(x) for x in xs]
             return [ref.result(o, x) for o, x in zip(outputs, xs)]
 
         out[TORCH_LABEL] = (model, e2e)
@@ -498,10 +457,10 @@ def _recommend(rows: list[BenchRow], formats: list[_Format]) -> str:
         return f"{base.label}, {where}: {best.img_s:,.1f} img/s end to end{why}"
     ref = next(r for r in e2e if (r.format, r.batch, r.threads) == (base.label, best.batch, best.threads))
     return (f"{best.format}, {where}: {best.img_s / ref.img_s:.1f}× {base.label} (batch {best.batch}) "
-            f"at {_signed(ok[best.format].vs_fp32 or 0.0)} pt")
+            f"at {signed_points(ok[best.format].vs_fp32 or 0.0)} pt")
 
 
-def _signed(points: float) -> str:
+def signed_points(points: float) -> str:
     """+0.0 / −0.3 (a real minus sign, as in the table)."""
     return f"{'−' if points < 0 else '+'}{abs(points):.1f}"
 
@@ -513,22 +472,19 @@ def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], Any] | Non
     """The bundle's model rebuilt in torch from ``weights.safetensors`` and the model info in
     ``lensforge.json`` (no pretrained download), as ``run(x, threads)``; or (None, why not).
 
-    Classifiers: x float32 (N, 3, S, S) → scores float32 (N, C). Detectors: x one prepared
-    float32 (3, h, w) input in [0, 1] → (boxes float32 (K, 4) xyxy in input pixels, scores
-    float32 (K,), class ids int64 (K,)), as ``Predictor.run_detector``. Never raises: the row
-    is a comparison, not something the bench depends on."""
-    import importlib.util
-
-    detector = bundle.task == "detect"
-    needs = ("torch", "torchvision", "timm") if detector else ("torch", "timm")  # lite0_fpn's backbone is timm's
-    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    ``x`` is what one ``Predictor`` model call takes (classifiers: float32 (N, 3, S, S) →
+    scores (N, C); detectors: one prepared image → (boxes, scores, labels), as
+    ``Predictor.run_detector``). Never raises: the row is a comparison, not something the
+    bench depends on."""
+    task = get_task(bundle.task)
+    missing = [m for m in task.torch_needs if importlib.util.find_spec(m) is None]
     if missing:
         return None, f"{' and '.join(missing)} not installed (pip install 'lensforge[train]' for this row)"
     try:
-        import torch
+        import torch  # the train extra (checked above)
 
-        model = get_task(bundle.task).torch_model(bundle)
-    except Exception as e:  # any failure (missing module, unknown backbone, shapes) only drops the row
+        model = task.torch_model(bundle)
+    except Exception as e:  # any failure (unknown backbone, shapes) only drops the row
         log.info("torch eager row skipped", exc_info=True)
         return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
@@ -536,10 +492,7 @@ def _torch_eager(bundle: Bundle) -> tuple[Callable[[np.ndarray, int], Any] | Non
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         with torch.inference_mode():
-            if detector:  # one image per call, batched to (1, 3, h, w) as the graph takes it
-                out = model(torch.from_numpy(np.ascontiguousarray(pixels(x), dtype=np.float32)[None]))
-                return tuple(t.numpy() for t in out)
-            return model(torch.from_numpy(x)).numpy()
+            return task.torch_call(model, x)
 
     return run, ""
 

@@ -1,4 +1,4 @@
-"""lensforge.speed: the bench table, on the tiny shapes bundle and an fp16 sibling."""
+"""lensforge.export.bench (the `lensforge bench` command): the bench table, on the tiny shapes bundle and an fp16 sibling."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from PIL import Image
 from rich.console import Console
 
 from lensforge.cli import main
+from lensforge.cli.render import print_bench as print_report
 from lensforge.errors import BundleError, ConfigError, DataError
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
-from lensforge.speed import (
+from lensforge.export.bench import (
     MODES,
     BenchReport,
     BenchRow,
@@ -28,7 +29,6 @@ from lensforge.speed import (
     _torch_eager,
     benchmark,
     generated_jpegs,
-    print_report,
 )
 
 TINY = {"seconds": 0.05, "batch_sizes": (1, 4), "threads": (1,)}
