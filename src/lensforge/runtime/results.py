@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 
 DEFAULT_THRESHOLD = 0.5  # multi-label decision threshold where none was tuned
 
@@ -129,6 +129,65 @@ class DetectionResult:
         keep = self.scores >= t
         return dataclasses.replace(self, boxes=self.boxes[keep], scores=self.scores[keep], class_ids=self.class_ids[keep])
 
+    def filtered(
+        self,
+        conf: float | None = None,
+        iou: float | None = None,
+        classes: Sequence[str | int] | None = None,
+        max_det: int | None = None,
+        agnostic: bool = False,
+    ) -> DetectionResult:
+        """A new result with only the detections a user asked for (``predict``/``serve``'s
+        ``--conf --iou --classes --max-det --agnostic-nms``), best first. Applied in order:
+
+        conf: keep scores >= conf (default: the result's own tuned ``threshold``); the new
+            result's ``threshold`` is ``conf``, so :meth:`above` and :meth:`to_dict` keep them all.
+        classes: keep only these classes, given by name or by id (a string that is not a
+            class name but a decimal number counts as an id, as typed on a command line).
+            An unknown name or an id out of range raises ValueError listing the valid names.
+        iou: an extra greedy NMS: a box is dropped when its IoU with a better-scoring kept box
+            exceeds ``iou`` (the model already ran its own NMS; this only tightens it). Per
+            class, or across classes when ``agnostic``. None: no extra NMS.
+        max_det: keep at most this many, the best-scoring ones.
+
+        Raises ValueError for a conf or iou outside [0, 1] or a max_det below 1.
+        """
+        t = self.threshold if conf is None else _unit_interval("conf", conf)
+        keep = np.flatnonzero(self.scores >= t)
+        if classes is not None:
+            wanted = self._class_ids(classes)
+            keep = keep[np.isin(self.class_ids[keep], wanted)]
+        keep = keep[np.argsort(-self.scores[keep], kind="stable")]  # best first (ties: original order)
+        if iou is not None and len(keep):
+            groups = None if agnostic else self.class_ids[keep]
+            keep = keep[nms(self.boxes[keep], self.scores[keep], _unit_interval("iou", iou), groups)]
+        if max_det is not None:
+            if isinstance(max_det, bool) or int(max_det) != max_det or max_det < 1:
+                raise ValueError(f"max_det must be a whole number of at least 1, got {max_det!r}")
+            keep = keep[: int(max_det)]
+        return dataclasses.replace(self, boxes=self.boxes[keep], scores=self.scores[keep],
+                                   class_ids=self.class_ids[keep], threshold=float(t))
+
+    def _class_ids(self, classes: Sequence[str | int]) -> np.ndarray:
+        """Class names/ids → int64 ids; ValueError naming the valid classes for any other."""
+        if isinstance(classes, (str, int)):  # a lone "person" would otherwise be read letter by letter
+            classes = [classes]
+        index = {name: i for i, name in enumerate(self.classes)}
+        ids, unknown = [], []
+        for c in classes:
+            if isinstance(c, str) and c in index:
+                ids.append(index[c])
+            elif isinstance(c, (int, np.integer, str)) and not isinstance(c, bool) \
+                    and str(c).strip().isdecimal() and int(c) < len(self.classes):
+                ids.append(int(c))
+            else:
+                unknown.append(repr(c))
+        if unknown:
+            valid = ", ".join(f"{i}={name}" for i, name in enumerate(self.classes))
+            raise ValueError(f"unknown class{'es' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                             f"this model knows (id=name): {valid}")
+        return np.asarray(ids, dtype=np.int64)
+
     def to_dict(self, threshold: float | None = None) -> dict[str, Any]:
         """Plain JSON-ready form of the detections at or above ``threshold`` (default: the
         result's own): ``{"detections": [{"label", "class_id", "score", "box": [x1, y1, x2, y2]}],
@@ -142,3 +201,50 @@ class DetectionResult:
             "threshold": float(self.threshold if threshold is None else threshold),
             "image_size": list(self.image_size) if self.image_size else None,
         }
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), xyxy: float64 (N, M).
+    Areas are (x2 - x1) * (y2 - y1), as torchvision's; an empty union counts as IoU 0."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2])
+    inter = np.clip(wh, 0, None).prod(axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, groups: np.ndarray | None = None) -> np.ndarray:
+    """Greedy non-maximum suppression in numpy (same rule as ``torchvision.ops.nms``): take the
+    best remaining box, drop every remaining box whose IoU with it exceeds ``iou``, repeat.
+
+    boxes: (N, 4) xyxy; scores: (N,); groups: optional (N,) labels, boxes of different groups
+    never suppress each other (``batched_nms``). Returns the kept indices, best score first.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    if groups is not None:
+        groups = np.asarray(groups).reshape(-1)
+    kept = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        kept.append(best)
+        overlap = box_iou(boxes[best:best + 1], boxes[rest])[0] > iou
+        if groups is not None:
+            overlap &= groups[rest] == groups[best]
+        order = rest[~overlap]
+    return np.asarray(kept, dtype=np.int64)
+
+
+def _unit_interval(name: str, value: float) -> float:
+    """``value`` as a float, or ValueError when it is not a number in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 <= v <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+    return v
