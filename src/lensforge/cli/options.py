@@ -17,7 +17,6 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-import lensforge.runtime  # noqa: F401  before lensforge.tasks: runtime.predictor and tasks import each other
 from lensforge import __version__
 from lensforge.cli import commands
 from lensforge.config import HEADS, PRECISIONS, TrainConfig, field_help

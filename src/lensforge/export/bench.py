@@ -22,8 +22,8 @@ torch (with timm or torchvision) and the weights allow.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import functools
+import importlib.util
 import io
 import logging
 import math
@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 
 from lensforge.errors import ConfigError, DataError, ImageError
-from lensforge.tasks import get_task
 from lensforge.hardware import cpu_count, describe
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
+from lensforge.runtime.runners import runner_for
+from lensforge.tasks import get_task
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -230,10 +231,10 @@ def _one_per_call(bundles: list[Bundle]) -> bool:
     """Whether these graphs take one image per call (detectors) rather than a batch; one run
     times one kind (a fixed-size batch and one image of its own size do not compare), so a mix
     is a ConfigError."""
-    single = [b for b in bundles if not get_task(b.task).runner.batched]
+    single = [b for b in bundles if not runner_for(b.task).batched]
     if single and len(single) < len(bundles):
-        other = next(b for b in bundles if get_task(b.task).runner.batched)
-        kind = get_task(single[0].task).runner.kind  # "detector": one image of its own size per call
+        other = next(b for b in bundles if runner_for(b.task).batched)
+        kind = runner_for(single[0].task).kind  # "detector": one image of its own size per call
         raise ConfigError(f"{single[0].path} is a {kind} but {other.path} is not (task {other.task!r}): bench "
                           "compares formats of one model; bench them in separate runs")
     return bool(single)

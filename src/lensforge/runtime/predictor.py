@@ -23,10 +23,15 @@ from lensforge.hardware import cpu_count, cpu_model
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.cache import cache_root
 from lensforge.runtime.preprocess import DetectSpec, InputSpec
-from lensforge.runtime.runners import ClassifierRunner, DetectorRunner, Result, Runner
+from lensforge.runtime.runners import (
+    ClassifierRunner,
+    DetectorRunner,
+    Result,
+    Runner,
+    runner_for,
+)
 
 __all__ = ["ImageSource", "Predictor", "Result", "resolve_providers"]
-from lensforge.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +126,8 @@ class Predictor:
             )
         if failed:
             log.warning("execution provider(s) %s did not start; running on %s", ", ".join(failed), ", ".join(self.providers))
-        # what differs between the kinds of graph (inputs, batching, results) is the task's runner
-        self.runner: Runner = get_task(self.task).runner(self.bundle, self.session)
+        # what differs between the kinds of graph (inputs, batching, results) is the runner's
+        self.runner: Runner = runner_for(self.task)(self.bundle, self.session)
         self.input_name = self.runner.input_name
         self.output_name = self.runner.output_names[0]
 

@@ -6,8 +6,10 @@
   ``labels``, one call per image (images keep their own sizes); results are
   :class:`DetectionResult` with boxes in original-image pixels.
 
-A task names its runner (:attr:`lensforge.tasks.base.Task.runner`); the Predictor owns the
-onnxruntime session and the decoding, and hands the rest to the runner. No torch here.
+:data:`RUNNERS` says which kind of graph each task exports (the runtime sits below the tasks
+and never imports them; a task that exports a new kind of graph adds its runner here). The
+Predictor owns the onnxruntime session and the decoding, and hands the rest to the runner.
+No torch here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from PIL import Image
 
 from lensforge.errors import BundleError
 from lensforge.runtime.bundle import Bundle
-from lensforge.runtime.preprocess import DetectSpec, InputSpec, detector_input, preprocess
+from lensforge.runtime.preprocess import (
+    DetectSpec,
+    InputSpec,
+    detector_input,
+    preprocess,
+)
 from lensforge.runtime.results import ClassificationResult, DetectionResult
 
 Result = Union[ClassificationResult, DetectionResult]
@@ -159,3 +166,15 @@ class DetectorRunner(Runner):
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         return DetectionResult(boxes, scores, labels, self.classes, self.score_threshold, (w, h))
+
+
+# which kind of graph each task's bundles hold
+RUNNERS: dict[str, type[Runner]] = {"classify": ClassifierRunner, "multilabel": ClassifierRunner, "detect": DetectorRunner}
+
+
+def runner_for(task: str) -> type[Runner]:
+    """The runner of a task's graphs; a BundleError for a task this lensforge cannot run."""
+    try:
+        return RUNNERS[task]
+    except KeyError:
+        raise BundleError(f"this lensforge cannot run {task!r} models; it runs {', '.join(RUNNERS)}") from None

@@ -11,7 +11,8 @@ Predictor, export and bench are written once and ask the bundle's or the data's 
 - ``export`` / ``model_meta``: the ONNX graph, checked against torch, and what the bundle records;
 - ``score`` / ``tune`` / ``metrics`` / ``write_report``: the Predictor over records, the
   thresholds tuned on validation, the typed metrics, and the ``eval/`` files;
-- ``runner``: how the Predictor turns the graph's outputs into the task's result type.
+- the Predictor runs the task's graph with the runner :data:`lensforge.runtime.runners.RUNNERS`
+  names for it (the runtime sits below the tasks and does not import them).
 
 Task modules import torch, Lightning and scikit-learn inside the methods that need them: the
 serving install (onnxruntime, numpy, Pillow) reads bundles of every task and has none of them.
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lensforge.data.records import Dataset, Record
-from lensforge.runtime.runners import Runner
 
 if TYPE_CHECKING:  # annotations only: importing them would pull torch into a serving install
     from lensforge.config import TrainConfig
@@ -85,7 +85,6 @@ class Task(ABC):
     """One task's answers to every stage. Subclasses are stateless; one instance per task."""
 
     name: ClassVar[str]
-    runner: ClassVar[type[Runner]]  # how the Predictor runs this task's graph (torch-free)
     defaults: ClassVar[dict[str, Any]]  # TrainConfig values that depend on the task
     score_batch: ClassVar[int] = 32  # images per Predictor call when scoring a split
     compare_key: ClassVar[str]  # the metric (JSON key) formats and exports are compared by

@@ -15,7 +15,6 @@ import numpy as np
 from lensforge.data.records import Dataset, Record, targets
 from lensforge.errors import DataError, ImageError
 from lensforge.runtime.results import DEFAULT_THRESHOLD
-from lensforge.runtime.runners import ClassifierRunner
 from lensforge.tasks.base import Built, Parity, Scored, Task, TrainData
 
 if TYPE_CHECKING:
@@ -29,7 +28,6 @@ PARITY_IMAGES = 16  # validation images the export is checked on
 
 class Classify(Task):
     name = "classify"
-    runner = ClassifierRunner
     multilabel: ClassVar[bool] = False
     compare_key = compare_label = "accuracy"
     defaults: ClassVar[dict[str, Any]] = {"image_size": 224, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05,
@@ -67,7 +65,12 @@ class Classify(Task):
 
     def load(self, splits: dict[str, list[Record]], built: Built, cfg: TrainConfig, ds: Dataset,
              ui: Reporter) -> TrainData:
-        from lensforge.training.dataset import RecordDataset, eval_transform, load_images, train_transform
+        from lensforge.training.dataset import (
+            RecordDataset,
+            eval_transform,
+            load_images,
+            train_transform,
+        )
 
         loaded = {}
         skipped = 0

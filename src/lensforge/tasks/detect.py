@@ -17,7 +17,7 @@ import numpy as np
 from lensforge.data.records import Dataset, Record
 from lensforge.errors import ConfigError, DataError
 from lensforge.runtime.results import DEFAULT_THRESHOLD
-from lensforge.runtime.runners import DETECT_OUTPUTS, DetectorRunner, pixels
+from lensforge.runtime.runners import DETECT_OUTPUTS, pixels
 from lensforge.tasks.base import Built, Parity, Scored, Task, TrainData
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ MIN_PARITY_IOU = 0.99  # every confident torch box must have an ONNX twin overla
 
 class Detect(Task):
     name = "detect"
-    runner = DetectorRunner
     score_batch = 8
     torch_needs = ("torch", "torchvision", "timm")  # lite0_fpn's backbone is timm's
     compare_key, compare_label = "map50", "mAP50"  # formats are compared at IoU 0.5; the COCO mAP@[.5:.95] headline stays in lensforge.json
@@ -77,7 +76,12 @@ class Detect(Task):
 
     def load(self, splits: dict[str, list[Record]], built: Built, cfg: TrainConfig, ds: Dataset,
              ui: Reporter) -> TrainData:
-        from lensforge.training.detect import JITTER, DetectionImages, collate, load_detection_images
+        from lensforge.training.detect import (
+            JITTER,
+            DetectionImages,
+            collate,
+            load_detection_images,
+        )
 
         if train_boxes(splits) == 0:
             raise DataError("the training split has no boxes (iscrowd regions are not trained on): a detector cannot "
