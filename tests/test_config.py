@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import lensforge.runtime  # noqa: F401  before lensforge.tasks (they import each other)
 from lensforge.config import TrainConfig, field_help
 from lensforge.errors import ConfigError
 from lensforge.tasks import get_task
