@@ -20,6 +20,7 @@ from lensforge.runtime.draw import (
     draw_detections,
     encode_image,
     fit_within,
+    label_layout,
     text_color,
 )
 from lensforge.runtime.results import ClassificationResult, DetectionResult
@@ -149,6 +150,89 @@ def test_hiding_scores_makes_a_narrower_label() -> None:
     assert label_px(False) < label_px(True)
 
 
+# -- label placement --------------------------------------------------------------------------
+
+def dense_scene() -> tuple[tuple[int, int], DetectionResult]:
+    """40 boxes in an 8x5 grid with 6-px gaps (each label is wider than its box) and a cluster
+    of 12 heavily overlapping boxes: old labels covered each other in both."""
+    rng = np.random.default_rng(0)
+    boxes = [[10 + (i % 8) * 56, 30 + (i // 8) * 56, 60 + (i % 8) * 56, 80 + (i // 8) * 56] for i in range(40)]
+    for cx, cy in rng.uniform([570, 340], [670, 460], (12, 2)):
+        boxes.append([cx - 40, cy - 30, cx + 40, cy + 30])
+    n = len(boxes)
+    return (800, 600), det(boxes, rng.uniform(0.5, 0.99, n).tolist(), [i % 4 for i in range(n)], size=(800, 600))
+
+
+def overlapping_pairs(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int]]:
+    return [(i, j) for i, a in enumerate(rects) for j, b in enumerate(rects[:i])
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+
+
+def test_dense_labels_never_overlap_and_stay_inside_the_image() -> None:
+    (w, h), r = dense_scene()
+    labels = label_layout((w, h), r)
+    assert len(labels) == len(r)  # every box keeps its label
+    rects = [lab.rect for lab in labels]
+    assert overlapping_pairs(rects) == []
+    for left, top, right, bottom in rects:
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+    # the drawing puts each plate where the layout says: its four corners are in its class colour
+    out = draw_detections(Image.new("RGB", (w, h), GREY), r)
+    for lab in labels:
+        left, top, right, bottom = lab.rect
+        for x, y in [(left, top), (right - 1, top), (left, bottom - 1), (right - 1, bottom - 1)]:
+            assert px(out, x, y) == lab.color, (lab.text, x, y)
+
+
+def test_a_label_with_no_room_by_its_box_gets_a_leader_line_to_it() -> None:
+    (w, h), r = dense_scene()
+    moved = [lab for lab in label_layout((w, h), r) if lab.leader is not None]
+    assert moved  # the cluster cannot hold all its labels next to their boxes
+    for lab in moved:
+        x1, y1, x2, y2 = lab.leader
+        (l, t, rr, b), (bx1, by1, bx2, by2) = lab.rect, lab.box
+        assert l <= x1 < rr and t <= y1 < b  # starts on the plate
+        assert bx1 <= x2 <= bx2 and by1 <= y2 <= by2  # ends on the box
+
+
+def test_a_lone_box_keeps_its_label_above_it_left_aligned() -> None:
+    r = det([[40, 100, 200, 200]], [0.9], [1])
+    (lab,) = label_layout((320, 240), r)
+    left, top, right, bottom = lab.rect
+    assert (left, bottom) == (40, 100) and right < 200 and lab.leader is None
+    assert bottom - top > Style.for_size(320, 240).font_size  # the text and its padding
+    assert lab.text == "dog 0.90" and lab.color == class_color(1)
+
+
+@pytest.mark.parametrize("box, where", [
+    ([50, 0, 250, 150], "inside top"),  # no room above: flips inside
+    ([0, 5, 100, 239], "inside top"),  # 5 px above is too little
+    ([300, 100, 319, 150], "above"),  # at the right edge: shifted left, still above
+])
+def test_label_flips_inside_at_the_image_border(box: list[float], where: str) -> None:
+    (lab,) = label_layout((320, 240), det([box], [0.9], [0]))
+    left, top, right, bottom = lab.rect
+    assert right <= 320 and left >= 0
+    assert (top == box[1]) if where == "inside top" else (bottom == box[1])
+
+
+def test_the_better_box_gets_the_spot_above_when_two_labels_compete() -> None:
+    boxes = [[40, 100, 80, 200], [84, 100, 124, 200]]  # side by side, labels wider than the boxes
+    for scores in ([0.9, 0.6], [0.6, 0.9]):
+        labels = {lab.box[0]: lab for lab in label_layout((320, 240), det(boxes, scores, [0, 1]))}
+        best = labels[40] if scores[0] > scores[1] else labels[84]
+        other = labels[84] if best is labels[40] else labels[40]
+        assert best.rect[3] == 100  # above its box
+        assert overlapping_pairs([best.rect, other.rect]) == []
+
+
+def test_a_label_wider_than_the_image_is_shortened_to_fit() -> None:
+    r = DetectionResult(np.array([[5, 20, 50, 40]], np.float32), [0.9], [0], ("a-very-long-class-name",), 0.5)
+    (lab,) = label_layout((80, 60), r)
+    assert lab.text.endswith("…") and lab.text.startswith("a-very")
+    assert 0 <= lab.rect[0] and lab.rect[2] <= 80
+
+
 # -- classification ---------------------------------------------------------------------------
 
 def test_classification_panel_shows_top_labels_with_bars() -> None:
@@ -235,6 +319,8 @@ def test_examples_for_a_person_to_look_at(tmp_path: Path) -> None:
         out = draw_detections(grey(w, h), det(boxes.tolist(), [0.92, 0.81, 0.66, 0.55], [0, 1, 2, 3], size=(w, h)))
         out.save(tmp_path / f"detections-{w}.png")
         assert (tmp_path / f"detections-{w}.png").stat().st_size > 0
+    size, r = dense_scene()
+    draw_detections(grey(*size), r).save(tmp_path / "detections-dense.png")
 
 
 # -- lensforge predict --annotate -------------------------------------------------------------

@@ -97,6 +97,24 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+@dataclass(frozen=True)
+class PlacedLabel:
+    """One detection's label as :func:`draw_detections` draws it, in pixels of the image drawn on.
+
+    rect: (left, top, right, bottom) of the filled plate, right/bottom exclusive; always inside
+        the image and never touching another label's rect (when the image has room for all).
+    box: the detection's box, (x1, y1, x2, y2) inclusive pixel corners, clipped to the image.
+    leader: (x1, y1, x2, y2) of the line from the plate to its box when the plate had to be
+        put away from the box (no free spot next to it), else None.
+    """
+
+    text: str
+    color: tuple[int, int, int]
+    rect: tuple[int, int, int, int]
+    box: tuple[int, int, int, int]
+    leader: tuple[int, int, int, int] | None = None
+
+
 def draw_detections(
     img: Image.Image,
     result: DetectionResult,
@@ -108,39 +126,122 @@ def draw_detections(
 
     Each box scoring at least ``threshold`` (default: the result's own tuned threshold) is
     outlined in its class colour, with a label ("name 0.92", or "name" without
-    ``show_scores``) on a filled background of the same colour, text black or white by
-    luminance. The label sits above the box, or just inside it when the box touches the
-    top edge, and is shifted to stay inside the image.
+    ``show_scores``) on a filled plate of the same colour, text black or white by luminance.
+    Labels never cover each other: see :func:`label_layout` for where each one goes (above
+    the box when there is room, as for a lone box).
 
     Boxes are xyxy in pixels of the image the result was computed on (``result.image_size``);
     when ``img`` has another size (e.g. a downscaled copy for display) they are scaled to it.
-    Boxes are drawn best-last, so the most confident box and its label end up on top.
+    Boxes are drawn best-last, so the most confident box ends up on top.
     """
     out = _rgb_copy(img)
-    kept = result.above(threshold)
-    if not len(kept):
+    labels = label_layout(out.size, result, threshold=threshold, show_scores=show_scores)
+    if not labels:
         return out
-    w, h = out.size
+    style = Style.for_size(*out.size)
+    fnt = font(style.font_size)
+    draw = ImageDraw.Draw(out)
+    for lab in labels:  # label_layout lists them worst first: the best box's outline ends on top
+        draw.rectangle(lab.box, outline=lab.color, width=style.line)
+    # leader lines, then plates: after every box, so no outline or line crosses a label
+    for lab in labels:
+        if lab.leader is not None:
+            draw.line(lab.leader, fill=lab.color, width=max(1, style.line))
+    for lab in labels:
+        left, top, right, bottom = lab.rect
+        draw.rectangle((left, top, right - 1, bottom - 1), fill=lab.color)
+        draw.text((left + style.pad, top + style.pad // 2), lab.text, fill=text_color(lab.color), font=fnt)
+    return out
+
+
+def label_layout(
+    size: tuple[int, int],
+    result: DetectionResult,
+    *,
+    threshold: float | None = None,
+    show_scores: bool = True,
+) -> list[PlacedLabel]:
+    """Where :func:`draw_detections` puts each box and label on an image of ``size`` (width,
+    height): one :class:`PlacedLabel` per box scoring at least ``threshold``, lowest score
+    first (the drawing order). The best-scoring boxes choose their label's place first.
+
+    A label goes to the first of these spots that covers no other label (and, among those,
+    the one covering least of the other boxes): above the box, inside its top, below it,
+    inside its bottom (each left- then right-aligned with the box, shifted to stay in the
+    image). When all are taken it goes to the nearest free spot, joined to its box by a
+    leader line. A label too wide for the image is shortened with "…".
+    """
+    w, h = int(size[0]), int(size[1])
+    kept = result.above(threshold)
+    if not len(kept) or w < 1 or h < 1:
+        return []
     boxes = kept.boxes.astype(np.float64)
     if result.image_size and tuple(result.image_size) != (w, h):
         sx, sy = w / result.image_size[0], h / result.image_size[1]
         boxes = boxes * np.array([sx, sy, sx, sy])
     style = Style.for_size(w, h)
     fnt = font(style.font_size)
-    draw = ImageDraw.Draw(out)
     order = np.argsort(kept.scores, kind="stable")  # ascending: best drawn last, on top
-    placed = []
-    for i in order:
-        x1, y1, x2, y2 = _clip_box(boxes[i], w, h)
-        color = class_color(int(kept.class_ids[i]))
-        draw.rectangle((x1, y1, x2, y2), outline=color, width=style.line)
+    clipped = np.array([_clip_box(b, w, h) for b in boxes], dtype=np.int64).reshape(-1, 4)
+    texts, sizes = [], []
+    for i in range(len(kept)):
         name = kept.classes[int(kept.class_ids[i])]
         text = f"{name} {float(kept.scores[i]):.2f}" if show_scores else name
-        placed.append((text, color, (x1, y1)))
-    # labels after every box, so no later box's outline crosses an earlier label
-    for text, color, (x1, y1) in placed:
-        _label(draw, fnt, style, text, color, x1, y1, w, h)
-    return out
+        text = _fit_text(fnt, text, w - 2 * style.pad)
+        texts.append(text)
+        sizes.append((min(w, _text_width(fnt, text) + 2 * style.pad), min(h, _text_height(fnt) + style.pad)))
+    rects, leaders = place_labels(clipped, np.array(sizes, dtype=np.int64), w, h, priority=order[::-1])
+    return [
+        PlacedLabel(texts[i], class_color(int(kept.class_ids[i])), tuple(int(v) for v in rects[i]),
+                    tuple(int(v) for v in clipped[i]), leaders[i])
+        for i in order
+    ]
+
+
+def place_labels(
+    boxes: np.ndarray,
+    sizes: np.ndarray,
+    width: int,
+    height: int,
+    priority: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[tuple[int, int, int, int] | None]]:
+    """A greedy label placer: one rect per box, none overlapping or touching another.
+
+    boxes: int (N, 4) inclusive pixel corners inside the image; sizes: int (N, 2) label
+    (width, height), each at most the image's; priority: the order in which boxes choose
+    (default: as given). Returns int (N, 4) rects (left, top, right, bottom; right/bottom
+    exclusive), all inside the image, and per box its leader line or None.
+
+    Each box tries the spots next to it (see :func:`label_layout`) and takes the first that
+    is free of placed labels, preferring ones that cover less of the other boxes; else the
+    nearest free spot on a grid over the image (half a label high), weighing distance against
+    covered boxes. Only when the image is full does a label overlap: then the spot next to
+    its box overlapping placed labels least.
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    n = len(boxes)
+    box_rects = boxes + np.array([0, 0, 1, 1])  # inclusive corners -> exclusive right/bottom
+    rects = np.zeros((n, 4), dtype=np.int64)
+    leaders: list[tuple[int, int, int, int] | None] = [None] * n
+    placed = np.zeros((0, 4), dtype=np.int64)
+    for i in (range(n) if priority is None else priority):
+        others = np.delete(box_rects, i, axis=0)
+        near = _spots_next_to(boxes[i], sizes[i], width, height)
+        free = ~_touches(near, placed).any(axis=1)
+        if free.any():
+            cover = _covered_fraction(near[free], others)
+            rect = near[free][int(np.argmin(cover))]  # argmin takes the first: preference order breaks ties
+        else:
+            rect = _free_spot_away(box_rects[i], sizes[i], width, height, placed, others)
+            if rect is None:
+                log.debug("no free spot for label %d of %d; it overlaps others", i, n)
+                rect = near[int(np.argmin(_overlap_area(near, placed).sum(axis=1)))]
+            else:
+                leaders[i] = _leader(box_rects[i], rect)
+        rects[i] = rect
+        placed = np.vstack([placed, rect[None]])
+    return rects, leaders
 
 
 def draw_classification(img: Image.Image, result: ClassificationResult, k: int = 3) -> Image.Image:
@@ -276,14 +377,90 @@ def _text_height(fnt: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
     return int(bottom - min(0, top))
 
 
-def _label(draw: ImageDraw.ImageDraw, fnt: ImageFont.FreeTypeFont | ImageFont.ImageFont, style: Style,
-           text: str, color: tuple[int, int, int], x1: int, y1: int, w: int, h: int) -> None:
-    """A filled label with its top-left at the box's top-left corner, above the box when
-    there is room, else inside it; shifted left/up so it stays inside the image."""
-    tw = _text_width(fnt, text) + 2 * style.pad
-    th = _text_height(fnt) + style.pad
-    top = y1 - th if y1 - th >= 0 else y1
-    top = max(0, min(top, h - th))
-    left = max(0, min(x1, w - tw))
-    draw.rectangle((left, top, left + tw - 1, top + th - 1), fill=color)
-    draw.text((left + style.pad, top + style.pad // 2), text, fill=text_color(color), font=fnt)
+def _fit_text(fnt: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str, max_width: int) -> str:
+    """``text``, or its longest prefix + "…" that is at most ``max_width`` px wide."""
+    if _text_width(fnt, text) <= max_width:
+        return text
+    for end in range(len(text) - 1, 0, -1):
+        short = text[:end].rstrip() + "…"
+        if _text_width(fnt, short) <= max_width:
+            return short
+    return text[:1]
+
+
+def _spots_next_to(box: np.ndarray, size: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Candidate label rects for one box, best first: above, inside the top, below, inside the
+    bottom; each left-aligned then right-aligned with the box, shifted inside the image.
+    A spot that would leave the image at the top or bottom is skipped (the next one is its
+    flip to the inside); when all are, the label sits at the box's top, pushed inside."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    tw, th = int(size[0]), int(size[1])
+    spots = []
+    for top in (y1 - th, y1, y2 + 1, y2 + 1 - th):
+        if top < 0 or top + th > h:
+            continue
+        for left in (x1, x2 + 1 - tw):
+            left = max(0, min(left, w - tw))
+            spots.append((left, top, left + tw, top + th))
+    if not spots:
+        top, left = max(0, min(y1, h - th)), max(0, min(x1, w - tw))
+        spots.append((left, top, left + tw, top + th))
+    return np.array(list(dict.fromkeys(spots)), dtype=np.int64)  # duplicates out, order kept
+
+
+def _touches(cands: np.ndarray, placed: np.ndarray, gap: int = 1) -> np.ndarray:
+    """(K, M) bool: candidate k overlaps placed rect m or comes within ``gap`` px of it (plates of
+    one colour that touch would read as one)."""
+    if not len(placed):
+        return np.zeros((len(cands), 0), dtype=bool)
+    c, p = cands[:, None, :], placed[None, :, :]
+    return ((c[..., 0] < p[..., 2] + gap) & (p[..., 0] < c[..., 2] + gap)
+            & (c[..., 1] < p[..., 3] + gap) & (p[..., 1] < c[..., 3] + gap))
+
+
+def _overlap_area(cands: np.ndarray, rects: np.ndarray) -> np.ndarray:
+    """(K, M) intersection areas of candidate rects with ``rects`` (both exclusive right/bottom)."""
+    if not len(rects):
+        return np.zeros((len(cands), 0), dtype=np.int64)
+    c, r = cands[:, None, :], rects[None, :, :]
+    iw = np.clip(np.minimum(c[..., 2], r[..., 2]) - np.maximum(c[..., 0], r[..., 0]), 0, None)
+    ih = np.clip(np.minimum(c[..., 3], r[..., 3]) - np.maximum(c[..., 1], r[..., 1]), 0, None)
+    return iw * ih
+
+
+def _covered_fraction(cands: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(K,) how much of the other boxes each candidate covers, as a fraction of its own area
+    (summed over boxes, so a plate over two overlapping boxes counts twice)."""
+    area = (cands[:, 2] - cands[:, 0]) * (cands[:, 3] - cands[:, 1])
+    return _overlap_area(cands, boxes).sum(axis=1) / np.maximum(area, 1)
+
+
+def _free_spot_away(box: np.ndarray, size: np.ndarray, w: int, h: int, placed: np.ndarray,
+                    others: np.ndarray) -> np.ndarray | None:
+    """The best free label rect anywhere on a grid over the image (step: half a label high),
+    or None when there is none. Best: nearest to ``box`` (exclusive corners), where covering
+    the whole of another box counts as four label heights further away."""
+    tw, th = int(size[0]), int(size[1])
+    step = max(1, th // 2)
+    lefts = np.unique(np.append(np.arange(0, w - tw + 1, step), w - tw))
+    tops = np.unique(np.append(np.arange(0, h - th + 1, step), h - th))
+    ll, tt = np.meshgrid(lefts, tops)
+    cands = np.stack([ll.ravel(), tt.ravel(), ll.ravel() + tw, tt.ravel() + th], axis=1)
+    cands = cands[~_touches(cands, placed).any(axis=1)]
+    if not len(cands):
+        return None
+    # gap between each candidate and the box along x and y (0 where they overlap on that axis)
+    dx = np.maximum(0, np.maximum(box[0] - cands[:, 2], cands[:, 0] - box[2]))
+    dy = np.maximum(0, np.maximum(box[1] - cands[:, 3], cands[:, 1] - box[3]))
+    cost = np.hypot(dx, dy) + 4 * th * _covered_fraction(cands, others)
+    return cands[int(np.argmin(cost))]
+
+
+def _leader(box: np.ndarray, rect: np.ndarray) -> tuple[int, int, int, int]:
+    """The shortest line from a label rect to its box (both with exclusive right/bottom)."""
+    bx1, by1, bx2, by2 = (int(v) for v in box)
+    rx1, ry1, rx2, ry2 = (int(v) for v in rect)
+    cx, cy = (rx1 + rx2 - 1) / 2, (ry1 + ry2 - 1) / 2
+    px_, py_ = min(max(cx, bx1), bx2 - 1), min(max(cy, by1), by2 - 1)  # box point nearest the plate's centre
+    qx, qy = min(max(px_, rx1), rx2 - 1), min(max(py_, ry1), ry2 - 1)  # plate point nearest that
+    return round(qx), round(qy), round(px_), round(py_)
