@@ -518,7 +518,8 @@ def test_image_grid_from_paths_and_images(tmp_path: Path) -> None:
     out = dplots.plot_detection_grid(records, results, tmp_path / "grid.png", images=paths, threshold=0.3,
                                      max_images=4)
     shown = [records[i] for i in (0, 4, 7, 11)]  # spread evenly over the 12
-    scales = [min(1, 480 / max(r.size)) for r in shown]
+    # at most 640 px on the longer side; smaller pictures enlarged to 480 (labels stay readable)
+    scales = [max(min(1, 640 / max(r.size)), 480 / max(r.size)) for r in shown]
     thumbs = [(round(r.size[0] * k), round(r.size[1] * k)) for r, k in zip(shown, scales)]
     with Image.open(out) as img:
         # two columns of thumbnails at their pixel size, 30 px of titles per row, 12-px gaps
@@ -536,6 +537,7 @@ def test_image_grid_draws_boxes_in_class_colours(tmp_path: Path) -> None:
     results = [_res([(12, 12, 88, 88)], [0.9], [2])]
     white = Image.new("RGB", (100, 100), "white")
     out = dplots.plot_detection_grid(records, results, tmp_path / "g.png", images=[white])
+    assert Image.open(out).size[0] == 2 * 480 + 3 * 12  # a 100-px picture is enlarged to 480 px
     pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
     # thumbnails land 1:1 on the PNG, so draw.py's colour survives exactly: two 2-px outlines
     # of about 300 px each, plus the labels' backgrounds

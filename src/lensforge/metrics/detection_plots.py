@@ -26,8 +26,12 @@ from lensforge.metrics.plots import pr_axes, save_png, short_name
 from lensforge.runtime.draw import class_color, draw_detections, fit_within
 from lensforge.runtime.results import DetectionResult
 
-_GRID_MIN_SIDE = 320  # smaller pictures are enlarged to this (titles need ~300 px)
-_GRID_SIDE = 480  # longer side of each thumbnail in the image grid, in pixels
+# Longer side of each thumbnail in the image grid, in pixels. Labels are drawn at the thumbnail's
+# size (draw.py's font grows with the picture: 12 px up to ~430 px, 15 px at 640), and at 480 the
+# 32 labels of a chess photo were 12-px text packed between boxes; 640 gives 15-px text, and the
+# grid, two thumbnails per row, stays ~1300 px wide.
+_GRID_SIDE = 640
+_GRID_MIN_SIDE = 480  # smaller pictures are enlarged to this, so their labels get as many pixels
 _GRID_DPI = 100  # plots.py saves at this dpi: figure inches * 100 = PNG pixels
 _GAP = 12  # pixels between and around the grid's columns
 _TITLE = 30  # pixels above each row for its titles
@@ -210,7 +214,7 @@ def plot_detection_grid(
         spread evenly over them. images: the pictures, one per record (PIL images or paths);
         None reads ``record.path``. Boxes are in pixels of the image as displayed
         (``record.size`` / ``result.image_size``; else the image's own size); each picture is
-        shrunk to at most 480 px and the boxes with it.
+        scaled to 480-640 px on its longer side and the boxes with it, so labels stay readable.
     threshold: the score a detection needs to be drawn (default: each result's own).
     """
     if len(records) != len(results):
