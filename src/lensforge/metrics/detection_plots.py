@@ -27,11 +27,11 @@ from lensforge.runtime.draw import class_color, draw_detections, fit_within
 from lensforge.runtime.results import DetectionResult
 
 # Longer side of each thumbnail in the image grid, in pixels. Labels are drawn at the thumbnail's
-# size (draw.py's font grows with the picture: 12 px up to ~430 px, 15 px at 640), and at 480 the
-# 32 labels of a chess photo were 12-px text packed between boxes; 640 gives 15-px text, and the
-# grid, two thumbnails per row, stays ~1300 px wide.
+# size (draw.py's font: 12 px until a 3:2 picture is ~550 px wide, 15 px at 640), and at 480 the
+# 32 labels of a 2048x1371 chess photo were 12-px text crammed between 33-px boxes; 640 gives
+# 15-px text, and the grid, two thumbnails per row, stays ~1300 px wide.
 _GRID_SIDE = 640
-_GRID_MIN_SIDE = 480  # smaller pictures are enlarged to this, so their labels get as many pixels
+_GRID_MIN_SIDE = 480  # smaller pictures are enlarged to this: boxes get wider, the 12-px labels less cramped
 _GRID_DPI = 100  # plots.py saves at this dpi: figure inches * 100 = PNG pixels
 _GAP = 12  # pixels between and around the grid's columns
 _TITLE = 30  # pixels above each row for its titles
