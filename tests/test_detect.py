@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -325,3 +326,33 @@ def test_cli_evaluate_prints_the_detection_report(detect_bundle: Path, detect_di
     out = capsys.readouterr().out
     for word in ("AP@[.50:.95]", "AP50", "AR@100", "precision", "F2", "circle", "square", "triangle"):
         assert word in out, word
+
+
+def test_cli_predict_detection_filters(detect_bundle: Path, detect_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = sorted((detect_dir / "test").glob("*.jpg"))[:3]
+    assert main(["predict", str(detect_bundle), *map(str, images), "--json", "--conf", "0", "--max-det", "1"]) == 0
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(docs) == 3 and all(len(d["detections"]) <= 1 for d in docs) and all(d["threshold"] == 0 for d in docs)
+    assert any(d["detections"] for d in docs)  # at conf 0 the model's own floor keeps something
+    assert main(["predict", str(detect_bundle), *map(str, images), "--json", "--conf", "0", "--classes", "circle"]) == 0
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {d["label"] for doc in docs for d in doc["detections"]} <= {"circle"}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--classes", "horse"], "unknown class 'horse'"),
+    (["--conf", "1.5"], "between 0 and 1"),
+])
+def test_cli_predict_detection_filters_refuse_bad_values(detect_bundle: Path, detect_dir: Path, argv: list[str], message: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    image = sorted((detect_dir / "test").glob("*.jpg"))[0]
+    with contextlib.suppress(SystemExit):
+        assert main(["predict", str(detect_bundle), str(image), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_predict_detection_filters_need_a_detector(shapes_bundle: Path, shapes_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    image = next(shapes_dir.rglob("*.jpg"))
+    assert main(["predict", str(shapes_bundle), str(image), "--max-det", "2"]) == 2
+    assert "--max-det filter detections" in capsys.readouterr().err

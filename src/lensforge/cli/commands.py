@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lensforge.cli import render
 from lensforge.cli.console import ConsoleReporter, console
 from lensforge.errors import ConfigError, DataError
+from lensforge.runtime.results import DetectionResult
 
 EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve", "all")
 
@@ -129,6 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lensforge.runtime.draw import save_annotated
 
     predictor = make_predictor(args, args.bundle)
+    keep = detection_filter(args, predictor)
     paths = list_images(args.inputs)
     if not paths:
         raise DataError(f"no images found in {', '.join(args.inputs)}")
@@ -158,6 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     failed += 1
                     doc = {"path": str(src), "error": str(res)}
                 else:
+                    res = keep(res)
                     doc = {"path": str(src), **(res.to_dict() if predictor.detector else res.to_dict(k=args.top))}
                     if annotate_dir:
                         doc["annotated"] = str(save_annotated(src, res, annotate_dir, taken=taken))
@@ -172,6 +177,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                  seconds=time.perf_counter() - t0, failed=failed, annotate_dir=annotate_dir,
                                  console=console)
     return 1 if failed and failed == len(rows) else 0
+
+
+DETECTION_OPTIONS = ("conf", "iou", "classes", "max_det", "agnostic_nms")
+
+
+def detection_filter(args: argparse.Namespace, predictor: Any) -> Callable[[Any], Any]:
+    """``--conf --iou --classes --max-det --agnostic-nms`` as one function result → result
+    (identity when none is given; the bundle's tuned threshold is the default ``--conf``).
+    Bad values are one ConfigError before any image is read."""
+    given = {k: getattr(args, k, None) for k in DETECTION_OPTIONS}
+    if not any(v not in (None, False) for v in given.values()):
+        return lambda res: res
+    if not predictor.detector:
+        names = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v not in (None, False))
+        raise ConfigError(f"{names} filter detections; {args.bundle} holds a {predictor.task} model")
+    classes = [c.strip() for c in given["classes"].split(",") if c.strip()] if given["classes"] else None
+
+    def keep(res: Any) -> Any:
+        return res.filtered(conf=given["conf"], iou=given["iou"], classes=classes, max_det=given["max_det"],
+                            agnostic=bool(given["agnostic_nms"]))
+
+    try:  # check the values once (unknown class, conf out of range) on an empty result
+        keep(DetectionResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                             predictor.classes, predictor.score_threshold))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return keep
 
 
 # -- export, bench, serve, demo ---------------------------------------------------------------

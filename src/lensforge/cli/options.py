@@ -71,6 +71,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     """"1,8,32" → [1, 8, 32], each at least 1."""
     return [positive_int(part) for part in text.split(",") if part.strip()]
@@ -293,8 +300,21 @@ def add_predict(sub: Any) -> None:
     pr.add_argument("--annotate", metavar="DIR",
                     help="also write each image with its result drawn on it to DIR (<stem>.jpg; inputs are never overwritten)")
     add_runtime_options(pr)
+    add_detection_options(pr)
     pr.add_argument("--show", type=positive_int, default=20, help="rows in the console table (default 20)")
     pr.set_defaults(func=commands.cmd_predict)
+
+
+def add_detection_options(p: argparse.ArgumentParser) -> None:
+    """Which detections to keep (detector bundles only); defaults: the bundle's tuned threshold, all classes."""
+    g = p.add_argument_group("detections (detector bundles)")
+    g.add_argument("--conf", type=unit_float, metavar="SCORE",
+                   help="keep boxes scoring at least this (default: the threshold tuned for F-beta on validation)")
+    g.add_argument("--iou", type=unit_float, metavar="IOU",
+                   help="extra non-maximum suppression: drop a box overlapping a better one of its class by more than this")
+    g.add_argument("--agnostic-nms", action="store_true", help="with --iou: suppress across classes, not per class")
+    g.add_argument("--classes", metavar="NAMES", help="comma-separated class names (or ids) to keep, e.g. dog,cat")
+    g.add_argument("--max-det", type=positive_int, metavar="N", help="keep at most the N best boxes per image")
 
 
 SUBCOMMANDS = (add_demo, add_data, add_train, add_evaluate, add_export, add_bench, add_serve, add_predict)
