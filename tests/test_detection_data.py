@@ -632,7 +632,9 @@ def test_inspect_plain_coco_and_yolo(
     path = build(tmp_path / "d", make_image)
     code, out, err = run_cli(["data", "inspect", path], capsys)
     assert code == 0, err
-    assert "Images / boxes per class" in out and "no problems" in out
+    assert "Images / boxes per class" in out
+    # these tiny sets have a class with one box: the one problem, said plainly (issue 12)
+    assert "1 problem: class '" in out and "' has only 1 box" in out and "a model cannot learn it" in out
 
 
 def test_inspect_bad_detection_data_exits_2_with_one_line(

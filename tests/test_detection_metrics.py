@@ -376,7 +376,10 @@ def test_detection_metrics_is_json_ready_and_consistent() -> None:
         assert sum(r[key] for r in rows) == m["at_threshold"][key]
     for r in rows:
         assert r["support"] == r["tp"] + r["fn"]
-        assert r["precision"] == pytest.approx(r["tp"] / (r["tp"] + r["fp"]) if r["tp"] + r["fp"] else 0.0)
+        if r["support"] == 0:  # no ground truth of this class here: n/a, not 0.000
+            assert r["precision"] is r["recall"] is r["fbeta"] is None
+        else:
+            assert r["precision"] == pytest.approx(r["tp"] / (r["tp"] + r["fp"]) if r["tp"] + r["fp"] else 0.0)
         assert r["ap"] == m["per_class_ap"][r["class"]] and r["ap50"] == m["per_class_ap50"][r["class"]]
     assert m["best"]["threshold"] in m["fbeta_curve"]["thresholds"]
 
@@ -391,7 +394,8 @@ def test_detection_metrics_per_class_by_hand() -> None:
     assert (rows["car"]["tp"], rows["car"]["fp"], rows["car"]["fn"]) == (0, 1, 2)
     assert rows["person"]["precision"] == 0.5 and rows["person"]["recall"] == 1.0
     assert rows["person"]["fbeta"] == pytest.approx(2 / 3)
-    assert rows["dog"] == {"class": "dog", "support": 0, "precision": 0.0, "recall": 0.0, "fbeta": 0.0,
+    # no dog in the ground truth: precision, recall, F-beta and AP are n/a (None), not 0.0
+    assert rows["dog"] == {"class": "dog", "support": 0, "precision": None, "recall": None, "fbeta": None,
                            "tp": 0, "fp": 0, "fn": 0, "ap": None, "ap50": None}
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from lensforge.cli.render import print_inspection
 from lensforge.data.formats import read_dataset
-from lensforge.data.inspect import inspect_dataset
+from lensforge.data.inspect import RARE_CLASS, inspect_dataset
 from lensforge.data.records import Dataset, Record
 from lensforge.data.split import split_records
 
@@ -97,16 +97,17 @@ def test_inspect_finds_every_problem(messy: Path) -> None:
 
 def test_clean_dataset_is_ok(tmp_path: Path, make_image: MakeImage) -> None:
     for cls in ("cats", "dogs"):
-        for i in range(3):
+        for i in range(RARE_CLASS):  # as few as a class may have without being a problem
             make_image(tmp_path / cls / f"{i}.png", size=SIZE)
     ds = read_dataset(tmp_path)
-    report = inspect_dataset(ds, splits=split_records(ds, test=0.34, val=0.0), verify=False)
-    assert report["verdict"] == "OK: 2 classes, 6 images, no problems"
+    report = inspect_dataset(ds, splits=split_records(ds, test=0.2, val=0.0), verify=False)
+    assert report["verdict"] == "OK: 2 classes, 10 images, no problems"
     assert report["splits"] == ["train", "test"]
-    assert report["counts"]["per_split"] == {"train": 4, "test": 2}
+    assert report["counts"]["per_split"] == {"train": 8, "test": 2}
     assert report["imbalance_ratio"] == 1.0
-    assert report["file_formats"] == {"PNG": 6}
-    assert "OK: 2 classes, 6 images, no problems" in _render(report)
+    assert report["file_formats"] == {"PNG": 10}
+    assert report["rare_classes"] == {} and report["advice"] == []
+    assert "OK: 2 classes, 10 images, no problems" in _render(report)
 
 
 def test_imbalance_missing_class_and_skipped(tmp_path: Path, make_image: MakeImage) -> None:
@@ -118,6 +119,7 @@ def test_imbalance_missing_class_and_skipped(tmp_path: Path, make_image: MakeIma
     assert report["imbalance_ratio"] == 11.0
     assert report["issues"] == [
         "1 entry skipped by the reader",
+        "class 'rare' has only 1 image",
         "class imbalance 11.0:1 (common 11 vs rare 1)",
         "test split has no images of: rare",
     ]
@@ -143,6 +145,8 @@ def test_multilabel_counts_and_conflicting_duplicates(
     assert report["issues"] == [
         "1 group of identical files",
         "1 duplicate group with different labels",
+        "class 'x' has only 2 images",
+        "class 'y' has only 2 images",
     ]
     assert "(no label)" in _render(report)
 
@@ -236,3 +240,49 @@ def test_train_refuses_data_outside_its_folder(
     assert "first: ../home/p0.png, ../home/p1.png, ../home/p2.png, ...)" in err
     assert "--allow-outside-root" in err and "Traceback" not in err
     assert TrainConfig(data=str(data), allow_outside_root=True).validate().allow_outside_root is True
+
+
+# -- rare classes and what training will do with the data (issue 12) ---------------------------
+
+
+def _coco_with_a_one_box_class(root: Path, make_image: MakeImage) -> Path:
+    """A Roboflow-style COCO file: 'pawn' on six images, 'black-king' on one box only."""
+    images, annotations = [], []
+    for i in range(6):
+        make_image(root / f"{i}.jpg", size=(64, 64))
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64})
+        annotations.append({"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0})
+    annotations.append({"id": 99, "image_id": 0, "category_id": 2, "bbox": [30, 30, 20, 20], "area": 400, "iscrowd": 0})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "pawn"}, {"id": 2, "name": "black-king"}]}
+    (root / "annotations.json").write_text(json.dumps(coco))
+    return root / "annotations.json"
+
+
+def test_a_class_with_one_box_is_said_plainly_with_advice(tmp_path: Path, make_image: MakeImage) -> None:
+    report = inspect_dataset(read_dataset(_coco_with_a_one_box_class(tmp_path, make_image)), verify=False)
+    assert report["rare_classes"] == {"black-king": 1}
+    assert "class 'black-king' has only 1 box" in report["issues"]
+    assert report["advice"] == [
+        "class 'black-king' has 1 box: a model cannot learn it from so few; drop or merge it "
+        "(e.g. remove it from the annotations, or relabel its boxes as a related class)"
+    ]
+    text = " ".join(_render(report).split())
+    assert "class 'black-king' has 1 box: a model cannot learn it from so few; drop or merge it" in text
+    assert "class 'black-king' has only 1 box" in report["verdict"]
+
+
+@pytest.mark.parametrize(("splits", "says"), [(("train", "test"), True), (("train", "val"), False), (("train", "val", "test"), False)])
+def test_pre_split_data_without_val_says_training_takes_it_from_train(
+    tmp_path: Path, make_image: MakeImage, splits: tuple[str, ...], says: bool
+) -> None:
+    for split in splits:
+        for cls in ("ants", "bees"):
+            for i in range(3):
+                make_image(tmp_path / split / cls / f"{i}.jpg", size=SIZE)
+    report = inspect_dataset(read_dataset(tmp_path), verify=False)
+    note = ("no val split: training will take 20% of train for validation "
+            "(lensforge train --split TEST,VAL changes it; with pre-split data only VAL is used)")
+    assert (note in report["advice"]) is says
+    assert (note in " ".join(_render(report).split())) is says
+    assert report["verdict"].startswith("OK")  # a fact about training, not a problem of the data

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -35,6 +36,27 @@ REPORT_ALL_UP_TO = 15
 REPORT_WORST = 10
 REPORT_BEST = 5
 SUMMARY_METRICS = ("f1_macro", "f1_micro", "exact_match", "map50")  # beside the headline, where a task has them
+
+
+# Names (classes, formats, paths) are never cut to "black-k…": their columns fold a word that does
+# not fit onto the next line, numbers and headers never wrap, and a table too wide for the
+# console is drawn in a taller, narrower layout instead (bench, detection counts).
+
+
+def _name_column(table: Table, header: str, **kwargs: Any) -> None:
+    """A column of names: folded, never ellipsised."""
+    table.add_column(header, overflow="fold", **kwargs)
+
+
+def _number_column(table: Table, header: str, **kwargs: Any) -> None:
+    """A column of numbers: right-aligned, never wrapped (its header stays on one line too)."""
+    table.add_column(header, justify="right", no_wrap=True, **kwargs)
+
+
+def _fits(table: Table, console: Console) -> bool:
+    """Whether ``table`` draws at its natural width, every cell on one line, on ``console``."""
+    unbounded = console.options.update_width(1_000_000)  # measured against the console's width, it would always fit
+    return Measurement.get(console, unbounded, table).maximum <= console.options.max_width
 
 
 def _fmt(value: Any) -> str:
@@ -67,7 +89,7 @@ def print_metrics(metrics: Metrics, console: Console | None = None) -> None:
 def _summary_table(metrics: ClassificationMetrics | MultilabelMetrics, task: str) -> Table:
     table = Table(title="Overall", show_header=False, title_justify="left")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    _number_column(table, "value")
     rows: list[tuple[str, Any]]
     if task == "classify":
         m: Any = metrics
@@ -105,7 +127,7 @@ def _per_class_table(metrics: ClassificationMetrics | MultilabelMetrics, task: s
     table = Table(title=f"Per {one} (worst F1 first)", title_justify="left")
     for c in columns:
         header = one if c == "class" else c.upper() if c in ("f1", "ap") else c
-        table.add_column(header, justify="left" if c == "class" else "right")
+        (_name_column if c == "class" else _number_column)(table, header)
     if len(order) > REPORT_ALL_UP_TO:
         hidden = len(order) - REPORT_WORST - REPORT_BEST
         shown: list[dict[str, Any] | None] = [*order[:REPORT_WORST], None, *order[-REPORT_BEST:]]
@@ -159,9 +181,9 @@ def print_detection(m: DetectionMetrics, console: Console | None = None) -> None
     out.print(f"  at score ≥ {m.threshold:.3f} (IoU 0.5): precision {_fmt(at.get('precision'))}  "
               f"recall {_fmt(at.get('recall'))}  F{m.beta:g} {_fmt(at.get('fbeta'))}")
     if m.per_class:
-        t = Table(title="Per class (IoU 0.5 at the threshold)", title_justify="left")
+        t = Table(title="Per class (IoU 0.5 at the threshold; n/a: no box of the class here)", title_justify="left")
         for col in ("class", "boxes", "AP", "AP50", "precision", "recall", f"F{m.beta:g}"):
-            t.add_column(col, justify="left" if col == "class" else "right")
+            (_name_column if col == "class" else _number_column)(t, col)
         for r in m.per_class:
             t.add_row(escape(r["class"]), str(r["support"]), _fmt(r["ap"]), _fmt(r["ap50"]), _fmt(r["precision"]),
                       _fmt(r["recall"]), _fmt(r["fbeta"]))
@@ -198,9 +220,10 @@ def print_predictions(rows: list[dict[str, Any]], *, detector: bool, top: int, s
     """``lensforge predict``'s table: the first ``show`` rows (each the JSON line of one image)."""
     out = console or default_console
     t = Table(show_lines=False)
-    t.add_column("image", overflow="fold")
-    t.add_column("objects found" if detector else "prediction")
-    t.add_column(f"best {top}" if detector else f"top {top}", overflow="fold")
+    _name_column(t, "image")
+    header = "objects found" if detector else "prediction"
+    _name_column(t, header, min_width=len(header))  # never "objects\nfound"
+    _name_column(t, f"best {top}" if detector else f"top {top}")
     for doc in rows[:show]:
         if "error" in doc:
             t.add_row(escape(doc["path"]), "[red]error[/]", escape(doc["error"]))
@@ -257,35 +280,69 @@ def print_parity(report: ParityReport, console: Console | None = None) -> None:
 def print_bench(report: BenchReport, console: Console | None = None) -> None:
     """``lensforge bench``'s table: one line per format × batch × threads (model-only and
     end-to-end images/s and batch latency p50/p99 in ms, the format's accuracy), then the
-    recommendation."""
+    recommendation. On a console too narrow for that (80 columns), each format's accuracy in a
+    table of its own and one line per format × batch × threads × mode, so no format name or
+    header is cut."""
+    out = console or default_console
+    table = _bench_table(report, wide=True)
+    if _fits(table, out):
+        out.print(table)
+    else:
+        out.print(_bench_accuracy(report))
+        out.print(_bench_table(report, wide=False))
+    out.print(f"[dim]e2e: {escape(report.images)}; latencies are per batch; Δ pt: {escape(report.metric)} vs fp32[/]")
+    for note in report.notes:
+        out.print(f"[dim]{escape(note)}[/]")
+    out.print(f"[bold]Recommended:[/] {escape(report.recommendation)}")
+
+
+def _bench_accuracy(report: BenchReport) -> Table:
+    """Each format's accuracy and its difference to fp32 (the same on every row of a format)."""
     from lensforge.export.bench import signed_points
 
-    out = console or default_console
+    table = Table(title="Accuracy of each format", title_justify="left")
+    _name_column(table, "format")
+    _number_column(table, f"{report.metric} %")
+    _number_column(table, "Δ pt")
+    for fmt in report.formats:
+        r = next(r for r in report.rows if r.format == fmt)
+        table.add_row(escape(fmt), "—" if r.accuracy is None else f"{r.accuracy:.1f}",
+                      "—" if r.accuracy_delta is None else signed_points(r.accuracy_delta))
+    return table
+
+
+def _bench_table(report: BenchReport, wide: bool) -> Table:
+    """wide: model and e2e side by side, with the accuracy (9 columns); else a ``mode`` column,
+    a row per mode and no accuracy (:func:`_bench_accuracy` has it)."""
+    from lensforge.export.bench import MODES, signed_points
+
     table = Table(title=escape(f"lensforge bench — {report.machine}"), title_justify="left")
-    for name in ("format", "batch", "threads"):
-        table.add_column(name, justify="left" if name == "format" else "right")
-    for name in ("model img/s", "model p50/p99 ms", "e2e img/s", "e2e p50/p99 ms", f"{report.metric} %", "Δ pt"):
-        table.add_column(name, justify="right")
+    _name_column(table, "format")
+    _number_column(table, "batch")
+    _number_column(table, "threads")
+    measured = ["model img/s", "model p50/p99 ms", "e2e img/s", "e2e p50/p99 ms", f"{report.metric} %", "Δ pt"]
+    if not wide:
+        table.add_column("mode", no_wrap=True)
+    for name in measured if wide else ["img/s", "p50/p99 ms"]:
+        _number_column(table, name)
     keys = list(dict.fromkeys((r.threads, r.batch) for r in report.rows))
     for i, (t, n) in enumerate(keys):
         if i:
             table.add_section()
         for fmt in report.formats:
-            model, e2e = report.row(fmt, n, t, "model"), report.row(fmt, n, t, "e2e")
-            if model is None or e2e is None:
+            rows = [report.row(fmt, n, t, mode) for mode in MODES]
+            cells = [(f"{r.img_s:,.1f}", f"{r.batch_p50_ms:.1f} / {r.batch_p99_ms:.1f}") for r in rows if r is not None]
+            if len(cells) < len(MODES):
                 continue
-            acc = "—" if model.accuracy is None else f"{model.accuracy:.1f}"
-            delta = "—" if model.accuracy_delta is None else signed_points(model.accuracy_delta)
-            table.add_row(
-                escape(fmt), str(n), str(t),
-                f"{model.img_s:,.1f}", f"{model.batch_p50_ms:.1f} / {model.batch_p99_ms:.1f}",
-                f"{e2e.img_s:,.1f}", f"{e2e.batch_p50_ms:.1f} / {e2e.batch_p99_ms:.1f}", acc, delta,
-            )
-    out.print(table)
-    out.print(f"[dim]e2e: {escape(report.images)}; latencies are per batch; Δ pt: {escape(report.metric)} vs fp32[/]")
-    for note in report.notes:
-        out.print(f"[dim]{escape(note)}[/]")
-    out.print(f"[bold]Recommended:[/] {escape(report.recommendation)}")
+            if wide:
+                acc, delta = rows[0].accuracy, rows[0].accuracy_delta  # type: ignore[union-attr]
+                table.add_row(escape(fmt), str(n), str(t), *(c for pair in cells for c in pair),
+                              "—" if acc is None else f"{acc:.1f}", "—" if delta is None else signed_points(delta))
+            else:
+                for j, (mode, (speed, latency)) in enumerate(zip(MODES, cells)):
+                    # the format, batch and threads once: the mode rows below belong to them
+                    table.add_row(*(("", "", "") if j else (escape(fmt), str(n), str(t))), mode, speed, latency)
+    return table
 
 
 # -- data inspect -----------------------------------------------------------------------------
@@ -304,6 +361,8 @@ def print_inspection(report: dict[str, Any], console: Console | None = None) -> 
     """An :func:`~lensforge.data.inspect.inspect_dataset` report as rich tables, ending with the verdict."""
     console = console or default_console
     head = Table.grid(padding=(0, 2))
+    head.add_column(no_wrap=True)
+    head.add_column(overflow="fold")  # a long dataset path folds rather than losing its end
     head.add_row("[bold]dataset[/]", escape(report["root"]))
     head.add_row("[bold]format[/]", f"{report['format']}  (task {report['task']})")
     head.add_row("[bold]images[/]", str(report["total_images"]))
@@ -326,10 +385,10 @@ def print_inspection(report: dict[str, Any], console: Console | None = None) -> 
 def _print_class_table(report: dict[str, Any], console: Console) -> None:
     counts = report["counts"]
     classes = Table(title="Images per class", title_justify="left")
-    classes.add_column("class")
+    _name_column(classes, "class")
     for split in report["splits"]:
-        classes.add_column(split, justify="right")
-    classes.add_column("total", justify="right")
+        _number_column(classes, split)
+    _number_column(classes, "total")
     for name, n in counts["per_class"].items():
         row = [str(counts["table"][name][s]) for s in report["splits"]]
         classes.add_row(escape(name), *row, str(n))
@@ -346,18 +405,9 @@ def _print_class_table(report: dict[str, Any], console: Console) -> None:
 
 def _print_inspected_detection(report: dict[str, Any], console: Console) -> None:
     det = report["detection"]
-    columns = [*report["splits"], "total"]
-    table = Table(title="Images / boxes per class", title_justify="left")
-    table.add_column("class")
-    for col in columns:
-        table.add_column(f"{col}\nimages", justify="right")
-        table.add_column(f"{col}\nboxes", justify="right")
-    for name, row in det["table"].items():
-        cells = [str(row[c][k]) for c in columns for k in ("images", "boxes")]
-        table.add_row(escape(name), *cells)
-    totals = report["split_totals"]  # the JSON's per-split totals, row for row
-    table.add_row("[dim]no boxes[/]", *[x for c in columns for x in (str(totals[c]["empty_images"]), "")])
-    table.add_row("[bold]all[/]", *[str(totals[c][k]) for c in columns for k in ("images", "boxes")])
+    table = _detection_counts(report, wide=True)
+    if not _fits(table, console):
+        table = _detection_counts(report, wide=False)
     console.print(table)
     spread = det["boxes_per_image"]
     if spread:
@@ -378,6 +428,36 @@ def _print_inspected_detection(report: dict[str, Any], console: Console) -> None
         console.print(notes)
 
 
+def _detection_counts(report: dict[str, Any], wide: bool) -> Table:
+    """Images and boxes per class and split. wide: a column pair per split (images, boxes);
+    else one row per class and split under four columns, for narrow consoles."""
+    det, totals = report["detection"], report["split_totals"]  # split_totals: the JSON's, row for row
+    columns = [*report["splits"], "total"]
+    table = Table(title="Images / boxes per class", title_justify="left")
+    _name_column(table, "class")
+    if wide:
+        for col in columns:
+            _number_column(table, f"{col}\nimages")
+            _number_column(table, f"{col}\nboxes")
+        for name, row in det["table"].items():
+            table.add_row(escape(name), *[str(row[c][k]) for c in columns for k in ("images", "boxes")])
+        table.add_row("[dim]no boxes[/]", *[x for c in columns for x in (str(totals[c]["empty_images"]), "")])
+        table.add_row("[bold]all[/]", *[str(totals[c][k]) for c in columns for k in ("images", "boxes")])
+        return table
+    for header in ("split", "images", "boxes"):
+        (_name_column if header == "split" else _number_column)(table, header)
+    groups = [(escape(name), {c: (str(row[c]["images"]), str(row[c]["boxes"])) for c in columns})
+              for name, row in det["table"].items()]
+    groups.append(("[dim]no boxes[/]", {c: (str(totals[c]["empty_images"]), "") for c in columns}))
+    groups.append(("[bold]all[/]", {c: (str(totals[c]["images"]), str(totals[c]["boxes"])) for c in columns}))
+    for i, (name, cells) in enumerate(groups):
+        if i:
+            table.add_section()
+        for j, col in enumerate(columns):
+            table.add_row(name if j == 0 else "", col, *cells[col])
+    return table
+
+
 def _print_sizes_and_problems(report: dict[str, Any], console: Console) -> None:
     sizes = report["image_sizes"]
     if sizes:
@@ -393,8 +473,8 @@ def _print_sizes_and_problems(report: dict[str, Any], console: Console) -> None:
 
     problems = Table(title="Problems", title_justify="left")
     problems.add_column("problem")
-    problems.add_column("count", justify="right")
-    problems.add_column("examples")
+    _number_column(problems, "count")
+    _name_column(problems, "examples")
     dup = report["duplicates"]
     rows = [
         ("unreadable / truncated", report["unreadable"]["count"], report["unreadable"]["examples"]),
@@ -435,13 +515,15 @@ def _print_sizes_and_problems(report: dict[str, Any], console: Console) -> None:
 
     notes = Table(title="Odd images (decoded to RGB, worth a look)", title_justify="left")
     notes.add_column("kind")
-    notes.add_column("count", justify="right")
-    notes.add_column("examples")
+    _number_column(notes, "count")
+    _name_column(notes, "examples")
     for kind, entry in report["odd_images"].items():
         if entry["count"]:
             notes.add_row(ODD_KINDS[kind], str(entry["count"]), _examples(entry["examples"]))
     if notes.row_count:
         console.print(notes)
 
+    for line in report.get("advice", []):  # what to do about a rare class; what training will do
+        console.print(f"[bold cyan]›[/] {escape(line)}")
     style = "green" if not report["issues"] else "yellow"
     console.print(f"[bold {style}]{escape(report['verdict'])}[/]")

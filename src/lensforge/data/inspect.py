@@ -7,7 +7,9 @@ dict; the CLI renders it (``lensforge.cli.render.print_inspection``).
 
 Problems (they count in the verdict): unreadable files, exact duplicates (and duplicates
 that cross splits = leakage, or carry different labels), entries the reader skipped, classes
-missing from a split or with no images, and strong class imbalance. Odd images (grayscale,
+missing from a split or with no images, classes with fewer than :data:`RARE_CLASS` images (boxes
+for detection), and strong class imbalance. ``advice`` says what to do about a rare class and
+what training will do with pre-split data that has no val split. Odd images (grayscale,
 CMYK, 16-bit, palette, alpha, EXIF-rotated, tiny, animated) are notes: lensforge decodes
 them all to RGB, but they are worth knowing about.
 
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lensforge.config import TrainConfig  # the val fraction training takes from train (a dataclass, no torch)
 from lensforge.data.image import ImageInfo, probe_image
 from lensforge.data.records import SPLITS, Dataset, Record
 from lensforge.errors import ImageError
@@ -41,6 +44,10 @@ from lensforge.errors import ImageError
 MAX_EXAMPLES = 10
 TINY_SIDE = 32  # shorter side below this many pixels is "tiny"
 IMBALANCE_WARN = 10.0  # max/min class count at or above this is reported as a problem
+# A class with fewer boxes (detection) or images than this is a problem of its own: it cannot be in
+# train, val and test at once, and a few examples teach a model nothing (a Roboflow export with a
+# one-box class is common). Spelled out with advice, not only folded into the imbalance ratio.
+RARE_CLASS = 5
 # Upper bounds (exclusive) of the shorter-side buckets; the last bucket is open-ended.
 SIZE_BUCKETS = (32, 64, 128, 256, 512, 1024)
 # COCO's object-size buckets by box area in px: small < 32², medium < 96², large the rest.
@@ -152,7 +159,8 @@ def inspect_dataset(
 
     Keys: format, task, root, classes, total_images, splits, counts {per_class, per_split,
     table, no_label}, imbalance_ratio, image_sizes, file_formats, unreadable, duplicates,
-    odd_images, skipped, outside_root {count, examples, allowed}, issues (list of one-line
+    odd_images, skipped, outside_root {count, examples, allowed}, rare_classes {class: count}
+    (fewer than :data:`RARE_CLASS`), advice (one-line suggestions), issues (list of one-line
     problems) and verdict (one line). For detection, counts are of boxes (not images), there
     is a ``detection`` key as well (:func:`_detection`) and ``split_totals`` {split or
     "total": {images, boxes, empty_images}}: the bottom rows of the console table.
@@ -233,6 +241,8 @@ def inspect_dataset(
     if ds.task == "detect":
         report["detection"] = _detection(ds, records, membership, split_names, info_of)
         report["split_totals"] = report["detection"].pop("split_totals")
+    report["rare_classes"] = {c: n for c, n in per_class.items() if 0 < n < RARE_CLASS}
+    report["advice"] = _advice(report, presplit=ds.presplit and splits is None)
     report["issues"] = _issues(report)
     report["verdict"] = _verdict(report)
     return report
@@ -389,6 +399,9 @@ def _issues(report: dict[str, Any]) -> list[str]:
     unit = "boxes" if report["task"] == "detect" else "images"
     if empty:
         issues.append(f"classes with no {unit}: {', '.join(empty)}")
+    one = "box" if report["task"] == "detect" else "image"
+    for name, n in report["rare_classes"].items():  # the advice says what to do about each
+        issues.append(f"class {name!r} has only {_plural(n, one, unit)}")
     ratio = report["imbalance_ratio"]
     if ratio is not None and ratio >= IMBALANCE_WARN:
         per_class = counts["per_class"]
@@ -407,6 +420,22 @@ def _issues(report: dict[str, Any]) -> list[str]:
         n = det["size_mismatch"]["count"]
         issues.append(f"{_plural(n, 'image')} whose annotated size differs from the file")
     return issues
+
+
+def _advice(report: dict[str, Any], presplit: bool) -> list[str]:
+    """What to do about what was found, and what training will do with this data, one line each."""
+    unit, units = ("box", "boxes") if report["task"] == "detect" else ("image", "images")
+    advice = [
+        f"class {name!r} has {_plural(n, unit, units)}: a model cannot learn it from so few; drop or merge it "
+        f"(e.g. remove it from the annotations, or relabel its {units} as a related class)"
+        for name, n in report["rare_classes"].items()
+    ]
+    if presplit and "train" in report["splits"] and "val" not in report["splits"]:
+        advice.append(
+            f"no val split: training will take {TrainConfig.val_fraction:.0%} of train for validation "
+            "(lensforge train --split TEST,VAL changes it; with pre-split data only VAL is used)"
+        )
+    return advice
 
 
 def _verdict(report: dict[str, Any]) -> str:

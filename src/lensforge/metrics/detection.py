@@ -538,7 +538,8 @@ def detection_metrics(
     ``threshold``), ``best`` (:func:`best_threshold`'s dict on these data);
     ``fbeta_curve`` (:func:`sample_curve` of the F-beta curve); ``per_class``: one row per
     class with ``class``, ``support`` (non-crowd boxes), ``precision``, ``recall``, ``fbeta``,
-    ``tp``, ``fp``, ``fn`` at ``threshold``, ``ap`` and ``ap50``.
+    ``tp``, ``fp``, ``fn`` at ``threshold``, ``ap`` and ``ap50``; precision, recall, F-beta and
+    the APs are None for a class with no ground-truth box here (``support`` 0: "n/a").
     """
     _check_beta_iou(beta, iou)
     names = _check_inputs(records, results, classes)
@@ -565,9 +566,15 @@ def detection_metrics(
     precision = np.divide(tp, tp + fp, out=np.zeros(n), where=tp + fp > 0)
     recall = np.divide(tp, m.n_gt, out=np.zeros(n), where=m.n_gt > 0)
     fb = f_beta(precision, recall, beta)
+
+    def known(values: np.ndarray, k: int) -> float | None:
+        # a class with no ground truth in these images has no recall, and a precision of 0 there
+        # would only say "no true boxes to find" (its false positives are in ``fp``): n/a, not 0.000
+        return float(values[k]) if m.n_gt[k] > 0 else None
+
     out["per_class"] = [
-        {"class": name, "support": int(m.n_gt[k]), "precision": float(precision[k]),
-         "recall": float(recall[k]), "fbeta": float(fb[k]), "tp": int(tp[k]), "fp": int(fp[k]),
+        {"class": name, "support": int(m.n_gt[k]), "precision": known(precision, k),
+         "recall": known(recall, k), "fbeta": known(fb, k), "tp": int(tp[k]), "fp": int(fp[k]),
          "fn": int(m.n_gt[k] - tp[k]), "ap": out["per_class_ap"][name], "ap50": out["per_class_ap50"][name]}
         for k, name in enumerate(names)
     ]
