@@ -20,7 +20,7 @@ import yaml
 from lensforge.data.records import TASKS
 from lensforge.errors import ConfigError
 
-ACTIONS = ("overwrite", "resume")  # flags for one invocation, never saved with a run
+ACTIONS = ("overwrite", "resume", "finish")  # flags for one invocation, never saved with a run
 HEADS = ("linear", "mlp")
 PRECISIONS = ("auto", "32", "bf16")
 # Settings whose good value depends on the task are None here; ``resolve`` fills them from the
@@ -28,7 +28,7 @@ PRECISIONS = ("auto", "32", "bf16")
 _RANGE_HINTS = {
     "lr": "> 0", "weight_decay": ">= 0", "warmup_epochs": ">= 0", "label_smoothing": "in [0, 1)", "dropout": "in [0, 1)",
     "beta": "> 0; 1 = F1, 2 = F2", "workers": ">= 0", "patience": ">= 0, 0 = off", "probe_c": "> 0", "max_parity": "> 0",
-    "max_steps": "-1 for no limit, or >= 1",
+    "max_steps": "-1 for no limit, or >= 1", "threads": ">= 1, or empty for every core",
 }
 
 
@@ -70,12 +70,15 @@ class TrainConfig:
     val_fraction: float = 0.2  # of the rest
     seed: int = 0  # split and training seed
     workers: int = 0  # data-loader processes; 0 decodes in the main process
+    threads: int | None = None  # torch intra-op threads (default: every core this process may use)
     precision: str = "auto"  # auto = bf16 only where the CPU/GPU has it natively
     max_steps: int = -1  # stop after N optimiser steps (smoke tests); -1: no limit
     probe_c: float = 1.0  # inverse regularisation strength of the probe's logistic regression
     max_parity: float = 1e-3  # export fails if ONNX and torch scores differ more than this
     overwrite: bool = False  # replace an existing run directory
     resume: bool = False  # continue the run in --out from its last checkpoint
+    finish: bool = False  # write the bundle of the run in --out from its best checkpoint so far (else its last),
+    # without training further: what an interrupted run leaves usable
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def validate(self) -> "TrainConfig":
@@ -107,6 +110,7 @@ class TrainConfig:
             "beta": self.beta is None or self.beta > 0,
             "workers": self.workers >= 0, "patience": self.patience >= 0, "probe_c": self.probe_c > 0,
             "max_parity": self.max_parity > 0, "max_steps": self.max_steps == -1 or self.max_steps > 0,
+            "threads": self.threads is None or self.threads >= 1,
         }
         for name, ok in ranges.items():
             if not ok:

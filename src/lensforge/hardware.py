@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -70,3 +71,76 @@ def describe() -> str:
         "AVX2" if "avx2" in cpu_flags() else platform.machine()
     )
     return f"{cpu_model()} | {cpu_count()} threads | {simd}, native bf16: {has_native_bf16()}, int8 dot: {has_int8_dot()}"
+
+
+# -- is other work competing for the cores? ---------------------------------------------------
+# Training on a shared machine runs at a fraction of its usual speed, which looks like a bug
+# unless someone says why; these checks say it, with the numbers.
+
+BUSY_SHARE = 0.9  # the cores count as saturated above this busy fraction
+OTHERS_MIN_CORES = 0.5  # ... and other processes must have used at least this many cores
+
+
+def allowed_cpus() -> int:
+    """CPUs the scheduler may run this process on (the affinity mask; no cgroup quota): the
+    cores :func:`cpu_sample` sums over."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable and waiting tasks, whole system); None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warning(load: float | None, system_cpus: int, threads: int, cores: int) -> str | None:
+    """Why training will be slow before it starts, or None: more threads asked for than this
+    process has cores, or a load average above the system's CPU count (``os.cpu_count()``:
+    the load counts tasks of the whole system, so it is compared with all of its CPUs)."""
+    if threads > cores:
+        return f"{threads} threads on {cores} core(s): training will be slower than with --threads {cores}"
+    if load is not None and load > system_cpus:
+        return (f"load average {load:.1f} on {system_cpus} core(s): other work is competing for the CPUs, "
+                f"training will be slower than usual")
+    return None
+
+
+def cpu_sample() -> tuple[float, float, float | None]:
+    """(wall seconds, this process's CPU seconds, busy CPU seconds of the cores it may run on
+    from /proc/stat, None where unreadable): two samples give each one's share of the cores."""
+    wall, ours = time.perf_counter(), time.process_time()
+    try:
+        allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name in allowed:
+                values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                busy += sum(values) - values[3] - values[4]
+        return wall, ours, busy / tick
+    except (AttributeError, OSError, ValueError):
+        return wall, ours, None
+
+
+def contention_warning(before: tuple[float, float, float | None], after: tuple[float, float, float | None],
+                       threads: int, cores: int, what: str) -> str | None:
+    """Why training is slower than it should be, measured between two :func:`cpu_sample`\\ s,
+    or None: the cores were saturated, other processes used a real share of them, and this
+    process got less than the ``threads`` it asked for. ``what``: the span, for the message."""
+    wall = after[0] - before[0]
+    if wall <= 0 or before[2] is None or after[2] is None:
+        return None
+    ours = (after[1] - before[1]) / wall
+    busy = (after[2] - before[2]) / wall
+    others = max(0.0, busy - ours)
+    wanted = min(threads, cores)
+    if busy >= BUSY_SHARE * cores and others >= OTHERS_MIN_CORES and ours < 0.8 * wanted:
+        return (f"other processes used {others:.1f} of {cores} core(s) during {what} (training got {ours:.1f} of "
+                f"the {wanted} it asked for): training will be slower than usual")
+    return None

@@ -87,13 +87,14 @@ def int_list(text: str) -> list[int]:
 
 # Fields that are not generated: the positional DATA, --split (both fractions in one option),
 # the one-off actions (explicit below) and the free-form notes (YAML only).
-NOT_GENERATED = frozenset({"data", "test_fraction", "val_fraction", "overwrite", "resume", "extra"})
+NOT_GENERATED = frozenset({"data", "test_fraction", "val_fraction", "overwrite", "resume", "finish", "extra"})
 # Values the option accepts, where the annotation (str) says less than the config checks.
 CHOICES = {"task": TASKS, "format": FORMATS, "head": HEADS, "precision": PRECISIONS}
 # Settings argparse refuses before anything runs (usage error, exit 2), as it always has; the
 # others are range-checked by TrainConfig.validate, which says the valid range.
 STRICT_TYPES: dict[str, Callable[[str], Any]] = {
     "image_size": positive_int, "epochs": positive_int, "batch_size": positive_int, "beta": positive_float,
+    "threads": positive_int,
 }
 # How the help names the tasks that share a default.
 TASK_GROUPS = {("classify", "multilabel"): "classifiers", ("detect",): "detectors",
@@ -191,6 +192,13 @@ def add_train(sub: Any) -> None:
                                    f"(default {TrainConfig.test_fraction},{TrainConfig.val_fraction})")
     t.add_argument("--overwrite", action="store_true", help=helps["overwrite"])
     t.add_argument("--resume", action="store_true", help=helps["resume"])
+    t.add_argument("--finish", action="store_true", help=helps["finish"])
+    shown = t.add_mutually_exclusive_group()
+    shown.add_argument("-q", "--quiet", action="store_true",
+                       help="only warnings, errors and the final summary (no progress, no epoch table)")
+    # SUPPRESS: `lensforge -v train ...` (the global flag) must not be reset by this one's default
+    shown.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also the library's and Lightning's log messages")
     t.set_defaults(func=commands.cmd_train, config_fields=fields)
 
 
@@ -238,7 +246,7 @@ def add_export(sub: Any) -> None:
 
 def add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="speed table: formats x batch sizes x threads, with accuracy and a recommendation",
-                       description="Measure BUNDLE (and its -fp16 / -int8 exports beside it) side by side: images/s and "
+                       description="Measure BUNDLE (and the fp16 / int8 exports lensforge export made of it) side by side: images/s and "
                                    "p50/p99 latency, model only and end to end (decode → preprocess → run → result), "
                                    "with each format's accuracy, then recommend the fastest that keeps accuracy.")
     b.add_argument("bundle")
@@ -249,6 +257,9 @@ def add_bench(sub: Any) -> None:
     b.add_argument("--images", action="append", metavar="PATH", help="images or folders for the end-to-end rows "
                                                                       "(default: the bundle's test split)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch eager row")
+    b.add_argument("--no-discover", action="store_true",
+                   help="only the bundles given (default: also BUNDLE's fp16/int8 exports where lensforge export "
+                        "writes them: BUNDLE-fp16, BUNDLE-int8, RUN/exports/fp16, RUN/exports/int8)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=commands.cmd_bench)
 

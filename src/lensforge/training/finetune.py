@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import numpy as np
@@ -18,8 +21,8 @@ from torch import nn
 
 from lensforge.config import TrainConfig
 from lensforge.errors import TrainingInterrupted
-from lensforge.hardware import has_native_bf16
-from lensforge.ui import Reporter
+from lensforge.hardware import allowed_cpus, contention_warning, cpu_sample, has_native_bf16
+from lensforge.ui import LINE_EVERY_FRACTION, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -128,40 +131,83 @@ def quick_metrics(y: np.ndarray, scores: np.ndarray, multilabel: bool) -> dict[s
 
 
 class EpochReport(Callback):
-    """Drives the reporter: a progress bar per training epoch, then ``epoch(row)`` with the
-    epoch's numbers. Lightning calls ``on_train_epoch_end`` after that epoch's validation,
-    so the row holds this epoch's validation metrics."""
+    """Drives the reporter: progress per training epoch (a bar, or a line every 10 % / 30 s
+    where nobody watches a terminal), then ``epoch(row)`` with the epoch's numbers, its speed
+    and the time left. Lightning calls ``on_train_epoch_end`` after that epoch's validation,
+    so the row holds this epoch's validation metrics.
 
-    def __init__(self, reporter: Reporter, monitor: str) -> None:
+    ``batch_size`` and ``dataset_size`` (of the training loader) turn batches into images, so
+    rates are images per second whatever the batch size."""
+
+    def __init__(self, reporter: Reporter, monitor: str, batch_size: int = 1, dataset_size: int = 0,
+                 drop_last: bool = True) -> None:
         self.reporter = reporter
         self.monitor = monitor
+        self.batch_size, self.dataset_size, self.drop_last = max(1, batch_size), dataset_size, drop_last
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self._bar: contextlib.ExitStack | None = None
         self._advance: Callable[[int], None] = lambda n=1: None
+        self._epoch_start = self._train_end = 0.0
+        self._images = self._batches = 0
+        self._epoch_seconds: list[tuple[float, int]] = []  # (wall seconds, batches) of the epochs run here
+
+    def planned_batches(self, trainer: L.Trainer) -> int:
+        """Training batches this epoch will run: the loader's, or fewer where ``max_steps`` ends it."""
+        total = int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else 0
+        if trainer.max_steps > 0:
+            total = min(total, max(0, trainer.max_steps - trainer.global_step))
+        return total
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._bar = contextlib.ExitStack()
-        total = int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else 0
-        self._advance = self._bar.enter_context(
-            self.reporter.track(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", total)
-        )
+        batches = self.planned_batches(trainer)
+        images = batches * self.batch_size
+        if not self.drop_last and self.dataset_size:
+            images = min(images, self.dataset_size)
+        self._advance = self._bar.enter_context(self.reporter.track(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", images, unit="img", every=LINE_EVERY_FRACTION))
+        self._epoch_start = self._train_end = time.perf_counter()
+        self._images = self._batches = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        self._advance(1)
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        n = batch_images(batch, self.batch_size)
+        self._images += n
+        self._batches += 1
+        self._train_end = time.perf_counter()
+        self._advance(n)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        now = time.perf_counter()
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "epochs": trainer.max_epochs, **m}
         cur = m.get(self.monitor)
         row["best"] = cur is not None and (self.best is None or cur > self.best)
         if row["best"]:
             self.best = cur
+        train_s = self._train_end - self._epoch_start
+        row["seconds"] = round(now - self._epoch_start, 3)  # training and validation
+        row["img_per_s"] = round(self._images / train_s, 2) if train_s > 0 else None
         self.history.append(row)
-        self.reporter.epoch(row)
+        self._epoch_seconds.append((now - self._epoch_start, max(1, self._batches)))
+        self.reporter.epoch({**row, "eta_s": self.eta(trainer)})
+
+    def eta(self, trainer: L.Trainer) -> float | None:
+        """Seconds the remaining epochs take at this run's pace (validation included), capped by
+        ``max_steps``; an upper bound where early stopping ends the run sooner; None after the last."""
+        seconds = sum(s for s, _ in self._epoch_seconds)
+        batches = sum(b for _, b in self._epoch_seconds)
+        per_epoch = int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else 0
+        if not batches or not per_epoch:
+            return None
+        remaining = (trainer.max_epochs - trainer.current_epoch - 1) * per_epoch
+        if trainer.max_steps > 0:
+            remaining = min(remaining, max(0, trainer.max_steps - trainer.global_step))
+        return remaining * seconds / batches if remaining else None  # None: nothing left to estimate
 
     # saved in checkpoints, so a resumed run keeps the epochs before the interruption
     def state_dict(self) -> dict[str, Any]:
@@ -171,9 +217,54 @@ class EpochReport(Callback):
         self.history = list(state.get("history", []))
         self.best = state.get("best")
 
+    @classmethod
+    def history_in(cls, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+        """The epochs a Lightning checkpoint (as ``torch.load`` returns it) records: what
+        :meth:`state_dict` saved under this callback's state key; [] if none."""
+        state = checkpoint.get("callbacks", {}).get(cls.__qualname__, {})
+        return list(state.get("history", []))
+
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def batch_images(batch: Any, default: int) -> int:
+    """Images in a training batch: classifiers' (images, targets) tensors and detectors' (list
+    of images, list of targets) alike; ``default`` for anything else."""
+    if isinstance(batch, (tuple, list)) and batch and hasattr(batch[0], "__len__"):
+        return len(batch[0])
+    return default
+
+
+class CpuContention(Callback):
+    """Warns once (through the reporter) when other processes take the cores training asked
+    for: measured over the first :data:`WINDOW_S` seconds of batches after the first (which
+    includes one-off set-up), from this process's and the system's CPU time."""
+
+    WINDOW_S = 3.0  # long enough for /proc/stat's 10 ms ticks to be precise, short enough to warn early
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self._start: tuple[float, float, float | None] | None = None
+        self._batches = 0
+        self._done = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if self._done:
+            return
+        if self._start is None:
+            self._start = cpu_sample()
+            return
+        self._batches += 1
+        now = cpu_sample()
+        if now[0] - self._start[0] < self.WINDOW_S:
+            return
+        self._done = True
+        warning = contention_warning(self._start, now, torch.get_num_threads(), allowed_cpus(),
+                                     f"the first {self._batches} timed batches")
+        if warning:
+            self.reporter.warn_once("cpu", warning)
 
 
 class SaveOnInterrupt(Callback):
@@ -185,6 +276,56 @@ class SaveOnInterrupt(Callback):
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             trainer.save_checkpoint(str(self.path))
+
+
+def interrupted_message(cfg: TrainConfig, run_dir: Path, epoch: int, history: list[dict[str, Any]]) -> str:
+    """What Ctrl-C leaves: the checkpoint to resume from and, once an epoch has finished, the
+    command that makes a bundle of the best one without training further."""
+    text = (f"training interrupted in epoch {epoch}; checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}. "
+            f"Resume with: lensforge train {cfg.data} --out {run_dir} --resume")
+    best = [r for r in history if r.get("best")]
+    if history:
+        what = (f"the best so far (epoch {best[-1]['epoch']}, {_monitored(best[-1])})"
+                if best and finish_checkpoint(run_dir) == run_dir / "checkpoints" / "best.ckpt"
+                else "the last checkpoint")
+        text += f". Or write a bundle from {what} without training further: lensforge train {cfg.data} --out {run_dir} --finish"
+    return text
+
+
+def finish_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``--finish`` makes a bundle of: the best so far (by the monitored
+    validation metric), else the last (a run stopped before its first validation)."""
+    for name in ("best.ckpt", "last.ckpt"):
+        if (run_dir / "checkpoints" / name).is_file():
+            return run_dir / "checkpoints" / name
+    return None
+
+
+def _monitored(row: dict[str, Any]) -> str:
+    keys = [k for k in ("val_acc", "val_map") if k in row]
+    return f"{keys[0]} {row[keys[0]]:.4f}" if keys else "best validation"
+
+
+def _sized(dataset: Any) -> int:
+    try:
+        return len(dataset)
+    except TypeError:  # an iterable dataset
+        return 0
+
+
+@contextlib.contextmanager
+def _sigint_kept() -> Iterator[None]:
+    """Lightning ignores SIGINT after a Ctrl-C (so a second one cannot cut its shutdown short)
+    and never restores it: a Python session that called ``lensforge.train`` could then no
+    longer be interrupted. Put the handler back once fit returns or fails."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 @dataclass
@@ -221,8 +362,10 @@ def fit(
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
                                  enable_version_counter=False)
-    epochs = EpochReport(reporter or Reporter(), monitor)
-    callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), epochs]
+    reporter = reporter or Reporter()
+    epochs = EpochReport(reporter, monitor, batch_size=train_loader.batch_size or 1,
+                         dataset_size=_sized(train_loader.dataset), drop_last=train_loader.drop_last)
+    callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), epochs, CpuContention(reporter)]
     if val_loader is not None and cfg.patience > 0:
         # checked after validation: a max_steps stop mid-epoch ends the epoch without one
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
@@ -243,14 +386,12 @@ def fit(
         limit_val_batches=1.0 if val_loader is not None else 0,
     )
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
+        with _sigint_kept():
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
     except SystemExit:
         # Lightning turns Ctrl-C into a graceful shutdown then exit(1); SaveOnInterrupt kept a checkpoint
         if trainer.interrupted:
-            raise TrainingInterrupted(
-                f"training interrupted at epoch {trainer.current_epoch + 1}; checkpoint saved to "
-                f"{ckpt_dir / 'last.ckpt'}. Resume with: lensforge train {cfg.data} --out {run_dir} --resume"
-            ) from None
+            raise TrainingInterrupted(interrupted_message(cfg, run_dir, trainer.current_epoch + 1, epochs.history)) from None
         raise
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     if best is not None and best.is_file():

@@ -19,11 +19,12 @@ from lensforge.data.formats import read_dataset
 from lensforge.data.records import Dataset, Record
 from lensforge.data.split import load_split, save_split, split_records
 from lensforge.errors import ConfigError, DataError, TrainingInterrupted
-from lensforge.hardware import cpu_count, describe
+from lensforge.hardware import cpu_count, describe, load_average, load_warning
 from lensforge.metrics.plots import plot_training_curves
 from lensforge.runtime.bundle import SPLIT_FILE, load_bundle
 from lensforge.tasks import Built, Task, TrainData, get_task
 from lensforge.training.bundle import versions, write_bundle
+from lensforge.training.finetune import EpochReport, finish_checkpoint
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
     """Make ``run_dir`` ready. With --overwrite an earlier run is moved aside, not deleted:
     the caller deletes it once the new run has succeeded, or puts it back if it failed.
     Returns the moved-aside run, if any."""
+    if cfg.finish:
+        if finish_checkpoint(run_dir) is None:
+            raise ConfigError(f"nothing to finish: {run_dir / 'checkpoints'} holds no best.ckpt or last.ckpt "
+                              "(a --probe run keeps none: train it again)")
+        return None
     if cfg.resume:
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():
             raise ConfigError(f"nothing to resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist")
@@ -89,13 +95,17 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     """Train a model for the data's task and write its run directory and bundle.
 
     ``lensforge.train(data="images/", epochs=5)`` works as well as passing a TrainConfig.
-    Returns where everything went and the validation/test metrics.
+    ``finish=True`` (with ``out``) trains nothing: it writes the bundle of that run from its
+    best checkpoint so far, e.g. after Ctrl-C. Returns where everything went and the
+    validation/test metrics.
     """
     t0 = time.perf_counter()
     # a copy: the caller's config is never changed (a loop over datasets must not inherit a task)
     cfg = dataclasses.replace(cfg or TrainConfig()).override(**overrides).validate()
+    if cfg.finish:  # the run's own split, classes and settings, as a resume would use them
+        cfg.resume = True
     ui = reporter or Reporter()
-    torch.set_num_threads(cpu_count())
+    torch.set_num_threads(cfg.threads or cpu_count())
 
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task,
                       outside_root="allow" if cfg.allow_outside_root else "refuse")
@@ -140,13 +150,17 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
     cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes))
     splits = make_split(ds, cfg, run_dir)
     ui.step(task.describe(ds, splits, cfg))
+    if not cfg.finish:
+        warning = load_warning(load_average(), os.cpu_count() or 1, torch.get_num_threads(), cpu_count())
+        if warning:
+            ui.warn_once("cpu", warning)
     data = task.load(splits, built, cfg, ds, ui)
     if data.skipped:
         ui.warn(f"skipped {data.skipped} unreadable image(s); `lensforge data inspect {cfg.data}` lists them")
     if not len(data.train):
         raise DataError("no readable training images")
     data.train_loader, data.val_loader = loaders(data, cfg)
-    history = task.fit(built, data, cfg, ds, run_dir, ui)
+    history = load_finish_checkpoint(built, run_dir, ui) if cfg.finish else task.fit(built, data, cfg, ds, run_dir, ui)
     write_history(history, run_dir)
 
     bundle_dir = run_dir / "bundle"
@@ -156,6 +170,27 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
         metrics = written.metrics[held_out].with_source(f"the {held_out} split saved at training time")
         task.write_report(run_dir / "eval", load_bundle(bundle_dir), written.scored[held_out], metrics)
     return TrainResult(task.name, run_dir, bundle_dir, written.metrics, written.parity.figure, data.skipped, history)
+
+
+def load_finish_checkpoint(built: Built, run_dir: Path, ui: Reporter) -> list[dict[str, Any]]:
+    """Load :func:`finish_checkpoint`'s weights into ``built.model``; returns the epochs the run
+    had finished (from ``last.ckpt``, which is newer than ``best.ckpt``), for the bundle."""
+    path = finish_checkpoint(run_dir)
+    if path is None:  # prepare_run_dir checked; the directory changed since
+        raise ConfigError(f"nothing to finish: {run_dir / 'checkpoints'} holds no checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    # every task's LightningModule holds its network as ``self.model``
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    try:
+        built.model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"{path} does not fit the model this run's config builds: {str(e).splitlines()[0]}") from None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    history = EpochReport.history_in(torch.load(last, map_location="cpu", weights_only=True) if last.is_file() else state)
+    best = [r["epoch"] for r in history if r.get("best")]
+    which = f"the best checkpoint (epoch {best[-1]})" if path.name == "best.ckpt" and best else f"{path.name}"
+    ui.step(f"Writing the bundle from {which} of {len(history)} finished epoch(s), without training further")
+    return history
 
 
 def loaders(data: TrainData, cfg: TrainConfig) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
