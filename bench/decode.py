@@ -10,7 +10,7 @@ The resize makes the shorter side 256 (bilinear), then the centre 224x224 is cro
 eval transform does. Prints medians over several repetitions and the speed-up (goal >= 3x),
 plus the mean absolute pixel difference between the two 224x224 results.
 
-    python bench/decode.py [--repeats 9]
+    python bench/decode.py [--repeats 9] [--smoke]
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ def time_ms(fn: Callable[[Path], Image.Image], path: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per method")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, a few seconds: checks the script still runs and prints its table")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
 
     methods = {
         "(a) Image.open().convert('RGB') + resize": plain_pillow,

@@ -6,7 +6,7 @@ torch recipe (``Image.open().convert("RGB")`` → ``to_tensor`` → ``model([x])
 box head is untrained (random init, no internet for COCO weights here), so both produce
 their full 100 detections per image: the post-processing cost is the realistic worst case.
 
-    python bench/detect.py [--detectors lite0_fpn,fasterrcnn_resnet50_fpn] [--repeats 5]
+    python bench/detect.py [--detectors lite0_fpn,fasterrcnn_resnet50_fpn] [--repeats 5] [--smoke]
 
 Goals (issue #4): ORT >= 1.5x torch; R50-FPN at 800 px <= 1.5 s per image (the seed app: 5-10 s).
 """
@@ -41,7 +41,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--detectors", default="lite0_fpn,fasterrcnn_mobilenet_v3_large_fpn,fasterrcnn_resnet50_fpn")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes, a few seconds: checks the script still runs and prints its table")
     args = ap.parse_args()
+    if args.smoke:
+        args.detectors, args.repeats = "lite0_fpn", 1
 
     threads = cpu_count()
     torch.set_num_threads(threads)

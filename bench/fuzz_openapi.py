@@ -101,7 +101,11 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200, help="generated cases per operation, binding and mode")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the trained bundles here and reuse them next time (default: a temp dir)")
+    parser.add_argument("--smoke", action="store_true", help="2 examples per operation: checks the script still runs "
+                        "and prints its table (the training of the two tiny models still takes ~1 min)")
     args = parser.parse_args()
+    if args.smoke:
+        args.examples = 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     print(f"# schemathesis {schemathesis.__version__} over /openapi.json, {args.examples} examples per operation, "

@@ -7,7 +7,7 @@ batch 1 and 8 with :func:`~lensforge.export.quantize.throughput` (the models tak
 machine noise hits all alike). Accuracy needs trained weights and real held-out images: the
 export measures and records it itself, and `lensforge export BUNDLE --to all` tabulates it.
 
-    python bench/int8.py [--backbones efficientnet_lite0 resnet50] [--size 224] [--rounds 10]
+    python bench/int8.py [--backbones efficientnet_lite0 resnet50] [--size 224] [--rounds 10] [--smoke]
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes, a few seconds: checks the script still runs and prints its table")
     args = ap.parse_args()
+    if args.smoke:
+        args.backbones, args.size, args.rounds, args.calib = ["efficientnet_lite0"], 64, 1, 4
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp_str:

@@ -5,7 +5,7 @@ Measured side by side in one run, same weights, same thread count, on one genera
 - end to end at batch 1: ``Predictor.predict(jpeg_path)`` vs the usual torch recipe
   (``Image.open().convert("RGB")`` + torchvision transforms + ``model(x)``).
 
-    python bench/predictor.py [--backbone efficientnet_lite0] [--size 224] [--repeats 30]
+    python bench/predictor.py [--backbone efficientnet_lite0] [--size 224] [--repeats 30] [--smoke]
 
 Goal: >= 2x at batch 1 (issue #3).
 """
@@ -39,7 +39,10 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes, a few seconds: checks the script still runs and prints its table")
     args = ap.parse_args()
+    if args.smoke:
+        args.size, args.repeats = 64, 2
 
     threads = cpu_count()
     torch.set_num_threads(threads)

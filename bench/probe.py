@@ -1,7 +1,7 @@
 """Linear probe on 2,000 images end to end: decode → frozen-backbone features → logistic
 regression, in seconds, with the share of each stage.
 
-    python bench/probe.py [--images 2000] [--size 224]
+    python bench/probe.py [--images 2000] [--size 224] [--smoke]
 
 The images are the generated demo shapes (4 classes); the backbone is EfficientNet-Lite0
 with its offline ImageNet weights. Reports train accuracy of the probe as a sanity check.
@@ -30,7 +30,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes, a few seconds: checks the script still runs and prints its table")
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.size = 40, 64
     torch.set_num_threads(cpu_count())
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_dataset(Path(tmp) / "data", n_per_class=args.images // 4, size=256)
