@@ -3,10 +3,12 @@ weights, ONNX model, metadata and saved split agree with each other."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from lensforge.data.split import load_split
 from lensforge.errors import ExportError
 from lensforge.runtime import Predictor, load_bundle
 from lensforge.runtime.preprocess import preprocess
+from lensforge.ui import Reporter
 
 BUNDLE_FILES = ("model.onnx", "weights.safetensors", "lensforge.json", "split.json")
 SPLIT_DIRS = {"train": "train", "valid": "val", "test": "test"}  # folder name -> split
@@ -412,3 +415,89 @@ def test_train_never_changes_the_callers_config(tmp_path: Path, multilabel_dir: 
     before = cfg.to_dict()
     lensforge.train(cfg, data=str(multilabel_dir), out=str(tmp_path / "run"))
     assert cfg.to_dict() == before  # task stays None: the next dataset decides its own
+
+
+# -- Ctrl-C, then --finish ----------------------------------------------------------------------
+
+
+class _CtrlCInEpoch(Reporter):
+    """Presses Ctrl-C (raises KeyboardInterrupt) at the first batch of epoch ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch_prefix = f"epoch {epoch}/"
+
+    @contextlib.contextmanager
+    def track(self, description: str, total: int, **kwargs: Any) -> Iterator[Callable[[int], None]]:
+        if not description.startswith(self.epoch_prefix):
+            yield lambda n=1: None
+            return
+
+        def ctrl_c(n: int = 1) -> None:
+            raise KeyboardInterrupt
+
+        yield ctrl_c
+
+
+def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_finishes_into_a_bundle_of_its_best_checkpoint(tmp_path: Path, shapes_dir: Path) -> None:
+    import signal
+
+    from safetensors.torch import load_file
+
+    from lensforge.errors import TrainingInterrupted
+
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        lensforge.train(data=str(shapes_dir), out=str(out), pretrained=False, image_size=64, epochs=3, batch_size=8,
+                        reporter=_CtrlCInEpoch(2))
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning ignores SIGINT after a Ctrl-C; fit puts it back
+    message = str(stopped.value)
+    assert f"--out {out} --resume" in message
+    assert "the best so far (epoch 1, val_acc " in message and message.endswith(f"lensforge train {shapes_dir} --out {out} --finish")
+    best, last = out / "checkpoints" / "best.ckpt", out / "checkpoints" / "last.ckpt"
+    assert best.is_file() and last.is_file() and not (out / "bundle").exists()
+
+    finished = lensforge.train(data=str(shapes_dir), out=str(out), finish=True, threads=1)
+    assert torch.get_num_threads() == 1  # --threads
+    bundle = Path(finished.bundle_dir)
+    weights = load_file(str(bundle / "weights.safetensors"))
+    expected, newer = _model_tensors(best), _model_tensors(last)
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)  # epoch 1's weights, not a step further
+    assert any(not torch.equal(weights[k], newer[k]) for k in newer)
+    meta = json.loads((bundle / "lensforge.json").read_text())
+    assert [row["epoch"] for row in meta["training"]["history"]] == [1]
+    assert meta["metrics"]["test"]["accuracy"] == finished.metrics["test"].accuracy
+    assert meta["config"]["epochs"] == 3  # the run's own settings, read back from its config.yaml
+    predictor = Predictor(bundle)
+    result = predictor.predict(str(next(shapes_dir.glob("*/*.jpg"))))
+    assert result.scores.shape == (4,) and abs(float(result.scores.sum()) - 1) < 1e-4
+
+
+@pytest.mark.slow
+def test_finish_makes_a_detector_bundle_from_the_last_checkpoint(tmp_path: Path, detect_dir: Path) -> None:
+    # one step of an epoch: no validation ran, so there is no best.ckpt, only last.ckpt
+    out = tmp_path / "run"
+    lensforge.train(data=str(detect_dir), out=str(out), pretrained=False, image_size=96, epochs=1, max_steps=1,
+                    batch_size=4, lr=1e-6)
+    shutil.rmtree(out / "bundle")
+    assert not (out / "checkpoints" / "best.ckpt").exists()
+    finished = lensforge.train(data=str(detect_dir), out=str(out), finish=True)
+    meta = json.loads((Path(finished.bundle_dir) / "lensforge.json").read_text())
+    assert meta["task"] == "detect" and "map" in meta["metrics"]["test"]
+    image = next((detect_dir / "test").glob("*.jpg"))
+    assert Predictor(finished.bundle_dir).predict(str(image)).boxes.shape[1:] == (4,)
+
+
+def test_finish_without_a_checkpoint_says_so(tmp_path: Path, shapes_dir: Path) -> None:
+    from lensforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nothing to finish: .* holds no best.ckpt or last.ckpt"):
+        lensforge.train(data=str(shapes_dir), out=str(tmp_path / "run"), finish=True, pretrained=False)
+    assert not (tmp_path / "run").exists()

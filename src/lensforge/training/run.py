@@ -102,8 +102,8 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     t0 = time.perf_counter()
     # a copy: the caller's config is never changed (a loop over datasets must not inherit a task)
     cfg = dataclasses.replace(cfg or TrainConfig()).override(**overrides).validate()
-    if cfg.finish:  # the run's own split, classes and settings, as a resume would use them
-        cfg.resume = True
+    if cfg.finish:
+        cfg = finishing_config(cfg)
     ui = reporter or Reporter()
     torch.set_num_threads(cfg.threads or cpu_count())
 
@@ -135,6 +135,24 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     _discard(previous)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# what ``finish`` takes from the caller: where the data and run are now, and this machine's
+# settings; everything that shapes the model comes from the run's config.yaml
+FINISH_KEEPS = ("data", "out", "allow_outside_root", "threads", "workers")
+
+
+def finishing_config(cfg: TrainConfig) -> TrainConfig:
+    """The config ``finish`` writes a bundle with: the run's own (``--out``/config.yaml: its
+    task, backbone, input size, split seed...), so the bundle describes the model the
+    checkpoint holds, with :data:`FINISH_KEEPS` from ``cfg``; resume semantics (the saved split)."""
+    if not cfg.out:
+        raise ConfigError("--finish needs --out: the run directory whose checkpoint becomes the bundle")
+    saved = Path(cfg.out) / "config.yaml"
+    run_cfg = TrainConfig.load(saved) if saved.is_file() else dataclasses.replace(cfg)  # none: prepare_run_dir says so
+    run_cfg.override(**{k: getattr(cfg, k) for k in FINISH_KEEPS})
+    run_cfg.finish = run_cfg.resume = True
+    return run_cfg.validate()
 
 
 def _discard(path: Path | None) -> None:
