@@ -20,6 +20,7 @@ serve at 16 clients >= 85 % of the ceiling, >= 4x the seed app, p99 <= 3x p50.
 
     python bench/serve_load.py            # ~5 min on 2 cores
     python bench/serve_load.py --quick    # ~1 min
+    python bench/serve_load.py --smoke    # 64 px, lensforge at 4 clients only, no goals: < 30 s, checks the plumbing
 """
 
 from __future__ import annotations
@@ -282,14 +283,31 @@ def ceiling(bundle: Path, jpeg: bytes, seconds: float) -> tuple[float, int, floa
 # -- main ---------------------------------------------------------------------------------
 
 
+def print_rows(rows: list[Window], window: float, warmup: float, e2e: float, e2e_batch: int, model_only: float,
+               model_batch: int) -> None:
+    print(f"# lensforge serve under closed-loop load — {BACKBONE} at {SIZE}px, random weights, 640x480 JPEG, loopback")
+    print(f"# {describe()} | onnxruntime threads {cpu_count()} | torch {torch.__version__} (seed app)"
+          f" | per row: median of {WINDOWS} x {window:g} s windows after {warmup:g} s warm-up")
+    print(f"# ceiling, in-process Predictor: end to end {e2e:.1f} img/s (batch {e2e_batch}), "
+          f"model only {model_only:.1f} img/s (batch {model_batch})")
+    print(f"{'server':28} {'N':>3} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'RSS MB':>7}")
+    for r in rows:
+        print(f"{r.name:28} {r.clients:3d} {r.rps:8.1f} {r.pct(50):8.1f} {r.pct(95):8.1f} {r.pct(99):8.1f} "
+              f"{r.errors:6d} {r.rss_mb:7.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short windows and fewer rows (~1 min)")
     ap.add_argument("--window", type=float, help=f"seconds per window, {WINDOWS} windows per row (default 4, quick 1.5)")
+    ap.add_argument("--smoke", action="store_true", help="64 px model, one lensforge row at 4 clients, no seed app")
     args = ap.parse_args()
-    window = args.window or (1.5 if args.quick else 4.0)
-    warmup = 1.0 if args.quick else 2.0
-    counts = (1, 16) if args.quick else (1, 4, 16, 64)
+    global SIZE
+    if args.smoke:
+        SIZE = 64  # the smallest model: the run checks the plumbing, not the speed
+    window = args.window or (0.5 if args.smoke else 1.5 if args.quick else 4.0)
+    warmup = 0.5 if args.smoke else 1.0 if args.quick else 2.0
+    counts = (4,) if args.smoke else (1, 16) if args.quick else (1, 4, 16, 64)
 
     rows: list[Window] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,10 +319,14 @@ def main() -> None:
         try:
             for n in counts:
                 rows.append(load(server, "lensforge, raw JPEG", "/predict", jpeg, "image/jpeg", n, warmup, window))
-            rows.append(load(server, "lensforge, seed JSON", "/predict", seed_body(jpeg), "application/json", 16,
-                             warmup, window))
+            if not args.smoke:
+                rows.append(load(server, "lensforge, seed JSON", "/predict", seed_body(jpeg), "application/json", 16,
+                                 warmup, window))
         finally:
             server.stop()
+        if args.smoke:
+            print_rows(rows, window, warmup, e2e, e2e_batch, model_only, model_batch)
+            return
         server = lensforge_serve(bundle, "--max-batch", "1")
         try:
             rows.append(load(server, "lensforge, batching off", "/predict", jpeg, "image/jpeg", 16, warmup, window))
@@ -322,15 +344,7 @@ def main() -> None:
             finally:
                 seed.stop()
 
-    print(f"# lensforge serve under closed-loop load — {BACKBONE} at {SIZE}px, random weights, 640x480 JPEG, loopback")
-    print(f"# {describe()} | onnxruntime threads {cpu_count()} | torch {torch.__version__} (seed app)"
-          f" | per row: median of {WINDOWS} x {window:g} s windows after {warmup:g} s warm-up")
-    print(f"# ceiling, in-process Predictor: end to end {e2e:.1f} img/s (batch {e2e_batch}), "
-          f"model only {model_only:.1f} img/s (batch {model_batch})")
-    print(f"{'server':28} {'N':>3} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'RSS MB':>7}")
-    for r in rows:
-        print(f"{r.name:28} {r.clients:3d} {r.rps:8.1f} {r.pct(50):8.1f} {r.pct(95):8.1f} {r.pct(99):8.1f} "
-              f"{r.errors:6d} {r.rss_mb:7.0f}")
+    print_rows(rows, window, warmup, e2e, e2e_batch, model_only, model_batch)
 
     def row(name: str, n: int) -> Window:
         return next(r for r in rows if r.name == name and r.clients == n)

@@ -92,10 +92,12 @@ class Admission:
             await refusal(scope, tracked_receive, closing_send)
             return
         self.inflight += 1
+        self.server.activity += 1  # starts and ends of requests: the idle memory trim watches it (serve/memory.py)
         try:
             await self.app(scope, tracked_receive, closing_send)
         finally:
             self.inflight -= 1
+            self.server.activity += 1
 
     async def _drop_body(self, receive: Receive) -> None:
         """Read the rest of the request body and drop it (bounded by the request deadline)."""

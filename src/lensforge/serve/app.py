@@ -43,7 +43,7 @@ from lensforge.export.torchserve_handler import torchserve_answer  # the one Tor
 from lensforge.runtime import Bundle, DetectionResult, Predictor, load_bundle
 from lensforge.runtime.predictor import Result
 from lensforge.runtime.bundle import display_name
-from lensforge.serve import fetch, inputs, kserve, lifecycle, web
+from lensforge.serve import fetch, inputs, kserve, lifecycle, memory, web
 from lensforge.serve.admission import Admission
 from lensforge.serve.batching import RETRY_AFTER_S, Batcher, unavailable
 from lensforge.serve.dialects import error_response
@@ -172,6 +172,7 @@ class Server:
         self._loader: asyncio.Task | None = None
         self.draining = False  # set on SIGTERM/SIGINT: not ready, new requests 503, accepted ones finish
         self.drain_s = lifecycle.DRAIN_S  # how long the port stays open once draining
+        self.activity = 0  # starts and ends of requests past health/metrics (Admission); the memory trim watches it
 
     def ready(self) -> bool:
         """Every model loaded and warmed up, and not shutting down (``/readyz``, KServe ready)."""
@@ -182,7 +183,10 @@ class Server:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.decode_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
-        self._loader = asyncio.get_running_loop().create_task(self._load_all())
+        loop = asyncio.get_running_loop()
+        self._loader = loop.create_task(self._load_all())
+        # O15: RSS back to its warmed-up level once a burst of load is over
+        trimmer = loop.create_task(memory.trim_when_idle(lambda: self.activity, self._shrink_arenas))
         undo_signals = lifecycle.drain_on_signal(self, self.drain_s)
         try:
             yield
@@ -190,7 +194,8 @@ class Server:
             undo_signals()
             self.draining = True
             self._loader.cancel()
-            await asyncio.gather(self._loader, return_exceptions=True)
+            trimmer.cancel()
+            await asyncio.gather(self._loader, trimmer, return_exceptions=True)
             for model in self.models.values():
                 model.ready = False
                 if model.batcher is not None:
@@ -219,16 +224,20 @@ class Server:
             self.metrics.load_seconds.labels(model.name).set(time.perf_counter() - started)
             model.ready = True
             log.info("model %s ready (%.2f s)", model.name, time.perf_counter() - started)
+        await memory.release()  # what loading and warm-up freed: the baseline RSS starts low
 
     def _load(self, bundle: Bundle) -> Predictor:
         predictor = Predictor(bundle, threads=self.settings.threads)
-        if predictor.detect_spec is not None:
-            side = predictor.detect_spec.min_size
-            predictor.run_many([np.zeros((3, side, side), np.float32)])  # warm-up: first run allocates
-        else:
-            size = predictor.spec.size
-            predictor.run_many([np.zeros((3, size, size), np.float32)])
+        predictor.run_many([smallest_input(predictor)])  # warm-up: first run allocates
         return predictor
+
+    async def _shrink_arenas(self) -> None:
+        """Each loaded model's onnxruntime arena down to what is in use (:mod:`.memory`)."""
+        loop = asyncio.get_running_loop()
+        for model in self.models.values():
+            if model.ready and model.predictor is not None:
+                await loop.run_in_executor(model.executor, memory.shrink_arena, model.predictor,
+                                           smallest_input(model.predictor))
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -360,6 +369,12 @@ class Server:
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+def smallest_input(predictor: Predictor) -> np.ndarray:
+    """A prepared all-zero input of the model's smallest size, float32 (3, S, S)."""
+    side = predictor.detect_spec.min_size if predictor.detect_spec is not None else predictor.spec.size
+    return np.zeros((3, side, side), np.float32)
 
 
 def prepare_image(predictor: Predictor, data: bytes) -> np.ndarray:

@@ -50,6 +50,7 @@ except ImportError:  # Windows: no FIONREAD on sockets through fcntl; shutdown c
 
 from lensforge.errors import BundleError, ConfigError
 from lensforge.hardware import cpu_count
+from lensforge.serve import memory
 
 if TYPE_CHECKING:
     import uvicorn
@@ -261,6 +262,7 @@ def app_from_env() -> Starlette:
     text = os.environ.get(ENV_VAR)
     if not text:
         raise ConfigError(f"{ENV_VAR} is not set; start workers with `lensforge serve --workers N`")
+    memory.configure_malloc()  # a fresh worker process: before its threads start
     return build_app(RunConfig(**json.loads(text)))
 
 
@@ -315,6 +317,7 @@ def run(
 
     if workers < 1 or drain_s < 0 or grace_s <= 0:
         raise ConfigError(f"need workers >= 1, drain_s >= 0, grace_s > 0; got {workers}, {drain_s}, {grace_s}")
+    memory.configure_malloc()  # O15: before any thread starts (serve/memory.py)
     n = len(bundles)
     if resolve_strict(strict, n):
         check_bundles(bundles)
