@@ -115,13 +115,13 @@ def recover(proc: serve_load.Proc, baseline: float, seconds: float) -> tuple[flo
     came within 10 % of ``baseline``, or None)."""
     start = time.monotonic()
     within: float | None = None
-    rss = proc.rss_mb()
-    while time.monotonic() - start < seconds:
-        rss = proc.rss_mb()
+    while True:
+        rss, elapsed = proc.rss_mb(), time.monotonic() - start
         if within is None and rss <= 1.1 * baseline:
-            within = time.monotonic() - start
+            within = elapsed
+        if elapsed >= seconds:
+            return rss, within
         time.sleep(1.0)
-    return proc.rss_mb(), within
 
 
 def main() -> None:
