@@ -262,12 +262,17 @@ def test_multilabel_bundle_has_tuned_thresholds_that_predict_uses(multilabel_run
 # -- the linear probe -------------------------------------------------------------------------
 
 
-def _sklearn_proba(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+def _sklearn_proba(x: np.ndarray, y: np.ndarray, c: float, x_eval: np.ndarray | None = None) -> tuple[Any, np.ndarray]:
+    """scikit-learn doing what the probe does: centre, divide by the floored scale
+    (``standard_scale``), logistic regression; (the fitted model, its predict_proba on
+    ``x_eval``, default ``x``)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x, y).predict_proba(x)
+    from lensforge.training.probe import standard_scale
+
+    mu, scale = x.mean(0), standard_scale(x)
+    lr = LogisticRegression(C=c, max_iter=2000).fit((x - mu) / scale, y)
+    return lr, lr.predict_proba(((x if x_eval is None else x_eval) - mu) / scale)
 
 
 @pytest.mark.parametrize("case", ["two classes", "three classes", "class unseen in training", "multi-label"])
@@ -285,7 +290,7 @@ def test_fit_probe_head_reproduces_sklearn_predict_proba(case: str) -> None:
         y[:, 2] = 0  # a label no training image has: its score must be ~0
         weight, bias = fit_probe(x, y, 3, True, c, seed=0)
         got = 1 / (1 + np.exp(-np.clip(x @ weight.T + bias, -60, 60)))
-        expected = np.stack([_sklearn_proba(x, y[:, j], c)[:, 1] for j in range(2)] + [np.zeros(len(x))], axis=1)
+        expected = np.stack([_sklearn_proba(x, y[:, j], c)[1][:, 1] for j in range(2)] + [np.zeros(len(x))], axis=1)
     else:
         n = 2 if case == "two classes" else 3
         y = noisy[:, :n].argmax(1)
@@ -294,7 +299,7 @@ def test_fit_probe_head_reproduces_sklearn_predict_proba(case: str) -> None:
         e = np.exp((x @ weight.T + bias) - (x @ weight.T + bias).max(1, keepdims=True))
         got = e / e.sum(1, keepdims=True)
         expected = np.zeros((len(x), num_classes))
-        expected[:, :n] = _sklearn_proba(x, y, c)
+        expected[:, :n] = _sklearn_proba(x, y, c)[1]
     assert weight.shape == (got.shape[1], 6) and bias.shape == (got.shape[1],)
     assert weight.dtype == bias.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -314,24 +319,101 @@ def test_probe_bundle_scores_equal_sklearn_on_backbone_features(probe_run: Run) 
         with torch.no_grad():
             return backbone.eval()(torch.from_numpy(np.stack([predictor.prepare(r.path) for r in records]))).numpy()
 
-    x_train = features(splits["train"])
     from lensforge.training.probe import feature_cache_dir
 
-    # the features the probe was fitted on, in split order (the cache is shared by the session)
-    cached = [f for f in feature_cache_dir().glob("features-*.npy") if np.load(f).shape == x_train.shape
-              and np.allclose(np.load(f), x_train, atol=1e-3, rtol=1e-3)]
-    assert len(cached) == 1
+    def cached(x: np.ndarray) -> np.ndarray:
+        """The features the probe was fitted on, in split order (the cache is shared by the session)."""
+        found = [f for f in feature_cache_dir().glob("features-*.npy") if np.load(f).shape == x.shape
+                 and np.allclose(np.load(f), x, atol=1e-3, rtol=1e-3)]
+        assert len(found) == 1
+        return np.load(found[0])
 
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    y = np.array([r.labels[0] for r in splits["train"]])
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(np.load(cached[0]), y)
+    # single-label: C chosen on validation, then refitted on train + validation
+    fitted = splits["train"] + splits["val"]
+    x = np.concatenate([cached(features(splits["train"])), cached(features(splits["val"]))])
+    c = json.loads((probe_run.bundle / "lensforge.json").read_text())["config"]["probe_c"]
+    y = np.array([r.labels[0] for r in fitted])
     test = splits["test"]
-    expected = clf.predict_proba(features(test))
+    clf, expected = _sklearn_proba(x, y, c, features(test))
     served = np.stack([predictor.predict(r.path).scores for r in test])
     np.testing.assert_allclose(served[:, clf.classes_], expected, atol=2e-3)
+
+
+def _digits_split() -> tuple[np.ndarray, ...]:
+    """sklearn's digits (real 8x8 scans) as raw pixels: train / val / test thirds, interleaved."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    return x[0::3], y[0::3], x[1::3], y[1::3], x[2::3], y[2::3]
+
+
+def test_choose_c_takes_the_best_validation_c_the_smaller_on_ties() -> None:
+    from lensforge.training.probe import choose_c, fit_probe
+
+    x, y, xv, yv, _, _ = _digits_split()
+    grid = (1e-5, 1e-3, 0.1, 1.0)
+    c, by_c = choose_c(x, y, xv, yv, 10, False, seed=0, grid=grid)
+    assert set(by_c) == set(grid)
+    for k in grid:  # each score is that C's probe, measured independently here
+        w, b = fit_probe(x, y, 10, False, k, seed=0)
+        assert by_c[k] == pytest.approx(float(((xv @ w.T + b).argmax(1) == yv).mean()))
+    assert by_c[1e-5] < by_c[c] - 0.05  # a real choice: the strongest penalty is clearly worse on digits
+    assert c == min(k for k in grid if by_c[k] == max(by_c.values()))
+
+
+@pytest.fixture(scope="module")
+def digits_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
+    """EfficientNet-Lite0 features (offline ImageNet weights) of 400 real digits written at
+    64 px, through the probe's own extraction path; and their labels."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from _digits import write_digits
+
+    from lensforge.data.records import targets
+    from lensforge.models import create_backbone
+    from lensforge.runtime.preprocess import InputSpec
+    from lensforge.training.dataset import RecordDataset, eval_transform, load_images
+    from lensforge.training.probe import extract_features
+
+    ds = read_dataset(str(write_digits(tmp_path_factory.mktemp("digits") / "data", size=64, per_class=40)))
+    spec = InputSpec.for_size(64)
+    records, images, _ = load_images(ds.records, spec)
+    data = RecordDataset(records, 10, False, eval_transform(spec), spec, images)
+    feats = extract_features(create_backbone("efficientnet_lite0", pretrained=True)[0], torch.utils.data.DataLoader(data, batch_size=64))
+    return feats, targets(records, 10, False)
+
+
+def test_probe_head_keeps_its_accuracy_with_int8_weights_on_real_features(digits_features: tuple) -> None:
+    """int8 keeps one scale per weight row (max |w| / 127): the folded head must not hold a few
+    huge weights (near-constant features divided by their tiny std) that flatten the rest to 0.
+    Measured before the floored scale: max |w| 538, accuracy 89% -> 32% with int8 rows."""
+    from lensforge.training.probe import fit_probe
+
+    feats, y = digits_features
+    assert (feats.std(0) < 1e-3).sum() > 50  # the real trap: many dead or near-constant channels at 64 px
+    train = np.arange(len(y)) % 2 == 0
+    w, b = fit_probe(feats[train], y[train], 10, False, 1.0, seed=0)
+    scale = np.abs(w).max(1, keepdims=True) / 127
+    w8 = np.round(w / scale) * scale
+    test = feats[~train]
+    acc = float(((test @ w.T + b).argmax(1) == y[~train]).mean())
+    acc8 = float(((test @ w8.T + b).argmax(1) == y[~train]).mean())
+    assert acc > 0.6  # a real fit (10 classes: chance 0.1)
+    assert acc8 >= acc - 0.01
+
+
+@pytest.mark.slow
+def test_probe_chooses_c_on_validation_and_refits_on_train_and_val(probe_run: Run) -> None:
+    from lensforge.training.probe import C_GRID
+
+    meta = json.loads((probe_run.bundle / "lensforge.json").read_text())
+    probe = meta["config"]["extra"]["probe"]
+    assert probe["fit_on"] == "train+val" and probe["selected_by"] == "val_acc"
+    by_c = {float(k): v for k, v in probe["val_metric_by_c"].items()}
+    assert set(by_c) == set(C_GRID)
+    assert probe["c"] == meta["config"]["probe_c"] == min(k for k in by_c if by_c[k] == max(by_c.values()))
 
 
 # -- resume and atomic bundles ----------------------------------------------------------------

@@ -27,7 +27,7 @@ PRECISIONS = ("auto", "32", "bf16")
 # task's ``defaults`` (lensforge.tasks) once the task is known.
 _RANGE_HINTS = {
     "lr": "> 0", "weight_decay": ">= 0", "warmup_epochs": ">= 0", "label_smoothing": "in [0, 1)", "dropout": "in [0, 1)",
-    "beta": "> 0; 1 = F1, 2 = F2", "workers": ">= 0", "patience": ">= 0, 0 = off", "probe_c": "> 0", "max_parity": "> 0",
+    "beta": "> 0; 1 = F1, 2 = F2", "workers": ">= 0", "patience": ">= 0, 0 = off", "probe_c": "> 0, or empty to choose on validation", "max_parity": "> 0",
     "max_steps": "-1 for no limit, or >= 1", "threads": ">= 1, or empty for every core",
 }
 
@@ -73,7 +73,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads (default: every core this process may use)
     precision: str = "auto"  # auto = bf16 only where the CPU/GPU has it natively
     max_steps: int = -1  # stop after N optimiser steps (smoke tests); -1: no limit
-    probe_c: float = 1.0  # inverse regularisation strength of the probe's logistic regression
+    probe_c: float | None = None  # the probe's inverse L2 strength; None = the best of a grid on validation
     max_parity: float = 1e-3  # export fails if ONNX and torch scores differ more than this
     overwrite: bool = False  # replace an existing run directory
     resume: bool = False  # continue the run in --out from its last checkpoint
@@ -108,7 +108,7 @@ class TrainConfig:
             "warmup_epochs": self.warmup_epochs >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1, "dropout": 0 <= self.dropout < 1,
             "beta": self.beta is None or self.beta > 0,
-            "workers": self.workers >= 0, "patience": self.patience >= 0, "probe_c": self.probe_c > 0,
+            "workers": self.workers >= 0, "patience": self.patience >= 0, "probe_c": self.probe_c is None or self.probe_c > 0,
             "max_parity": self.max_parity > 0, "max_steps": self.max_steps == -1 or self.max_steps > 0,
             "threads": self.threads is None or self.threads >= 1,
         }

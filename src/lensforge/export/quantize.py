@@ -286,10 +286,11 @@ def _quantize(
                              reduce_range=reduce_range)
             return {"method": "dynamic", "weight": "QUInt8", "per_channel": False, "reduce_range": reduce_range}
         reader = _CalibrationReader(ref, calib_paths)
+        float_nodes = _input_convs(Path(model_in))
         quantize_static(
             str(model_in), str(dest), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_nodes,
         )
     except ExportError:
         raise
@@ -299,9 +300,24 @@ def _quantize(
         raise ExportError(f"none of the {len(calib_paths)} calibration images could be read")
     return {
         "method": "static", "format": "QDQ", "activation": "QUInt8", "weight": "QInt8", "per_channel": True,
-        "reduce_range": reduce_range, "calibrate_method": "MinMax",
+        "reduce_range": reduce_range, "calibrate_method": "MinMax", "float_nodes": float_nodes,
         "calibration": {"images": reader.used, "source": calib_source},
     }
+
+
+def _input_convs(model_path: Path) -> list[str]:
+    """The convolutions reading the image input directly: kept in float.
+
+    Quantising the stem convolution costs the most accuracy for the least speed (3 input
+    channels, a few % of the FLOPs). Measured on a probe on sklearn digits at 64 px (80 test
+    images): all layers int8 83.75% vs fp32 87.5%; the stem in float 87.5%, mean |Δscore|
+    0.017 → 0.012. Keeping the classifier head in float instead changed nothing (83.75%).
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "Conv" and n.input and n.input[0] in inputs]
 
 
 def _calibration_images(
