@@ -540,3 +540,75 @@ def test_library_modules_leave_the_console_to_the_cli() -> None:
                  if p.parts[len(root.parts)] not in ("cli", "demo.py")
                  and re.search(r"^\s*(from|import) rich\b", p.read_text(), re.MULTILINE)]
     assert offenders == []
+
+
+# -- train where nobody watches a terminal; Ctrl-C then --finish --------------------------------
+
+
+@pytest.mark.slow
+def test_train_logs_progress_lines_unless_quiet(tmp_path: Path, shapes_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # capsys: stdout is not a terminal, as in `lensforge train DATA > train.log`; 2 steps of 8 images
+    opts = ["--no-pretrained", "--image-size", "64", "--epochs", "1", "--max-steps", "2", "--batch-size", "8"]
+    code, out, err = run_cli(["train", shapes_dir, "--out", tmp_path / "run", *opts], capsys)
+    assert code == 0, err
+    lines = [line.strip() for line in out.splitlines()]
+    progress = [line for line in lines if line.startswith("epoch 1/1  8/16 img (50%)  ")]
+    assert len(progress) == 1 and " img/s  ETA " in progress[0], out
+    assert sum(line.startswith("epoch 1/1  train_loss ") and " img/s" in line for line in lines) == 1, out
+
+    code, out, err = run_cli(["train", shapes_dir, "--out", tmp_path / "run", "--overwrite", "--quiet", *opts], capsys)
+    assert code == 0, err
+    assert "epoch" not in out and "›" not in out, out  # no progress, no stages, no epoch rows
+    assert out.lstrip().startswith("Done") and "bundle" in out  # the final summary
+    assert all(line.startswith("warning: ") for line in err.splitlines()), err
+
+
+def test_train_threads_quiet_and_verbose_options() -> None:
+    from lensforge.cli import build_parser
+    from lensforge.cli.commands import train_config
+
+    args = build_parser().parse_args(["train", "d", "--threads", "3", "-q"])
+    assert train_config(args).threads == 3 and args.quiet and not args.verbose
+    assert train_config(build_parser().parse_args(["train", "d"])).threads is None  # every core
+    assert build_parser().parse_args(["-v", "train", "d"]).verbose  # the global flag is not reset by train's
+    assert build_parser().parse_args(["train", "d", "--verbose"]).verbose
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "d", "--threads", "0"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_offers_finish_and_finish_writes_a_bundle(
+    tmp_path: Path, shapes_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    from lensforge.cli.console import ConsoleReporter
+
+    track = ConsoleReporter.track
+
+    @contextlib.contextmanager
+    def ctrl_c_in_epoch_2(self: ConsoleReporter, description: str, total: int, **kwargs: object) -> object:
+        with track(self, description, total, **kwargs) as advance:
+            if not description.startswith("epoch 2/"):
+                yield advance
+                return
+
+            def press(n: int = 1) -> None:
+                raise KeyboardInterrupt
+
+            yield press
+
+    monkeypatch.setattr(ConsoleReporter, "track", ctrl_c_in_epoch_2)
+    run = tmp_path / "run"
+    opts = ["--no-pretrained", "--image-size", "64", "--epochs", "3", "--batch-size", "8"]
+    code, _, err = run_cli(["train", shapes_dir, "--out", run, *opts], capsys)
+    assert code == 130, err
+    assert err.strip().splitlines()[-1].endswith(f"lensforge train {shapes_dir} --out {run} --finish"), err
+    monkeypatch.undo()
+
+    code, out, err = run_cli(["train", shapes_dir, "--out", run, "--finish"], capsys)
+    assert code == 0, err
+    assert "Writing the bundle from the best checkpoint (epoch 1) of 1 finished epoch(s)" in out
+    meta = json.loads((run / "bundle" / "lensforge.json").read_text())
+    assert meta["input"]["size"] == 64 and set(meta["metrics"]) == {"val", "test"}  # the run's settings, scored
+    assert Predictor(run / "bundle").predict(str(shapes_dir / "circle" / "img_0001.jpg")).scores.shape == (4,)
