@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,20 +244,25 @@ def load(proc: Proc, name: str, path: str, body: bytes, content_type: str, clien
                         result.errors += 1
         conn.close()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    peak = 0.0
-    while any(t.is_alive() for t in threads):
-        peak = max(peak, proc.rss_mb())
-        time.sleep(0.25)
-    result.rss_mb = peak
+    result.rss_mb = run_watching_rss(proc, [client] * clients)
     result.rates = [sum(1 for t in done if begin + i * window_s <= t < begin + (i + 1) * window_s) / window_s
                     for i in range(WINDOWS)]
     return result
 
 
 # -- the ceiling --------------------------------------------------------------------------
+
+
+def run_watching_rss(proc: Proc, targets: list[Callable[[], None]]) -> float:
+    """Run each target in its own thread until all end; the server's peak RSS (MB) meanwhile."""
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    peak = 0.0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, proc.rss_mb())
+        time.sleep(0.25)
+    return peak
 
 
 def ceiling(bundle: Path, jpeg: bytes, seconds: float) -> tuple[float, int, float, int]:

@@ -99,15 +99,7 @@ def overload(proc: serve_load.Proc, jpeg: bytes, clients: int, seconds: float) -
             time.sleep(0.05)
         conn.close()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    threads.append(threading.Thread(target=health, daemon=True))
-    for t in threads:
-        t.start()
-    peak = 0.0
-    while any(t.is_alive() for t in threads):
-        peak = max(peak, proc.rss_mb())
-        time.sleep(0.25)
-    return tally, peak
+    return tally, serve_load.run_watching_rss(proc, [client] * clients + [health])
 
 
 def recover(proc: serve_load.Proc, baseline: float, seconds: float) -> tuple[float, float | None]:
