@@ -22,6 +22,7 @@ Goal (issue 10): (a) >= (b).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
@@ -30,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from _digits import write_digits
 from PIL import Image
 from torchvision.transforms import v2
 
 import lensforge
+from lensforge.config import TrainConfig
 from lensforge.data.formats import read_dataset
 from lensforge.data.split import load_split
 from lensforge.hardware import cpu_count, describe
@@ -86,10 +87,20 @@ def plain_loop(root: Path, split_file: Path, size: int, epochs: int, max_steps: 
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    out = {}
+    """``key=value`` pairs typed as the TrainConfig field says (``lr=1e-4`` a float, ``precision=32`` a string)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
     for item in items:
         key, _, value = item.partition("=")
-        out[key] = yaml.safe_load(value)  # numbers, booleans and strings as a YAML config would read them
+        kind = types.get(key, "str")
+        if kind.startswith("float"):
+            out[key] = float(value)
+        elif kind.startswith("int"):
+            out[key] = int(value)
+        elif kind.startswith("bool"):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            out[key] = value
     return out
 
 
