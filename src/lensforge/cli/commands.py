@@ -20,7 +20,7 @@ from lensforge.cli.console import ConsoleReporter, console
 from lensforge.errors import ConfigError, DataError
 from lensforge.runtime.results import DetectionResult
 
-EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve", "all")
+EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve", "kserve", "all")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -219,6 +219,7 @@ def default_export_dir(bundle: Path, target: str) -> Path:
         "onnx-int8": bundle.with_name(f"{bundle.name}-int8"),
         "triton": bundle.parent / "triton",
         "torchserve": bundle.parent / "torchserve",
+        "kserve": bundle.parent / "kubernetes",
         "all": bundle.parent / "exports",
     }[target]
 
@@ -255,6 +256,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         from lensforge.export.triton import export_triton
 
         written = export_triton(bundle.path, out, name=args.name, overwrite=args.overwrite)
+    elif args.to == "kserve":
+        from lensforge.export.kserve import export_kserve
+
+        written = export_kserve(bundle, out, name=args.name, image=args.image, memory=args.memory, cpus=args.cpus,
+                                replicas=args.replicas, overwrite=args.overwrite)
+        console.print(f"[bold cyan]›[/] Written: {escape(str(written))} (kubectl apply -f it; see its README.md)")
+        return 0
     else:
         from lensforge.export.torchserve import export_torchserve
 

@@ -228,19 +228,26 @@ def add_evaluate(sub: Any) -> None:
 
 
 def add_export(sub: Any) -> None:
-    x = sub.add_parser("export", help="fp16 / int8 ONNX, a Triton model repository, or a TorchServe archive",
+    x = sub.add_parser("export", help="fp16 / int8 ONNX, a Triton model repository, a TorchServe archive, or Kubernetes / KServe manifests",
                        description="Export BUNDLE to another target. Every export is checked against the model it "
                                    "came from; int8 is refused when it loses more than --max-drop points of accuracy.")
     x.add_argument("bundle")
     x.add_argument("--to", required=True, choices=commands.EXPORT_TARGETS)
     x.add_argument("--out", help="output directory (default: beside the bundle)")
-    x.add_argument("--name", help="model name for Triton / TorchServe (default: the bundle's directory name)")
+    x.add_argument("--name", help="model name for Triton / TorchServe / KServe (default: the bundle's directory name)")
     x.add_argument("--calib", type=positive_int, default=200, help="int8: calibration images from the training split (default 200)")
     x.add_argument("--calib-dir", help="int8: calibrate on the images in this folder instead")
     x.add_argument("--max-drop", type=finite_float, default=1.0, help="int8: refuse if accuracy drops more points than this (default 1.0)")
     x.add_argument("--force", action="store_true", help="int8: keep the model even past --max-drop")
     x.add_argument("--method", choices=("static", "dynamic"), default="static", help="int8 quantisation (default static QDQ)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    k = x.add_argument_group("kserve (Kubernetes Deployment + Service + PDB, KServe InferenceService, HPA)")
+    k.add_argument("--image", default="lensforge-serve:latest",
+                   help="serving image built from the repo's Dockerfile, as the cluster pulls it (default lensforge-serve:latest)")
+    k.add_argument("--memory", metavar="QUANTITY",
+                   help="memory request and limit, e.g. 2Gi (default: estimated from the model size and the decode budget)")
+    k.add_argument("--cpus", type=positive_int, default=2, help="CPU request and limit per pod, and serve --threads (default 2)")
+    k.add_argument("--replicas", type=positive_int, default=2, help="pods (and the autoscaler's minimum; default 2)")
     x.set_defaults(func=commands.cmd_export)
 
 
