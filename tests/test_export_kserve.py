@@ -195,3 +195,15 @@ def test_cli_writes_then_refuses_bad_input_in_one_line(bundle: Path, tmp_path: P
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
     code, o, err = run_cli(["export", bundle, "--to", "kserve", "--out", dest, "--overwrite", "--replicas", "4"], capsys)
     assert code == 0 and load(dest, "deployment.yaml")["spec"]["replicas"] == 4
+
+
+def test_readme_scaling_out_commands_parse_and_match_the_manifests() -> None:
+    """The README documents no flag that does not exist, and the serve line it quotes is the one generated."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    export_line = next(ln for ln in section.splitlines() if ln.startswith("lensforge export"))
+    args = build_parser().parse_args(export_line.split()[1:])
+    assert args.to == "kserve"
+    quoted = re.search(r"`(lensforge serve [^`]+)`", section).group(1).split()
+    assert quoted == kserve.serve_args("photos-classify", 2)
+    assert f"{kserve.DRAIN_S + kserve.GRACE_S + kserve.GRACE_MARGIN_S} = drain {kserve.DRAIN_S}" in section

@@ -182,7 +182,7 @@ def k8s_name(served: str) -> str:
 
 def serve_args(served: str, cpus: int) -> list[str]:
     """The ``lensforge serve`` command line in the container (tests parse it with the real CLI)."""
-    return ["lensforge", "serve", BUNDLE_MOUNT, "--name", served, "--host", "0.0.0.0", "--port", str(PORT),
+    return ["lensforge", "serve", BUNDLE_MOUNT, "--host", "0.0.0.0", "--port", str(PORT), "--name", served,
             "--threads", str(cpus), "--drain", str(DRAIN_S), "--grace", str(GRACE_S)]
 
 
