@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from serving import LiveServer, conv_bundle
 
 from lensforge.cli import main
 from lensforge.cli.options import build_parser
@@ -19,7 +20,6 @@ from lensforge.errors import ExportError
 from lensforge.export import kserve
 from lensforge.export.kserve import export_kserve, memory_budget, validate
 from lensforge.runtime import load_bundle
-from serving import LiveServer, conv_bundle
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lensforge"
 
@@ -135,7 +135,7 @@ def test_probe_paths_and_metrics_answer_on_the_real_app(out: Path, bundle: Path)
         for path in paths:
             assert requests.get(s.url + path, timeout=10).status_code == 200, path
         body = requests.get(s.url + annotations["prometheus.io/path"], timeout=10).text
-        assert re.search(rf'^{metric}\{{model="{re.escape(args.name[0])}"\}} ', body, re.M), body[:500]
+        assert re.search(rf'^{metric}\{{model="{re.escape(args.name[0])}"\}} ', body, re.MULTILINE), body[:500]
         # the v2 route the InferenceService is for, under the served name
         assert requests.get(f"{s.url}/v2/models/{args.name[0]}/ready", timeout=10).status_code == 200
 
@@ -193,7 +193,7 @@ def test_cli_writes_then_refuses_bad_input_in_one_line(bundle: Path, tmp_path: P
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
-    code, o, err = run_cli(["export", bundle, "--to", "kserve", "--out", dest, "--overwrite", "--replicas", "4"], capsys)
+    code, _, err = run_cli(["export", bundle, "--to", "kserve", "--out", dest, "--overwrite", "--replicas", "4"], capsys)
     assert code == 0 and load(dest, "deployment.yaml")["spec"]["replicas"] == 4
 
 

@@ -102,7 +102,7 @@ def export_kserve(
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     budget = memory_budget(b)
     if memory is not None:
-        request = limit = parse_quantity(memory)
+        request = parse_quantity(memory)
         if request < budget["loaded_mib"] * MIB:
             raise ExportError(f"--memory {memory} is below the {budget['loaded_mib']} MiB the server needs to load "
                               f"{b.model_path.name}; the pod would be OOM-killed at start")
