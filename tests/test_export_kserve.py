@@ -180,7 +180,7 @@ def run_cli(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int
 def test_cli_writes_then_refuses_bad_input_in_one_line(bundle: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     dest = tmp_path / "k"
-    code, o, err = run_cli(["export", bundle, "--to", "kserve", "--out", dest, "--replicas", "3"], capsys)
+    code, _, err = run_cli(["export", bundle, "--to", "kserve", "--out", dest, "--replicas", "3"], capsys)
     assert code == 0, err
     assert load(dest, "deployment.yaml")["spec"]["replicas"] == 3
     for argv, words in [
@@ -189,7 +189,7 @@ def test_cli_writes_then_refuses_bad_input_in_one_line(bundle: Path, tmp_path: P
         (["export", bundle, "--to", "kserve", "--out", tmp_path / "y", "--memory", "lots"], "invalid memory"),
         (["export", bundle, "--to", "kserve", "--out", tmp_path / "z", "--memory", "16Mi"], "OOM"),
     ]:
-        code, o, err = run_cli(argv, capsys)
+        code, _, err = run_cli(argv, capsys)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
