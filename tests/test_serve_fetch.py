@@ -36,7 +36,7 @@ from serving import LiveServer
 from lensforge.errors import ConfigError, RequestError
 from lensforge.runtime import DetectionResult
 from lensforge.serve import create_app, fetch, inputs
-from lensforge.serve.app import seed_preds
+from lensforge.serve.seed import seed_preds
 
 CAP = 1_000_000  # body/image cap of the live test servers
 SMALL_CAP = 200_000  # cap of the unit fetches (U12/U13 need little traffic)

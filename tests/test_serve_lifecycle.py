@@ -29,7 +29,7 @@ import uvicorn
 from PIL import Image
 
 from lensforge.errors import BundleError
-from lensforge.serve import admission, create_app, dialects, lifecycle
+from lensforge.serve import admission, create_app, dialects, lifecycle, signals
 from serving import conv_bundle, raw_exchange
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,7 +408,7 @@ def test_draining_flag_answers_503_and_not_ready(shapes_bundle: Path) -> None:
     app = create_app([shapes_bundle])
     with ThreadServer(app) as s:
         wait_for(s.url + "/readyz")
-        app.state.server.draining = True
+        app.state.server.start_draining()
         ready = requests.get(s.url + "/readyz", timeout=5)
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
         r = requests.post(s.url + "/predict", data=jpeg(), timeout=5)
@@ -426,7 +426,7 @@ def test_draining_reads_the_body_before_closing(shapes_bundle: Path) -> None:
     body = jpeg()
     with ThreadServer(app) as s:
         wait_for(s.url + "/readyz")
-        app.state.server.draining = True
+        app.state.server.start_draining()
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
             c.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
@@ -568,6 +568,10 @@ def test_uvicorn_refuses_nothing_itself() -> None:
 class FakeServer:
     draining = False
 
+    def start_draining(self) -> bool:
+        first, self.draining = not self.draining, True
+        return first
+
 
 @pytest.mark.parametrize(("previous", "drains", "handed_on"), [("recorder", True, True), (signal.SIG_IGN, False, False)])
 def test_drain_on_signal_chains_in_front_of_the_handler(previous: object, drains: bool, handed_on: bool) -> None:
@@ -579,7 +583,7 @@ def test_drain_on_signal_chains_in_front_of_the_handler(previous: object, drains
     server = FakeServer()
 
     async def main() -> tuple[bool, int]:
-        undo = lifecycle.drain_on_signal(server, drain_s=0.2)  # type: ignore[arg-type]
+        undo = signals.drain_on_signal(server.start_draining, drain_s=0.2)
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             await asyncio.sleep(0.05)
@@ -601,13 +605,16 @@ def test_drain_with_default_handler_still_terminates() -> None:
     # under a server that left SIGTERM at its default, the drain must not swallow the signal
     code = """
 import asyncio, os, signal
-from lensforge.serve import lifecycle
+from lensforge.serve import signals
 
 class S:
     draining = False
+    def start_draining(self):
+        first, self.draining = not self.draining, True
+        return first
 
 async def main(s):
-    lifecycle.drain_on_signal(s, drain_s=0.1)
+    signals.drain_on_signal(s.start_draining, drain_s=0.1)
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.sleep(0.05)
     print("draining", s.draining, flush=True)

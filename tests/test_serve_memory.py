@@ -14,7 +14,7 @@ import pytest
 
 from lensforge.runtime import Predictor
 from lensforge.serve import memory
-from lensforge.serve.app import smallest_input
+from lensforge.serve.server import smallest_input
 from serving import conv_bundle
 
 
@@ -87,7 +87,7 @@ def test_shrink_and_trim_return_the_arena(tmp_path: Path) -> None:
     for _ in range(3):
         predictor.run_many([x] * 32)
     grown = rss_mb()
-    memory.shrink_arena(predictor, x)
+    predictor.release_memory()
     memory.malloc_trim()()  # type: ignore[misc]
     after = rss_mb()
     assert grown - before > 20, (before, grown)  # the batches' activations: ~45 MB at batch 32

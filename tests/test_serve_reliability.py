@@ -33,7 +33,7 @@ from serving import LiveServer, raw_exchange
 from lensforge.data.image import DEFAULT_MAX_PIXELS
 from lensforge.runtime import Predictor
 from lensforge.serve import create_app
-from lensforge.serve.app import MAX_ASPECT
+from lensforge.serve.server import MAX_ASPECT
 from lensforge.serve.inputs import MAX_FORM_FIELDS, MAX_FORM_FILES, MAX_MULTIPART_SLACK
 
 CAP = 4_000_000  # body cap: over Starlette's 1 MB spool size, so M5's upload is spooled to disk
@@ -215,7 +215,7 @@ TOO_LARGE = "image too large"
 
 # (id, image bytes, status, message fragment or None for 200). 200 cases must give the scores
 # the in-process Predictor gives on the same bytes; the message of an error case must contain
-# the fragment. I5: the server's aspect cap (serve.app.MAX_ASPECT); I6: 1x1 and 2x2 are valid
+# the fragment. I5: the server's aspect cap (serve.server.MAX_ASPECT); I6: 1x1 and 2x2 are valid
 # input (data/image.py MIN_SIDE = 1); I7: frame 0 only; I10: Pillow's PNG text limits
 # (MAX_TEXT_CHUNK per chunk, MAX_TEXT_MEMORY in all) are 413, smaller text is ignored.
 # I8's I and F modes cannot travel in any allowed format (only TIFF holds them): they are 415

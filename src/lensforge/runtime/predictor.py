@@ -22,6 +22,7 @@ from lensforge.errors import BundleError, ImageError, ProviderError
 from lensforge.hardware import cpu_count, cpu_model
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.cache import cache_root
+from lensforge.runtime.explain import CamExplainer, Explanation, check_method
 from lensforge.runtime.preprocess import DetectSpec, InputSpec
 from lensforge.runtime.runners import (
     ClassifierRunner,
@@ -58,6 +59,7 @@ INSTALL_HINTS = {
     "ROCMExecutionProvider": "install onnxruntime-rocm (AMD GPUs) for rocm",
     "MIGraphXExecutionProvider": "install onnxruntime-migraphx (AMD GPUs) for migraphx",
 }
+ARENA_SHRINK_OPTION = "memory.enable_memory_arena_shrinkage"  # run option; "cpu:0" shrinks the CPU arena
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,  # constant folding, redundant nodes
@@ -117,6 +119,8 @@ class Predictor:
         opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         self.optimized_path: Path | None = None  # the cached optimised graph this session came from
         self.session = self._open(opts, wanted, optimization, cache_optimized)
+        self._opts = opts
+        self._explainer: CamExplainer | None = None  # explain.onnx's session, opened by the first explain()
         self.providers: list[str] = list(self.session.get_providers())
         failed = [p for p in wanted if p not in self.providers]
         if failed and not fallback:  # e.g. onnxruntime-gpu installed but no CUDA libraries: ORT falls back by itself
@@ -249,6 +253,18 @@ class Predictor:
             raise TypeError("a detector's result() needs the prepared input the output came from")
         return self.runner.result(output, prepared)
 
+    def release_memory(self) -> None:
+        """Hand back onnxruntime's CPU arena: one run of an all-zero input of the model's
+        smallest size with the ``memory.enable_memory_arena_shrinkage`` run option, after which
+        the arena frees every region no tensor uses (it otherwise keeps the largest batch's
+        activations for good). Costs one small inference; the next large batch regrows the
+        arena. Call it where this model's batches run (the server's idle trim does), so it
+        never competes with one."""
+        side = self.detect_spec.min_size if self.detect_spec is not None else self.spec.size  # type: ignore[union-attr]
+        options = ort.RunOptions()
+        options.add_run_config_entry(ARENA_SHRINK_OPTION, "cpu:0")
+        self.session.run(None, {self.input_name: np.zeros((1, 3, side, side), np.float32)}, options)
+
     # -- convenience ----------------------------------------------------------------------
 
     def predict(self, source: ImageSource) -> Result:
@@ -297,6 +313,23 @@ class Predictor:
         outputs = iter(self.run_many(ok))
         for src, item in zip(chunk, items):
             yield src, (item if isinstance(item, ImageError) else self.result(next(outputs), item))
+
+    # -- explanations (classifiers with an explain graph: see lensforge.runtime.explain) -------
+
+    def explain(self, source: ImageSource, label: str | int | None = None) -> Explanation:
+        """Why the model scores ``label`` (default: its top label) for this image: the exact
+        class activation map from the bundle's ``explain.onnx``, float32 (H, W) in [0, 1] at the
+        image's resolution. A bundle without the graph raises BundleError saying how to add it."""
+        return self.explain_labels(source, None if label is None else [label])[0]
+
+    def explain_labels(self, source: ImageSource, labels: Sequence[str | int] | None = None, k: int = 1,
+                       method: str = "auto") -> list[Explanation]:
+        """Explanations of ``labels`` (names or indices; default the top ``k``) from one run of
+        the explain graph. ``method``: "auto" or "cam" (the others need torch)."""
+        check_method(method)
+        if self._explainer is None:
+            self._explainer = CamExplainer(self.bundle, lambda path: self._session(path, self._opts, self.providers))
+        return self._explainer.explain(self.load(source), labels, k)
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.bundle.path)!r}, task={self.bundle.task}, classes={len(self.classes)}, "

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lensforge.serve.dialects import dialect_of, error_response
 
 if TYPE_CHECKING:
-    from lensforge.serve.app import Server
+    from lensforge.serve.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,12 @@ class Admission:
             await refusal(scope, tracked_receive, closing_send)
             return
         self.inflight += 1
-        self.server.activity += 1  # starts and ends of requests: the idle memory trim watches it (serve/memory.py)
+        self.server.request_started()  # starts and ends of requests: the idle memory trim watches them (serve/memory.py)
         try:
             await self.app(scope, tracked_receive, closing_send)
         finally:
             self.inflight -= 1
-            self.server.activity += 1
+            self.server.request_ended()
 
     async def _drop_body(self, receive: Receive) -> None:
         """Read the rest of the request body and drop it (bounded by the request deadline)."""

@@ -28,7 +28,6 @@ from starlette.routing import Route
 from lensforge import __version__
 from lensforge.errors import RequestError
 from lensforge.runtime.results import DetectionResult
-from lensforge.serve import inputs
 from lensforge.serve.batching import unavailable
 from lensforge.serve.kserve_wire import (
     HEADER_LENGTH,
@@ -44,7 +43,7 @@ from lensforge.serve.kserve_wire import (
 
 if TYPE_CHECKING:
     from lensforge.runtime.predictor import Result
-    from lensforge.serve.app import Model, Server
+    from lensforge.serve.server import Model, Server
 
 VERSION = "1"  # bundles carry no version of their own; one per served name
 EXTENSIONS = ["classification", "model_configuration", "binary_tensor_data"]
@@ -131,7 +130,7 @@ class KServe:
         model = self._model(request)
         sig = self.signature(model)
         s = self.server.settings
-        body = await inputs.read_body(request, s.max_body_bytes, s.timeout_s)
+        body = await self.server.read_body(request)
         loop = asyncio.get_running_loop()
         # JSON of up to max_body_bytes (millions of numbers): parsed in the pool, never on the event loop
         req = await loop.run_in_executor(self.server.decode_pool, parse_request, body,
@@ -163,7 +162,7 @@ class KServe:
             rows = list(req.tensor)  # type: ignore[arg-type]
             outputs = await asyncio.gather(*(model.batcher.submit(x, deadline) for x in rows),
                                            return_exceptions=True)
-            answers = [o if isinstance(o, BaseException) else model.predictor.result(o, x)
+            answers = [o if isinstance(o, BaseException) else self.server.result(model, o, x)
                        for o, x in zip(outputs, rows)]
         for i, answer in enumerate(answers):
             if isinstance(answer, RequestError):

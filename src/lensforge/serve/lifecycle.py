@@ -24,23 +24,30 @@
   uvicorn's ``limit_concurrency`` stays off: it refuses health checks too, as plain text
   without ``Retry-After``; the app's :class:`~lensforge.serve.admission.Admission` limits
   requests in flight instead (O13) and says ``Connection: close`` while draining (O14).
+- **Port (O4)**: :func:`serve` binds the port itself before uvicorn starts, so a port in use
+  is one :class:`~lensforge.errors.ConfigError` line naming it, and hands what it is about
+  to serve (:class:`Started`) to its caller's ``announce`` (the CLI prints it).
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
-import threading
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import uvicorn
+from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors import Multiprocess
 
 try:
     import fcntl
@@ -50,19 +57,16 @@ except ImportError:  # Windows: no FIONREAD on sockets through fcntl; shutdown c
 
 from lensforge.errors import BundleError, ConfigError
 from lensforge.hardware import cpu_count
+from lensforge.runtime import Predictor, load_bundle
 from lensforge.serve import memory
-
-if TYPE_CHECKING:
-    import uvicorn
-    from starlette.applications import Starlette
-
-    from lensforge.serve.app import Server
+from lensforge.serve.app import create_app
+from lensforge.serve.server import Model, Settings
+from lensforge.serve.signals import DRAIN_S
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "LENSFORGE_SERVE_CONFIG"  # JSON handed from the supervisor to its worker processes
 APP_FACTORY = "lensforge.serve.lifecycle:app_from_env"
-DRAIN_S = 1.0  # after SIGTERM: /readyz says 503 this long before the port closes (LB deregistration)
 GRACE_S = 30.0  # then: accepted requests may take this long to finish before they are cancelled
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; h11 answers 400 above it (B7)
 MAX_HEADERS = 100  # the same cap as http.client's
@@ -86,8 +90,6 @@ def check_bundles(bundles: Sequence[str | os.PathLike[str]] | Mapping[str, str |
     The message is one line: the file and the cause (empty file, or onnxruntime's first line),
     never a traceback.
     """
-    from lensforge.runtime import Predictor, load_bundle
-
     paths = list(bundles.values()) if isinstance(bundles, Mapping) else list(bundles)
     for path in paths:
         bundle = load_bundle(path)  # bad metadata, a missing or empty model file: a BundleError naming it
@@ -109,56 +111,9 @@ def worker_threads(threads: int | None, workers: int) -> int | None:
     return max(1, cpu_count() // workers)
 
 
-def drain_on_signal(server: Server, drain_s: float = DRAIN_S) -> Callable[[], None]:
-    """Chain a drain step in front of uvicorn's SIGTERM/SIGINT handlers; returns an undo.
-
-    Called from the app's lifespan, i.e. after uvicorn installed its handlers. The first
-    signal sets ``server.draining`` (readiness 503, new requests 503) and hands the signal to
-    uvicorn ``drain_s`` later; a second signal is handed on at once (SIGINT twice forces exit).
-    Does nothing outside the main thread (tests that run uvicorn in a thread).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    loop = asyncio.get_running_loop()
-    previous: dict[int, Any] = {}
-
-    def hand_on(sig: int, frame: FrameType | None) -> None:
-        handler = previous[sig]
-        if callable(handler):
-            handler(sig, frame)
-        elif handler == signal.SIG_DFL:  # not under uvicorn's handlers: the default action, now
-            signal.signal(sig, signal.SIG_DFL)
-            signal.raise_signal(sig)
-
-    def handle(sig: int, frame: FrameType | None) -> None:
-        if previous[sig] == signal.SIG_IGN:
-            return
-        if server.draining:
-            hand_on(sig, frame)
-            return
-        server.draining = True
-        log.info("received %s: draining (readiness 503, new requests 503), stopping in %.1f s",
-                 signal.Signals(sig).name, drain_s)
-        # from a signal handler: wake the loop through its self-pipe, then wait drain_s
-        loop.call_soon_threadsafe(loop.call_later, drain_s, hand_on, sig, None)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handle)
-
-    def undo() -> None:
-        for sig, handler in previous.items():
-            if signal.getsignal(sig) is handle:
-                signal.signal(sig, handler)
-
-    return undo
-
-
 def build_app(config: RunConfig) -> Starlette:
     """The app for one process, with its drain delay."""
-    from lensforge.serve.app import create_app
-
-    app = create_app(config.bundles, **config.options)
-    app.state.server.drain_s = config.drain_s
+    app = create_app(config.bundles, drain_s=config.drain_s, **config.options)
     app.add_middleware(HeadLimit)
     return app
 
@@ -281,8 +236,6 @@ def uvicorn_config(
     """uvicorn settings shared by ``serve`` and the tests: h11 with a head cap and a head
     deadline, keep-alive timeout, graceful-shutdown grace. limit_concurrency: uvicorn's own
     cap (off by default, see the module docstring)."""
-    import uvicorn
-
     config = uvicorn.Config(
         app, host=host, port=port, workers=workers, log_level=log_level, lifespan="on",
         http=HTTP_PROTOCOL,  # h11's limits are the ones we set and test (B7/B8); httptools would ignore them
@@ -294,7 +247,43 @@ def uvicorn_config(
     return config
 
 
-def run(
+@dataclass(frozen=True)
+class Started:
+    """What :func:`serve` is about to serve, once its port is bound (for the CLI's start-up text)."""
+
+    url: str  # e.g. http://127.0.0.1:8000 (a wildcard host shown as 127.0.0.1)
+    host: str  # as bound, e.g. 0.0.0.0
+    models: list[Model]  # name, bundle (task, classes), input_size; loaded in the background
+    settings: Settings  # the limits in force in each worker
+    workers: int
+    threads: int  # onnxruntime intra-op threads per model in each worker
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port``, as uvicorn binds it (SO_REUSEADDR,
+    inheritable for workers); a :class:`ConfigError` line when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} is already in use on {host}; stop what listens there or choose "
+                              "another with --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def base_url(host: str, port: int) -> str:
+    """The URL a browser on this machine opens: a wildcard address becomes 127.0.0.1."""
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def serve(
     bundles: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]],
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -304,17 +293,17 @@ def run(
     drain_s: float = DRAIN_S,
     grace_s: float = GRACE_S,
     log_level: str = "info",
+    announce: Callable[[Started], None] | None = None,
     **options: Any,
 ) -> None:
     """Serve ``bundles`` until SIGTERM/SIGINT, then drain and return (the process exits 0).
 
     workers: processes (uvicorn's supervisor restarts one that dies). strict: see
-    :func:`resolve_strict`. drain_s / grace_s: see the module docstring.
+    :func:`resolve_strict`. drain_s / grace_s: see the module docstring. announce: called
+    once the port is bound and the app built, before requests are served.
     options: :func:`~lensforge.serve.app.create_app`'s keyword arguments (``max_inflight``
-    bounds the requests in flight per worker).
+    bounds the requests in flight per worker). A port in use: :class:`ConfigError`.
     """
-    import uvicorn
-
     if workers < 1 or drain_s < 0 or grace_s <= 0:
         raise ConfigError(f"need workers >= 1, drain_s >= 0, grace_s > 0; got {workers}, {drain_s}, {grace_s}")
     memory.configure_malloc()  # O15: before any thread starts (serve/memory.py)
@@ -324,28 +313,32 @@ def run(
     options = dict(options, threads=worker_threads(options.get("threads"), workers))
     named = ({k: str(v) for k, v in bundles.items()} if isinstance(bundles, Mapping) else [str(b) for b in bundles])
     config = RunConfig(named, options, drain_s)
-    if workers == 1:
-        app: Any = build_app(config)
-        uv = uvicorn_config(app, host, port, log_level=log_level, grace_s=grace_s)
-    else:
-        build_app(config)  # fail here, once, on bad options or metadata rather than in N workers
-        os.environ[ENV_VAR] = json.dumps(asdict(config), default=str)  # inherited by the spawned workers (paths as text)
-        uv = uvicorn_config(APP_FACTORY, host, port, workers=workers, factory=True, log_level=log_level,
-                            grace_s=grace_s)
-    # uvicorn re-raises the signal it stopped on once it has shut down; with the default
-    # handlers that would kill us by SIGTERM (or raise KeyboardInterrupt) after a clean drain
-    saved = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
+    app: Any = build_app(config)  # with workers: fail here, once, on bad options or metadata rather than in N workers
+    sock = bind(host, port)
     try:
         if workers == 1:
-            uvicorn.Server(uv).run()
+            uv = uvicorn_config(app, host, port, log_level=log_level, grace_s=grace_s)
         else:
-            from uvicorn.supervisors import Multiprocess
-
-            sock = uv.bind_socket()
-            Multiprocess(uv, sockets=[sock]).run()
+            os.environ[ENV_VAR] = json.dumps(asdict(config), default=str)  # inherited by the spawned workers (paths as text)
+            uv = uvicorn_config(APP_FACTORY, host, port, workers=workers, factory=True, log_level=log_level,
+                                grace_s=grace_s)
+        if announce is not None:
+            server = app.state.server
+            announce(Started(base_url(host, port), host, list(server.models.values()), server.settings, workers,
+                             server.settings.threads or cpu_count()))
+        # uvicorn re-raises the signal it stopped on once it has shut down; with the default
+        # handlers that would kill us by SIGTERM (or raise KeyboardInterrupt) after a clean drain
+        saved = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if workers == 1:
+                uvicorn.Server(uv).run(sockets=[sock])
+            else:
+                Multiprocess(uv, sockets=[sock]).run()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        sock.close()
 
 
 def _ignore(sig: int, frame: FrameType | None) -> None:

@@ -5,8 +5,9 @@ things keep that memory after the burst, so RSS would stay at its peak for good:
 
 - onnxruntime's CPU arena grows to the largest batches it ran and never shrinks by itself.
   Turning it off makes batches of 16 ~40 % slower (every run page-faults its activations afresh), so
-  instead, when the server goes idle, each model makes one smallest run with the
-  ``memory.enable_memory_arena_shrinkage`` run option: the arena frees every region not in use.
+  instead, when the server goes idle, each model calls
+  :meth:`~lensforge.runtime.Predictor.release_memory` (one smallest run with onnxruntime's
+  arena-shrink run option): the arena frees every region not in use.
 - glibc keeps freed memory in its heaps (one arena per thread that allocated: the decode pool,
   the inference threads, the event loop); ``malloc_trim(0)`` hands the free pages back. What
   it cannot hand back are pages that one small live object pins; :func:`configure_malloc`
@@ -34,19 +35,11 @@ import logging
 import os
 import platform
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
-
-import numpy as np
-import onnxruntime as ort
-
-if TYPE_CHECKING:
-    from lensforge.runtime import Predictor
 
 log = logging.getLogger(__name__)
 
 IDLE_S = 2.0  # no request for this long after some activity: trim
 CHECK_S = 1.0  # how often the server's activity is looked at
-SHRINK_OPTION = "memory.enable_memory_arena_shrinkage"  # onnxruntime run option: "cpu:0" shrinks the CPU arena
 
 
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (glibc's malloc.h)
@@ -93,18 +86,9 @@ async def release() -> None:
         await asyncio.get_running_loop().run_in_executor(None, trim)
 
 
-def shrink_arena(predictor: Predictor, x: np.ndarray) -> None:
-    """One run of ``x`` (a prepared input, unbatched) with onnxruntime's arena-shrink option:
-    the CPU arena gives back every region no tensor uses. Run it where the model's batches
-    run (its inference thread), so it never competes with one."""
-    options = ort.RunOptions()
-    options.add_run_config_entry(SHRINK_OPTION, "cpu:0")
-    predictor.session.run(None, {predictor.input_name: x[None]}, options)
-
-
 async def trim_when_idle(activity: Callable[[], int], shrink: Callable[[], Awaitable[None]],
                          idle_s: float = IDLE_S, check_s: float = CHECK_S) -> None:
-    """Run until cancelled: ``shrink()`` (the models' arenas) then :func:`release` each time
+    """Run until cancelled: ``shrink()`` (the server's: each model's ``release_memory``) then :func:`release` each time
     ``activity()`` (a count of request starts and ends) has moved since the last time and then
     stood still for ``idle_s`` (a request that takes longer holds the trim off until it ends)."""
     loop = asyncio.get_running_loop()

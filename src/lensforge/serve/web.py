@@ -21,7 +21,6 @@ Decoding, drawing and encoding run in the server's decode pool, never on the eve
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import math
@@ -39,10 +38,9 @@ from lensforge.errors import ImageError, RequestError
 from lensforge.runtime.draw import annotate, encode_image, fit_within
 from lensforge.runtime.predictor import Result
 from lensforge.serve import openapi
-from lensforge.serve.batching import unavailable
 
-if TYPE_CHECKING:  # app.py imports this module: no runtime import back
-    from lensforge.serve.app import Server
+if TYPE_CHECKING:
+    from lensforge.serve.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ def routes(server: Server) -> list[BaseRoute]:
 
 
 class Web:
-    """Handlers of the visual routes, around one :class:`~lensforge.serve.app.Server`."""
+    """Handlers of the visual routes, around one :class:`~lensforge.serve.server.Server`."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -80,13 +78,7 @@ class Web:
         model = server.model(request.path_params.get("model") or request.query_params.get("model"))
         data = await server.image_from(request, ("file",))
         result = await server.infer(model, data)  # same decode checks, batching and metrics as /predict
-        if server.decoding >= server.max_decoding:
-            raise unavailable("server busy: too many images being decoded")
-        server.decoding += 1
-        try:
-            body = await asyncio.get_running_loop().run_in_executor(server.decode_pool, render, data, result, fmt)
-        finally:
-            server.decoding -= 1
+        body = await server.decode(render, data, result, fmt)  # counted with the decodes (503 when busy)
         return Response(body, media_type=MEDIA_TYPES[fmt], headers={"Vary": "Accept", "Cache-Control": "no-store"})
 
     async def index(self, request: Request) -> Response:
