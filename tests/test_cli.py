@@ -542,6 +542,65 @@ def test_library_modules_leave_the_console_to_the_cli() -> None:
     assert offenders == []
 
 
+# -- issue 12: evaluate's advice, bench's export places, the README's examples.png ------------
+
+
+def test_evaluate_a_classifier_on_detection_data_suggests_what_evaluate_can_do(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lensforge.data.demo import make_demo_detection
+
+    data = make_demo_detection(env.tmp / "boxes", n_train=2, n_val=1, n_test=1, size=64, max_objects=1)
+    code, _, err = run_cli(["evaluate", env.bundle, data, "--out", env.tmp / "ev"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "is a detection dataset (roboflow-coco: boxes)" in err and "is a classify model" in err
+    assert "evaluate a detector bundle on it" in err
+    assert "task" not in err.replace("classify model", "")  # evaluate has no --task to suggest
+
+
+def test_evaluate_a_detector_on_class_folders_is_refused_with_what_to_do(env: Env) -> None:
+    from lensforge.cli.commands import check_data_fits
+    from lensforge.errors import DataError
+    from lensforge.runtime.bundle import Bundle
+
+    with pytest.raises(DataError, match="is a detector but .* is folders data without boxes: evaluate it on COCO"):
+        check_data_fits(Bundle(env.tmp / "det", {"task": "detect"}), str(env.shapes))
+    check_data_fits(Bundle(env.tmp / "cls", {"task": "classify"}), str(env.shapes))  # fits: nothing said
+
+
+def test_bench_looks_everywhere_export_writes(tmp_path: Path) -> None:
+    from lensforge.cli.commands import default_export_dir
+    from lensforge.export.bench import export_places
+
+    bundle = tmp_path / "run" / "bundle"
+    written = [default_export_dir(bundle, "onnx-fp16"), default_export_dir(bundle, "onnx-int8"),
+               *(default_export_dir(bundle, "all") / p for p in ("fp16", "int8"))]  # export_all's sub-folders
+    assert sorted(written) == sorted(export_places(bundle))
+
+
+def test_examples_png_shows_the_evaluated_split_as_the_readme_says(
+    detect_bundle: Path, detect_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lensforge.metrics import detection_plots
+
+    drawn: list[Path] = []
+    real = detection_plots.plot_detection_grid
+
+    def spy(records: list, *args: object, **kwargs: object) -> Path:
+        drawn.extend(Path(r.path) for r in records)
+        return real(records, *args, **kwargs)
+
+    monkeypatch.setattr(detection_plots, "plot_detection_grid", spy)
+    code, _, err = run_cli(["evaluate", detect_bundle, detect_dir, "--out", tmp_path / "ev", "--json"], capsys)
+    assert code == 0, err
+    assert drawn and {p.parent.name for p in drawn} == {"test"}  # the test split, not validation
+    assert (tmp_path / "ev" / "examples.png").is_file()
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "`examples.png`: up to 8 of the evaluated images (the test split" in readme
+    assert "grid of validation images" not in readme
+
+
 # -- train where nobody watches a terminal; Ctrl-C then --finish --------------------------------
 
 

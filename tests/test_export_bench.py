@@ -19,19 +19,32 @@ from lensforge.cli.render import print_bench as print_report
 from lensforge.errors import BundleError, ConfigError, DataError
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
+from lensforge.export import bench
 from lensforge.export.bench import (
     MODES,
     BenchReport,
     BenchRow,
     _accuracy,
     _Format,
+    _not_an_export_of,
     _recommend,
+    _seconds_left,
     _torch_eager,
     benchmark,
+    discover_exports,
+    export_places,
     generated_jpegs,
 )
+from lensforge.ui import Reporter
 
 TINY = {"seconds": 0.05, "batch_sizes": (1, 4), "threads": (1,)}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notes a test compares do not depend on how busy the test machine is
+    (test_a_busy_machine_is_reported sets the load itself)."""
+    monkeypatch.setattr(bench, "_load_average", lambda: None)
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +213,12 @@ def test_recommendation(int8_delta: float | None, expected: str) -> None:
     assert _recommend(rows, formats) == expected  # torch eager is never recommended: it is not a bundle
 
 
+def test_a_slower_format_that_keeps_accuracy_is_not_said_to_lose_it() -> None:
+    rows = _rows({("fp32", 8): 100.0, ("fp16", 8): 60.0})
+    assert _recommend(rows, [_fmt("fp32", 0.0), _fmt("fp16", 0.0)]) == (
+        "fp32, batch 8, 2 threads: 100.0 img/s end to end (fastest here; fp16 kept the accuracy but ran slower)")
+
+
 # -- the torch eager row -----------------------------------------------------------------------
 
 
@@ -348,3 +367,132 @@ def test_cli_bench_detector(detect_bundle: Path, capsys: pytest.CaptureFixture[s
     assert {(r["format"], r["batch"], r["mode"]) for r in report["rows"]} == {("fp32", 1, "model"), ("fp32", 1, "e2e")}
     assert report["metric"] == "mAP50" and report["recommendation"].startswith("fp32, batch 1, 1 thread: ")
     assert any(n.startswith("batch sizes 8 not timed") for n in report["notes"])
+
+
+# -- what export made is found and compared (issue 12) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_with_exports(shapes_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory: its bundle, a real fp16 export where ``export --to all`` writes it
+    (exports/fp16), and in bundle-int8 an int8 export of another model (other classes)."""
+    from lensforge.export.quantize import export_fp16
+
+    run = tmp_path_factory.mktemp("run-with-exports")
+    shutil.copytree(shapes_bundle, run / "bundle")
+    export_fp16(run / "bundle", run / "exports" / "fp16")
+    shutil.copytree(run / "exports" / "fp16", run / "bundle-int8")
+    meta = json.loads((run / "bundle-int8" / "lensforge.json").read_text())
+    meta.update(precision="int8", classes=["cat", "dog", "fox", "owl"], export={"int8": 99.0, "fp32": 99.0})
+    (run / "bundle-int8" / "lensforge.json").write_text(json.dumps(meta))
+    return run / "bundle"
+
+
+def test_bench_finds_the_exports_of_the_bundle(run_with_exports: Path) -> None:
+    r = benchmark([run_with_exports], torch_eager=False, **TINY)
+    assert r.formats == ["fp32", "fp16"], r.notes
+    fp16 = r.row("fp16", 1, 1, "e2e")
+    assert fp16 is not None and fp16.accuracy == load_bundle(run_with_exports.parent / "exports" / "fp16").meta["export"]["fp16"]
+    assert any(n.startswith("exports of bundle found and compared: exports/fp16") for n in r.notes), r.notes
+    assert any(n.startswith("bundle-int8 left out: its task and classes are not the bundle's") for n in r.notes), r.notes
+    assert r.recommendation.startswith(("fp32, batch", "fp16, batch"))  # chosen across both
+
+
+def test_no_discover_benches_only_the_bundles_given(run_with_exports: Path) -> None:
+    r = benchmark([run_with_exports], torch_eager=False, discover=False, seconds=0.01, batch_sizes=(1,), threads=(1,))
+    assert r.formats == ["fp32"] and r.notes == []
+
+
+def test_an_export_given_and_found_is_benched_once(run_with_exports: Path) -> None:
+    fp16 = run_with_exports.parent / "exports" / "fp16"
+    r = benchmark([run_with_exports, fp16], torch_eager=False, seconds=0.01, batch_sizes=(1,), threads=(1,))
+    assert r.formats == ["fp32", "fp16"]
+
+
+def test_cli_bench_finds_exports_unless_told_not_to(run_with_exports: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", str(run_with_exports), "--seconds", "0.01", "--threads", "1", "--batch-sizes", "1", "--no-torch", "--json"]
+    for extra, formats in (([], {"fp32", "fp16"}), (["--no-discover"], {"fp32"})):
+        assert main(argv + extra) == 0
+        assert {row["format"] for row in json.loads(capsys.readouterr().out)["rows"]} == formats
+
+
+def test_export_places_are_where_export_writes(tmp_path: Path) -> None:
+    bundle = tmp_path / "run" / "bundle"
+    assert export_places(bundle) == [tmp_path / "run" / "bundle-fp16", tmp_path / "run" / "bundle-int8",
+                                     tmp_path / "run" / "exports" / "fp16", tmp_path / "run" / "exports" / "int8"]
+
+
+SOURCE = Path("/runs/a/bundle")
+THIS = {"task": "classify", "classes": ["a", "b"], "input": {"size": 64}}
+EXPORT = {**THIS, "precision": "int8", "export": {"int8": 90.0}, "source_bundle": str(SOURCE)}
+
+
+@pytest.mark.parametrize(
+    ("meta", "why_not"),
+    [
+        (EXPORT, None),
+        ({**EXPORT, "precision": "fp16"}, None),
+        ({**EXPORT, "precision": "fp32"}, "not an fp16/int8 export"),
+        ({k: v for k, v in EXPORT.items() if k != "export"}, "not an fp16/int8 export"),
+        ({**EXPORT, "source_bundle": "/runs/b/bundle"}, "exported from /runs/b/bundle, not from /runs/a/bundle"),
+        ({k: v for k, v in EXPORT.items() if k != "source_bundle"}, "exported from an unknown bundle"),
+        ({**EXPORT, "classes": ["a", "c"]}, "its task and classes are not the bundle's"),
+        ({**EXPORT, "input": {"size": 96}}, "its input settings are not the bundle's"),
+    ],
+)
+def test_what_counts_as_an_export_of_the_bundle(meta: dict, why_not: str | None) -> None:
+    reason = _not_an_export_of(Bundle(Path("/runs/a/bundle-int8"), meta), Bundle(SOURCE, THIS))
+    assert reason == why_not if why_not is None else reason is not None and reason.startswith(why_not)
+
+
+def test_a_moved_run_still_finds_its_exports_by_their_weights(run_with_exports: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(run_with_exports.parent, moved)  # source_bundle still names the old place
+    found, notes = discover_exports(moved / "bundle")
+    assert [b.path for b in found] == [moved / "exports" / "fp16"], notes
+
+
+# -- the time it takes, and a busy machine -----------------------------------------------------
+
+
+class _Recorder(Reporter):
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.warnings: list[str] = []
+
+    def step(self, message: str) -> None:
+        self.steps.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def test_the_estimate_is_said_again_after_the_first_batch_size(shapes_bundle: Path) -> None:
+    ui = _Recorder()
+    benchmark([shapes_bundle], seconds=0.01, batch_sizes=(1, 2), threads=(1,), torch_eager=False, discover=False, reporter=ui)
+    again = [s for s in ui.steps if s.startswith("batch 1 × 1 thread(s) took ")]
+    assert len(again) == 1 and again[0].endswith("s more for the other 2 cells"), ui.steps
+
+
+def test_a_model_slower_than_the_budget_is_estimated_by_its_runs() -> None:
+    # 0.5 s per image at batch 8 = 4 s a call: 1 warm-up + 4 bursts of one call (+ pauses), not 0.1 s
+    left = _seconds_left([(1, 8, "model")], ["fp32"], {("fp32", "model"): 0.5}, seconds=0.1)
+    assert left == pytest.approx(4 + 4 * (bench.SWITCH_PAUSE + 4))
+    # 8 ms a call: each burst runs its 0.5 s budget (and half a call past it, on average)
+    timed = _seconds_left([(1, 8, "e2e")], ["fp32"], {("fp32", "e2e"): 1e-3}, seconds=2.0)
+    assert timed == pytest.approx(0.008 + 4 * (bench.SWITCH_PAUSE + 0.5 + 0.004))
+    # 80 µs a call: a burst stops at MAX_RUNS / 4 = 100 calls, long before its budget
+    capped = _seconds_left([(1, 8, "e2e")], ["fp32"], {("fp32", "e2e"): 1e-5}, seconds=2.0)
+    assert capped == pytest.approx(8e-5 + 4 * (bench.SWITCH_PAUSE + 100 * 8e-5))
+    # measured on 4 threads, the 1-thread cell is expected to take up to 4 times as long a call
+    one = _seconds_left([(1, 8, "model")], ["fp32"], {("fp32", "model"): 0.125}, seconds=0.1, measured_threads=4)
+    assert one == pytest.approx(4 + 4 * (bench.SWITCH_PAUSE + 4))
+
+
+@pytest.mark.parametrize(("load", "busy"), [(1e6, True), (0.0, False), (None, False)])
+def test_a_busy_machine_is_reported(shapes_bundle: Path, monkeypatch: pytest.MonkeyPatch, load: float | None, busy: bool) -> None:
+    monkeypatch.setattr(bench, "_load_average", lambda: load)
+    ui = _Recorder()
+    r = benchmark([shapes_bundle], seconds=0.01, batch_sizes=(1,), threads=(1,), torch_eager=False, discover=False, reporter=ui)
+    said = [n for n in r.notes if n.startswith("the machine is busy (load average")]
+    assert bool(said) is busy and bool(ui.warnings) is busy, (r.notes, ui.warnings)

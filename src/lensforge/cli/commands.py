@@ -114,13 +114,36 @@ def make_predictor(args: argparse.Namespace, bundle: Any) -> Any:
                      optimization=args.optimization, cache_optimized=args.cache_optimized)
 
 
+def check_data_fits(bundle: Any, data: str) -> None:
+    """A classifier on detection data or a detector on class labels is refused before reading it,
+    with what ``evaluate`` can do instead (the reader's own message suggests a task, which only
+    ``train`` chooses)."""
+    from lensforge.data.formats import DETECT_FORMATS, detect_format
+
+    path = Path(data).expanduser()
+    if not path.exists():
+        return  # evaluate says so, in its words
+    fmt = detect_format(path.absolute())
+    if (fmt in DETECT_FORMATS) == (bundle.task == "detect"):
+        return
+    if bundle.task == "detect":
+        raise DataError(f"{bundle.path} is a detector but {data} is {fmt} data without boxes: evaluate it on "
+                        "COCO, Roboflow COCO or YOLO annotations of its classes, or evaluate a classifier bundle on this data")
+    raise DataError(f"{data} is a detection dataset ({fmt}: boxes) but {bundle.path} is a {bundle.task} model: "
+                    f"evaluate a detector bundle on it (lensforge train {data} makes one), or evaluate this bundle "
+                    "on class folders or a CSV labelled with its classes")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from lensforge.evaluation import evaluate
+    from lensforge.runtime.bundle import load_bundle
 
-    res = evaluate(args.bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json),
-                   predictor=make_predictor(args, args.bundle), allow_outside_root=args.allow_outside_root)
+    bundle = load_bundle(args.bundle)
+    check_data_fits(bundle, args.data)
+    res = evaluate(bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json),
+                   predictor=make_predictor(args, bundle), allow_outside_root=args.allow_outside_root)
     if args.json:
         print(json.dumps(res.metrics.to_dict(), indent=2))
         return 0
@@ -274,13 +297,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lensforge.export.bench import benchmark
 
-    bundle = Path(args.bundle)
-    # the exports `lensforge export` writes beside a bundle are compared with it automatically
-    siblings = [default_export_dir(bundle, target) for target in ("onnx-fp16", "onnx-int8")]
-    bundles = [bundle, *(s for s in siblings if s.is_dir()), *(Path(b) for b in args.also)]
+    # the exports `lensforge export` wrote for this bundle are found and compared with it (--no-discover: not)
     report = benchmark(
-        bundles, batch_sizes=args.batch_sizes, threads=args.threads or None, seconds=args.seconds,
-        images=args.images or None, reporter=ConsoleReporter(quiet=args.json), torch_eager=not args.no_torch,
+        [Path(args.bundle), *(Path(b) for b in args.also)], batch_sizes=args.batch_sizes,
+        threads=args.threads or None, seconds=args.seconds, images=args.images or None,
+        reporter=ConsoleReporter(quiet=args.json), torch_eager=not args.no_torch, discover=not args.no_discover,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -253,7 +253,7 @@ def add_export(sub: Any) -> None:
 
 def add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="speed table: formats x batch sizes x threads, with accuracy and a recommendation",
-                       description="Measure BUNDLE (and its -fp16 / -int8 exports beside it) side by side: images/s and "
+                       description="Measure BUNDLE (and the fp16 / int8 exports lensforge export made of it) side by side: images/s and "
                                    "p50/p99 latency, model only and end to end (decode → preprocess → run → result), "
                                    "with each format's accuracy, then recommend the fastest that keeps accuracy.")
     b.add_argument("bundle")
@@ -264,6 +264,9 @@ def add_bench(sub: Any) -> None:
     b.add_argument("--images", action="append", metavar="PATH", help="images or folders for the end-to-end rows "
                                                                       "(default: the bundle's test split)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch eager row")
+    b.add_argument("--no-discover", action="store_true",
+                   help="only the bundles given (default: also BUNDLE's fp16/int8 exports where lensforge export "
+                        "writes them: BUNDLE-fp16, BUNDLE-int8, RUN/exports/fp16, RUN/exports/int8)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=commands.cmd_bench)
 

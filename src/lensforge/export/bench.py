@@ -17,12 +17,20 @@ neighbour on the machine slows all of them alike. Each format's accuracy comes f
 end-to-end setting whose accuracy is within :data:`ACCURACY_TOLERANCE` points of fp32's
 (detectors: their test mAP at IoU 0.5). No torch needed; a torch eager row is added only where
 torch (with timm or torchvision) and the weights allow.
+
+The exports ``lensforge export`` writes by default (:func:`export_places`: ``<bundle>-fp16``,
+``<bundle>-int8``, ``<run>/exports/fp16``, ``<run>/exports/int8``) are found and compared with
+the bundle unless ``discover=False``; one that is not an export of this bundle is left out with
+a note. The time announced at the start is re-estimated from the first batch size measured
+(slow models run at least 4 times per cell, whatever ``seconds`` says), and a load average
+above the machine's core count is reported: the numbers of a busy machine are low and noisy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import io
 import logging
@@ -37,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from lensforge.errors import ConfigError, DataError, ImageError
+from lensforge.errors import BundleError, ConfigError, DataError, ImageError
 from lensforge.hardware import cpu_count, describe
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
@@ -55,6 +63,7 @@ SWITCH_PAUSE = 0.02  # s between bursts, for onnxruntime's spinning worker threa
 ACCURACY_TOLERANCE = 1.0  # points: formats further below fp32 are never recommended
 GENERATED_IMAGES = 8  # 640×480 JPEGs when neither --images nor the bundle's test split is readable
 TORCH_LABEL = "torch eager"
+EXPORTED = ("fp16", "int8")  # precisions `lensforge export` writes as bundles (bench compares them)
 
 BundleLike = str | os.PathLike[str] | Bundle
 
@@ -139,6 +148,7 @@ def benchmark(
     images: Sequence[str | os.PathLike[str]] | None = None,
     reporter: Reporter | None = None,
     torch_eager: bool = True,
+    discover: bool = True,
 ) -> BenchReport:
     """Measure each bundle's speed, model only and end to end, side by side.
 
@@ -157,15 +167,28 @@ def benchmark(
     torch_eager: add a "torch eager" row when torch is installed and the baseline bundle's
         ``weights.safetensors`` rebuilds its model (skipped with a note otherwise); a detector's
         torch row takes the same prepared input as its Predictor.
+    discover: also compare the fp16/int8 exports of the first bundle found where ``lensforge
+        export`` writes them (:func:`discover_exports`); the report's notes say which.
 
-    Total time is about ``formats × len(batch_sizes) × len(threads) × 2 × seconds``.
+    Total time is about ``formats × len(batch_sizes) × len(threads) × 2 × seconds``, more for
+    models slower than ``seconds / 4`` per call: the estimate is said again after the first
+    batch size is measured.
     """
     ui = reporter or Reporter()
     asked = batch_sizes
     batch_sizes, thread_counts = _check_args(bundles, BATCH_SIZES if asked is None else asked, threads, seconds)
     loaded = [b if isinstance(b, Bundle) else load_bundle(b) for b in bundles]
-    single = _one_per_call(loaded)
     notes: list[str] = []
+    if discover:
+        found, skipped = discover_exports(loaded[0])
+        given = {b.path.resolve() for b in loaded}
+        found = [b for b in found if b.path.resolve() not in given]
+        loaded += found
+        notes += skipped
+        if found:
+            notes.append(f"exports of {loaded[0].path.name} found and compared: "
+                         f"{', '.join(_place(b, loaded[0]) for b in found)} (--no-discover: only the bundles given)")
+    single = _one_per_call(loaded)
     if single:
         if asked is not None and batch_sizes != [1]:
             notes.append(f"batch sizes {', '.join(str(n) for n in batch_sizes if n != 1)} not timed: detectors run "
@@ -187,25 +210,158 @@ def benchmark(
             formats.append(_Format(TORCH_LABEL, base.bundle, base.accuracy, 0.0, torch=True))
     prepared = [probe.prepare(b) for b in encoded]
 
-    cells = len(thread_counts) * len(batch_sizes) * len(MODES)
+    cells = [(t, n, mode) for t in thread_counts for n in batch_sizes for mode in MODES]
     ui.step(
         f"Benchmarking {', '.join(f.label for f in formats)} at batch {', '.join(map(str, batch_sizes))} "
         f"× {', '.join(map(str, thread_counts))} thread(s), model only and end to end "
-        f"(about {cells * len(formats) * seconds:.0f} s); end to end on {described}"
+        f"(about {len(cells) * len(formats) * seconds:.0f} s); end to end on {described}"
     )
+    busy = _busy()
+    if busy:
+        ui.warn(busy)
     rows: list[BenchRow] = []
-    with ui.track("Benchmarking", cells) as advance, _torch_threads_kept():
+    per_image: dict[tuple[str, str], float] = {}  # (format, mode) → seconds per image, measured
+    with ui.track("Benchmarking", len(cells)) as advance, _torch_threads_kept():
         for t in thread_counts:
             runners = _runners(formats, t, torch_run)  # BundleError for a model ORT cannot load
             for n in batch_sizes:
                 batch_bytes = [encoded[i % len(encoded)] for i in range(n)]
                 items = [prepared[i % len(prepared)] for i in range(n)]
                 batch = items[0] if single else np.stack(items)  # a detector call takes one (3, h, w) image
+                started = time.perf_counter()
                 for mode in MODES:
                     times = _measure(_calls(runners, mode, batch, batch_bytes), seconds)
                     rows += [_row(f, n, t, mode, times[f.label]) for f in formats]
+                    per_image.update({(f.label, mode): float(np.median(times[f.label])) / n for f in formats})
                     advance(1)
+                rest = cells[len(rows) // len(formats):]
+                if len(rows) == len(formats) * len(MODES) and rest:  # the first batch size: say again how long
+                    left = _seconds_left(rest, [f.label for f in formats], per_image, seconds, measured_threads=t)
+                    ui.step(f"batch {n} × {t} thread(s) took {time.perf_counter() - started:.1f} s: "
+                            f"about {left:.0f} s more for the other {len(rest)} cells")
+    busy = busy or _busy()  # the load at the end counts as well: other work may have started meanwhile
+    if busy:
+        notes.append(busy)
     return BenchReport(rows, describe(), _recommend(rows, formats), _metric(base.bundle)[1], described, notes)
+
+
+# -- finding the exports of a bundle -----------------------------------------------------------
+
+
+def export_places(bundle: str | os.PathLike[str]) -> list[Path]:
+    """Where ``lensforge export BUNDLE`` writes fp16/int8 bundles by default: ``--to onnx-fp16``
+    and ``--to onnx-int8`` beside the bundle (``<bundle>-fp16``, ``<bundle>-int8``), ``--to all``
+    in the run's ``exports/`` folder (``exports/fp16``, ``exports/int8``). Keep in step with
+    ``lensforge.cli.commands.default_export_dir`` (tests/test_cli.py checks it)."""
+    b = Path(bundle).resolve()
+    return [*(b.with_name(f"{b.name}-{p}") for p in EXPORTED), *(b.parent / "exports" / p for p in EXPORTED)]
+
+
+def discover_exports(bundle: BundleLike) -> tuple[list[Bundle], list[str]]:
+    """The fp16/int8 exports of ``bundle`` found at :func:`export_places`, and a note for each
+    directory there that is not one (another model's export, a broken bundle), which is left out."""
+    src = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    found, notes = [], []
+    for place in export_places(src.path):
+        if not place.is_dir():
+            continue
+        try:
+            candidate = load_bundle(place)
+        except BundleError as e:
+            notes.append(f"{_place(place, src)} left out: not a bundle ({e})")
+            continue
+        why_not = _not_an_export_of(candidate, src)
+        if why_not:
+            notes.append(f"{_place(candidate, src)} left out: {why_not}")
+        else:
+            found.append(candidate)
+    return found, notes
+
+
+def _not_an_export_of(candidate: Bundle, src: Bundle) -> str | None:
+    """Why ``candidate`` is not an fp16/int8 export of ``src`` (None when it is): it must say so
+    (``precision``, an ``export`` record, ``source_bundle`` naming ``src``, or byte-identical
+    training weights when the run was moved since) and have the same task, classes and input."""
+    precision = _precision(candidate)
+    if precision not in EXPORTED or not isinstance(candidate.meta.get("export"), dict):
+        return f"not an fp16/int8 export (precision {precision}, no export record)"
+    source = candidate.meta.get("source_bundle")
+    if not source or (Path(source).resolve() != src.path.resolve() and not _same_weights(candidate, src)):
+        return f"exported from {source or 'an unknown bundle'}, not from {src.path}"
+    for what, key in (("task and classes", "task"), ("task and classes", "classes"), ("input settings", "input")):
+        if candidate.meta.get(key) != src.meta.get(key):
+            return f"its {what} are not the bundle's (an export of an earlier model left there?)"
+    return None
+
+
+def _same_weights(a: Bundle, b: Bundle) -> bool:
+    """Whether both bundles hold the same ``weights.safetensors`` (an export copies its source's)."""
+    fa, fb = a.path / "weights.safetensors", b.path / "weights.safetensors"
+    if not (fa.is_file() and fb.is_file()) or fa.stat().st_size != fb.stat().st_size:
+        return False
+    return _sha256(fa) == _sha256(fb)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _place(b: Bundle | Path, src: Bundle, short: bool = False) -> str:
+    """A path as the user would name it: relative to the run directory when inside it, else
+    the whole path (``short``: the directory's name)."""
+    path = (b.path if isinstance(b, Bundle) else b).resolve()
+    try:
+        return str(path.relative_to(src.path.resolve().parent))
+    except ValueError:
+        return path.name if short else str(path)
+
+
+# -- how long, and is the machine free ---------------------------------------------------------
+
+
+def _burst_seconds(call: float, seconds: float) -> float:
+    """Wall time of one burst (:func:`_measure`): calls until ``seconds / SLICES`` has passed,
+    at least one, at most ``MAX_RUNS / SLICES``; plus the pause before it."""
+    return SWITCH_PAUSE + min(max(call, seconds / SLICES + call / 2), (MAX_RUNS // SLICES) * call)
+
+
+def _seconds_left(
+    cells: Sequence[tuple[int, int, str]], formats: Sequence[str], per_image: dict[tuple[str, str], float],
+    seconds: float, measured_threads: int = 1,
+) -> float:
+    """Expected seconds for ``cells`` (threads, batch, mode), from each format's time per image in
+    each mode measured at ``measured_threads``: a call of batch n takes n times as long, and one on
+    fewer threads as if the work split perfectly (an upper bound: the estimate errs long, not
+    short); each format also makes one untimed warm-up call per cell."""
+    total = 0.0
+    for t, n, mode in cells:
+        for f in formats:
+            call = per_image[(f, mode)] * n * max(1.0, measured_threads / t)
+            total += call + SLICES * _burst_seconds(call, seconds)
+    return total
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average of the whole machine; None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy() -> str | None:
+    """A note when the load average is above the machine's core count (the load counts every
+    runnable task of the system, so it is compared with all its CPUs): other work then takes
+    CPU time from the models, and every number comes out lower and noisier."""
+    load, cores = _load_average(), os.cpu_count() or 1
+    if load is None or load <= cores:
+        return None
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores): other work competes for the CPUs, "
+            "so these numbers are lower and noisier than on an idle machine; run again when it is quieter")
 
 
 # -- formats and their accuracy ----------------------------------------------------------------
@@ -252,7 +408,7 @@ def _formats(bundles: list[Bundle]) -> list[_Format]:
     """Label each bundle by its precision (the bundle name is added when two share one); the
     fp32 baseline first (the first bundle when none is fp32)."""
     precisions = [_precision(b) for b in bundles]
-    labels = [p if precisions.count(p) == 1 else f"{p} ({b.name})" for p, b in zip(precisions, bundles)]
+    labels = [p if precisions.count(p) == 1 else f"{p} ({_place(b, bundles[0], short=True)})" for p, b in zip(precisions, bundles)]
     order = sorted(range(len(bundles)), key=lambda i: precisions[i] != "fp32")  # stable: given order otherwise
     base_acc = _accuracy(bundles[order[0]])[0]
     out = []
@@ -452,7 +608,10 @@ def _recommend(rows: list[BenchRow], formats: list[_Format]) -> str:
     where = f"batch {best.batch}, {best.threads} thread{'s' if best.threads > 1 else ''}"
     if best.format == base.label:
         why = ""
-        if len(bundles) > 1:
+        kept = [label for label in ok if label != base.label]
+        if kept:  # they keep the accuracy but are slower on this machine (fp16 without native fp16 maths)
+            why = f" (fastest here; {', '.join(kept)} kept the accuracy but ran slower)"
+        elif len(bundles) > 1:
             why = (f" (no other format is within {ACCURACY_TOLERANCE:g} pt of its accuracy)" if known
                    else " (no accuracy recorded for the other formats: fastest fp32)")
         return f"{base.label}, {where}: {best.img_s:,.1f} img/s end to end{why}"
