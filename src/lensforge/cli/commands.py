@@ -318,10 +318,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if len(args.name) != len(args.bundles):
             raise DataError(f"--name given {len(args.name)} time(s) for {len(args.bundles)} bundle(s); give one name per bundle")
         bundles = dict(zip(args.name, args.bundles))
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     serve(bundles, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024), timeout_s=args.timeout,
-          threads=args.threads, workers=args.workers, strict=args.strict, drain_s=args.drain, grace_s=args.grace,
-          local_roots=args.allow_local_root, allow_remote=args.allow_remote)
+          max_queue=args.max_queue, max_inflight=args.max_inflight, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+          timeout_s=args.timeout, threads=args.threads, workers=args.workers, strict=args.strict, drain_s=args.drain,
+          grace_s=args.grace, local_roots=args.allow_local_root, allow_remote=args.allow_remote,
+          conf=args.conf, iou=args.iou, classes=classes, max_det=args.max_det, agnostic_nms=args.agnostic_nms,
+          announce=render.print_serve_start)
     return 0
 
 

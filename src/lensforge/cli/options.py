@@ -285,6 +285,9 @@ def add_serve(sub: Any) -> None:
     sv.add_argument("--max-batch", type=positive_int, default=16, help="dynamic batching: images per model call (default 16)")
     sv.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="dynamic batching: wait this long to fill a batch (default 5)")
     sv.add_argument("--max-queue", type=positive_int, default=64, help="queued images per model before 503 (default 64)")
+    sv.add_argument("--max-inflight", type=positive_int, metavar="N",
+                    help="requests inside each worker at once; one more gets 503 + Retry-After before its body is "
+                         "read, health checks never (default: 2 x --max-queue per model)")
     sv.add_argument("--max-body-mb", type=positive_float, default=20.0, help="request body cap in MB (default 20)")
     sv.add_argument("--timeout", type=positive_float, default=10.0, help="per-request deadline in seconds (default 10)")
     sv.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: all cores, divided by --workers)")
@@ -303,6 +306,7 @@ def add_serve(sub: Any) -> None:
                     help="let seed 'remote_url' make the server download http(s) URLs. Off by default: the server "
                          "then fetches for its clients (SSRF); private, loopback and cloud-metadata addresses stay "
                          "refused, but only enable it where clients may reach the public internet through you")
+    add_detection_options(sv)  # applied to every dialect's detector answers; refused by a classifier-only server
     sv.set_defaults(func=commands.cmd_serve)
 
 

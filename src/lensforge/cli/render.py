@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
     from lensforge.metrics.detection import DetectionMetrics
     from lensforge.training import TrainResult
+    from lensforge.serve.lifecycle import Started
 
 # A classification report shows every class up to this many; beyond it, the worst and best few.
 REPORT_ALL_UP_TO = 15
@@ -527,3 +528,40 @@ def _print_sizes_and_problems(report: dict[str, Any], console: Console) -> None:
         console.print(f"[bold cyan]›[/] {escape(line)}")
     style = "green" if not report["issues"] else "yellow"
     console.print(f"[bold {style}]{escape(report['verdict'])}[/]")
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+SERVE_CLASSES_SHOWN = 5  # class names per model in the start-up table; the count says the rest
+
+
+def print_serve_start(started: Started, console: Console | None = None) -> None:
+    """``lensforge serve``'s start-up text: the models, where to point a browser or a probe,
+    and the limits in force (what an operator checks before sending traffic)."""
+    out = console or default_console
+    s, url = started.settings, started.url
+    t = Table(title=f"lensforge serve: {len(started.models)} model(s)", title_justify="left")
+    _name_column(t, "model")
+    _name_column(t, "task")
+    _name_column(t, "classes")
+    _number_column(t, "input")
+    for m in started.models:
+        classes = list(m.bundle.classes)
+        shown = ", ".join(classes[:SERVE_CLASSES_SHOWN]) + (", …" if len(classes) > SERVE_CLASSES_SHOWN else "")
+        t.add_row(escape(m.name), m.bundle.task, escape(f"{shown} ({len(classes)})"), m.input_size)
+    out.print(t)
+    everywhere = " (listening on all interfaces)" if started.host in ("0.0.0.0", "::", "") else ""
+    out.print(f"[bold cyan]›[/] page    {url}/{everywhere}")
+    out.print(f"[bold cyan]›[/] docs    {url}/docs")
+    out.print(f"[bold cyan]›[/] health  {url}/healthz   ready: {url}/readyz   metrics: {url}/metrics")
+    workers = f"{started.workers} worker{'s' if started.workers > 1 else ''}"
+    out.print(f"[bold cyan]›[/] limits  max batch {s.max_batch}, wait {s.max_wait_ms:g} ms, queue {s.max_queue} per model, "
+              f"in flight {s.max_inflight} per worker, body {s.max_body_bytes / 2**20:g} MB, timeout {s.timeout_s:g} s, "
+              f"{workers} x {started.threads} thread{'s' if started.threads > 1 else ''} per model")
+    d = s.detections
+    if d is not None:
+        kept = [f"conf >= {d.conf:g}" if d.conf is not None else "conf: each bundle's tuned threshold",
+                *([f"classes {', '.join(d.classes)}"] if d.classes else []),
+                *([f"NMS IoU {d.iou:g}{' across classes' if d.agnostic else ''}"] if d.iou is not None else []),
+                *([f"at most {d.max_det} per image"] if d.max_det is not None else [])]
+        out.print(f"[bold cyan]›[/] detections  {escape('; '.join(kept))}")
