@@ -44,7 +44,7 @@ TINY = {"seconds": 0.05, "batch_sizes": (1, 4), "threads": (1,)}
 def _quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """The notes a test compares do not depend on how busy the test machine is
     (test_a_busy_machine_is_reported sets the load itself)."""
-    monkeypatch.setattr(bench, "_load_average", lambda: None)
+    monkeypatch.setattr(bench, "load_average", lambda: None)
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +491,7 @@ def test_a_model_slower_than_the_budget_is_estimated_by_its_runs() -> None:
 
 @pytest.mark.parametrize(("load", "busy"), [(1e6, True), (0.0, False), (None, False)])
 def test_a_busy_machine_is_reported(shapes_bundle: Path, monkeypatch: pytest.MonkeyPatch, load: float | None, busy: bool) -> None:
-    monkeypatch.setattr(bench, "_load_average", lambda: load)
+    monkeypatch.setattr(bench, "load_average", lambda: load)
     ui = _Recorder()
     r = benchmark([shapes_bundle], seconds=0.01, batch_sizes=(1,), threads=(1,), torch_eager=False, discover=False, reporter=ui)
     said = [n for n in r.notes if n.startswith("the machine is busy (load average")]

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from lensforge.errors import BundleError, ConfigError, DataError, ImageError
-from lensforge.hardware import cpu_count, describe
+from lensforge.hardware import cpu_count, describe, load_average
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
 from lensforge.runtime.runners import runner_for
@@ -345,19 +345,11 @@ def _seconds_left(
     return total
 
 
-def _load_average() -> float | None:
-    """The 1-minute load average of the whole machine; None where the OS has none."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def _busy() -> str | None:
     """A note when the load average is above the machine's core count (the load counts every
     runnable task of the system, so it is compared with all its CPUs): other work then takes
     CPU time from the models, and every number comes out lower and noisier."""
-    load, cores = _load_average(), os.cpu_count() or 1
+    load, cores = load_average(), os.cpu_count() or 1
     if load is None or load <= cores:
         return None
     return (f"the machine is busy (load average {load:.1f} on {cores} cores): other work competes for the CPUs, "

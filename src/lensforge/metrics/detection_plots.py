@@ -1,5 +1,5 @@
 """Detection evaluation plots, each written to one PNG: PR curves at IoU 0.5, per-class AP
-bars, F-beta against the score threshold, and a grid of validation images (ground truth
+bars, F-beta against the score threshold, and a grid of evaluated images (ground truth
 beside prediction).
 
 The first three read only the JSON-ready dict of :func:`~lensforge.metrics.detection.detection_metrics`
@@ -207,7 +207,7 @@ def plot_detection_grid(
     threshold: float | None = None,
     max_images: int = 8,
 ) -> Path:
-    """Up to ``max_images`` validation images, one row each: ground truth (left) beside the
+    """Up to ``max_images`` evaluated images (the test split, or val where there is none), one row each: ground truth (left) beside the
     prediction at ``threshold`` (right), boxes drawn by ``draw_detections``.
 
     records / results: one per image, same order (as for the metrics); the images shown are
