@@ -15,16 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "lensforge"
 HEAVY = ("torch", "torchvision", "timm", "lightning", "pytorch_lightning", "sklearn")  # train extra only
 SERVING = ("lensforge.runtime", "lensforge.serve")  # installed without the train extra
-# Cycles other engineers are taking apart right now; each one is xfailed on its own below.
-KNOWN_CYCLES: dict[frozenset[str], str] = {}
-
-
 @dataclass(frozen=True)
 class Import:
     """One import statement's edge, as written."""
@@ -203,22 +198,11 @@ def test_the_scanner_skips_type_checking_and_counts_lazy_imports() -> None:
 
 def test_no_import_cycles() -> None:
     graph = _edges()
-    cycles = [c for c in _cycles(graph) if frozenset(c) not in KNOWN_CYCLES]
+    cycles = _cycles(graph)
     assert not cycles, (
         "import cycles among lensforge modules (in-function imports count: move the shared part "
         "down into a module both can import):\n" + "\n".join(_describe(c, graph) for c in cycles)
     )
-
-
-@pytest.mark.parametrize(
-    "known",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=False, reason=why), id="-".join(sorted(c)))
-     for c, why in KNOWN_CYCLES.items()],
-)
-def test_known_cycle_is_gone(known: frozenset[str]) -> None:
-    graph = _edges()
-    still = [c for c in _cycles(graph) if frozenset(c) == known]
-    assert not still, "still a cycle:\n" + "\n".join(_describe(c, graph) for c in still)
 
 
 def test_no_private_names_imported_across_modules() -> None:
