@@ -58,7 +58,7 @@ GRACE_MARGIN_S = 10
 BASE_MIB = 100
 MODEL_FACTOR = 6
 # The decoded-image budget: the server decodes in a pool of min(4, cores) threads
-# (serve/app.py), each image capped at DEFAULT_MAX_PIXELS by the decoder; a decode can hold two
+# (serve/server.py), each image capped at DEFAULT_MAX_PIXELS by the decoder; a decode can hold two
 # full-size RGBA-sized copies at once (the decoded frame and its RGB / EXIF-rotated copy).
 DECODE_THREADS = 4
 DECODE_BYTES_PER_PIXEL = 4 * 2
