@@ -25,6 +25,8 @@ from lensforge.serve import create_app
 from serving import LiveServer
 from test_serve_lifecycle import free_port, wait_for
 
+pytestmark = pytest.mark.slow  # starts `lensforge serve` processes: not in the fast inner loop (-m 'not slow')
+
 
 def lensforge(*args: str, log: Path) -> subprocess.Popen[bytes]:
     """``lensforge ...`` in a process, its output (stdout and stderr) to the file ``log``; a

@@ -39,6 +39,8 @@ from starlette.routing import Route
 
 from lensforge.serve import create_app, openapi
 
+pytestmark = pytest.mark.slow  # schemathesis over the live server: not in the fast inner loop (-m 'not slow')
+
 EXAMPLES = 25  # per operation, binding and mode: ~1,100 requests, ~30 s on 2 cores
 CHECKS = [not_a_server_error, response_schema_conformance]
 MODELS = ("shapes", "boxes")

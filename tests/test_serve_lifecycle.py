@@ -32,6 +32,8 @@ from lensforge.errors import BundleError
 from lensforge.serve import admission, create_app, dialects, lifecycle, signals
 from serving import conv_bundle, raw_exchange
 
+pytestmark = pytest.mark.slow  # starts `lensforge serve` processes: not in the fast inner loop (-m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

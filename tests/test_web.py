@@ -28,6 +28,8 @@ from lensforge.runtime.draw import PALETTE, class_color
 from lensforge.runtime.results import ClassificationResult, DetectionResult
 from lensforge.serve import create_app, openapi, web
 
+pytestmark = pytest.mark.slow  # drives headless Chromium: not in the fast inner loop (-m 'not slow')
+
 CAP = 2_000_000
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
