@@ -221,3 +221,41 @@ def test_int8_probe_on_real_digits_stays_within_one_point(digits_probe_bundle: P
     rec = _meta(out)["export"]
     assert rec["fp32"] > 60  # a real probe (chance: 10%)
     assert rec["drop_points"] <= 1.0
+
+
+# -- which images an export is judged on (issue 12, item 4) -------------------------------------
+
+
+def test_fp16_and_int8_are_judged_on_the_same_test_images(colour_bundle: Path, tmp_path: Path) -> None:
+    # the fp16 check used 32 val images while int8 (and bench's fp32 figure) used the test
+    # split: the figures a table put side by side came from different images
+    test = _meta(colour_bundle)["data"]["counts"]["test"]
+    fp16 = _meta(export_fp16(colour_bundle, tmp_path / "fp16"))["export"]
+    int8 = _meta(export_int8(colour_bundle, tmp_path / "int8", max_drop=50))["export"]
+    assert fp16["checked_on"] == int8["checked_on"] == {"split": "test", "images": test, "of": test}
+    assert fp16["fp32"] == int8["fp32"]  # one image set, one fp32 figure
+
+
+def test_check_records_spreads_a_large_split_up_to_the_cap(colour_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensforge.export import quantize
+    from lensforge.runtime.bundle import load_bundle
+
+    src = load_bundle(colour_bundle)
+    everything, split, size = quantize.check_records(src)
+    assert split == "test" and size == len(everything) == _meta(colour_bundle)["data"]["counts"]["test"]
+    monkeypatch.setattr(quantize, "CHECK_IMAGES", 3)
+    capped, _, size3 = quantize.check_records(src)
+    assert size3 == size and [r.path for r in capped] == [everything[i].path for i in (0, round((size - 1) / 2), size - 1)]
+    assert quantize.describe_checked({"split": "test", "images": 3, "of": size}) == f"3 of the {size} test images"
+    assert quantize.describe_checked({"split": "val", "images": 8, "of": 8}) == "8 val images"
+    assert quantize.describe_checked(None) == "unchecked"
+
+
+def test_a_refusal_carries_the_figures_it_decided_on(colour_bundle: Path, tmp_path: Path) -> None:
+    from lensforge.export.quantize import AccuracyRefused
+
+    with pytest.raises(AccuracyRefused, match=r"\(\d+ test images\); pass --force") as caught:
+        export_int8(colour_bundle, tmp_path / "int8", max_drop=-1)
+    rec = caught.value.record
+    assert rec["checked_on"]["split"] == "test" and rec["fp32"] == 100.0
+    assert rec["drop_points"] == pytest.approx(rec["fp32"] - rec["int8"])
