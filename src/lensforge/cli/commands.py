@@ -20,7 +20,7 @@ from lensforge.cli.console import ConsoleReporter, console
 from lensforge.errors import ConfigError, DataError
 from lensforge.runtime.results import DetectionResult
 
-EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve", "kserve", "all")
+EXPORT_TARGETS = ("onnx-fp16", "onnx-int8", "triton", "torchserve", "explain", "kserve", "all")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -253,6 +253,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lensforge.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)  # a clear error before any export tool is imported
+    if args.to == "explain":  # into the bundle itself: explain.onnx beside model.onnx
+        from lensforge.explain.export import add_explain
+
+        entry = add_explain(bundle.path, overwrite=args.overwrite)
+        console.print(f"[bold cyan]›[/] Added {escape(str(bundle.path / entry['file']))} (CAM maps equal torch's to "
+                      f"{entry['parity']['max_abs_diff_maps']:.1e}); explain with: lensforge explain "
+                      f"{escape(str(bundle.path))} IMAGE")
+        return 0
     out = Path(args.out) if args.out else default_export_dir(bundle.path, args.to)
     ui = ConsoleReporter()
     ui.step(f"Exporting {bundle.path} → {args.to} in {out}")
@@ -292,6 +300,62 @@ def cmd_export(args: argparse.Namespace) -> int:
         written = export_torchserve(bundle.path, out, name=args.name, overwrite=args.overwrite)
     render.print_export_check(Path(written), console)
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Heat maps of why BUNDLE predicts what it does, one overlay (or a row of --top-k) per image."""
+    from rich.markup import escape
+
+    from lensforge.data.formats import list_images
+    from lensforge.errors import ImageError
+    from lensforge.runtime.bundle import load_bundle
+    from lensforge.runtime.explain import label_index, overlay_row
+
+    bundle = load_bundle(args.bundle)
+    if bundle.task != "detect" and args.label is not None:
+        label_index(args.label, bundle.classes)  # a wrong label is one line before any image is read
+    labels = None if args.label is None else [args.label]
+    if args.method in ("auto", "cam"):  # the exact CAM runs on ONNX Runtime alone
+        predictor = make_predictor(args, bundle)
+        explain = lambda src: predictor.explain_labels(src, labels, k=args.top_k, method=args.method)  # noqa: E731
+    else:
+        from lensforge.explain import TorchExplainer
+
+        torch_explainer = TorchExplainer.from_bundle(bundle)
+        torch_explainer.resolve(args.method)
+        explain = lambda src: torch_explainer.explain(src, labels, k=args.top_k, method=args.method)  # noqa: E731
+    paths = list_images(args.inputs)
+    if not paths:
+        raise DataError(f"no images found in {', '.join(args.inputs)}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ui = ConsoleReporter()
+    written, failed, method = 0, 0, args.method
+    used: set[str] = set()
+    with ui.track("Explaining", len(paths)) as advance:
+        for path in paths:
+            try:
+                exps = explain(path)
+            except ImageError as e:  # this image only: the others go on
+                failed += 1
+                ui.warn(str(e) if str(path) in str(e) else f"{path}: {e}")  # one line naming the image
+            else:
+                (overlay_row(exps) if len(exps) > 1 else exps[0].overlay()).save(out_dir / f"{_unique_name(path.stem, used)}.png")
+                written, method = written + 1, exps[0].method
+            advance(1)
+    console.print(f"[bold cyan]›[/] {written} overlay(s) ({method}) in {escape(str(out_dir))}"
+                  + (f"; {failed} image(s) could not be read" if failed else ""))
+    return 2 if failed else 0
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``... when two inputs share a name."""
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -327,6 +327,24 @@ def add_predict(sub: Any) -> None:
     pr.set_defaults(func=commands.cmd_predict)
 
 
+def add_explain(sub: Any) -> None:
+    ex = sub.add_parser("explain", help="heat maps of what a classifier looks at (CAM, Grad-CAM, Grad-CAM++)",
+                        description="Write each image with a heat map of the evidence for its top label (or --label) "
+                                    "overlaid at its own resolution, with a colour bar, the label and the score. "
+                                    "cam (the exact class activation map) runs on ONNX Runtime alone from the bundle's "
+                                    "explain.onnx; gradcam and gradcam++ need torch (the train extra).")
+    ex.add_argument("bundle")
+    ex.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    ex.add_argument("--label", help="explain this class (default: the top one)")
+    ex.add_argument("--method", choices=("auto", "cam", "gradcam", "gradcam++"), default="auto",
+                    help="auto: cam where the head is pooling + linear (default)")
+    ex.add_argument("--top-k", type=positive_int, default=1, metavar="K",
+                    help="a row of the top K labels' maps side by side (default 1)")
+    ex.add_argument("--out", default="explained", help="folder for the overlays, <stem>.png (default ./explained)")
+    add_runtime_options(ex)
+    ex.set_defaults(func=commands.cmd_explain)
+
+
 def add_detection_options(p: argparse.ArgumentParser) -> None:
     """Which detections to keep (detector bundles only); defaults: the bundle's tuned threshold, all classes."""
     g = p.add_argument_group("detections (detector bundles)")
@@ -339,7 +357,7 @@ def add_detection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-det", type=positive_int, metavar="N", help="keep at most the N best boxes per image")
 
 
-SUBCOMMANDS = (add_demo, add_data, add_train, add_evaluate, add_export, add_bench, add_serve, add_predict)
+SUBCOMMANDS = (add_demo, add_data, add_train, add_evaluate, add_export, add_bench, add_serve, add_predict, add_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

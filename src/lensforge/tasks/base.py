@@ -141,6 +141,12 @@ class Task(ABC):
     def model_meta(self, built: Built, cfg: TrainConfig, classes: Sequence[str]) -> dict[str, Any]:
         """The bundle's ``model`` entry (file, inputs, outputs, backbone, ...)."""
 
+    def export_explain(self, built: Built, path: Path) -> dict[str, Any] | None:
+        """Write the graph the torch-free Predictor explains with (``explain.onnx``) to ``path``,
+        checked against torch; returns the bundle's ``explain`` entry, or None when this task or
+        model has none (nothing written)."""
+        return None
+
     def initial_meta(self) -> dict[str, Any]:
         """Decision thresholds before tuning (recorded even when there is nothing to tune on)."""
         return {}

@@ -123,6 +123,11 @@ class Classify(Task):
         return Parity(diff, {"max_abs_diff": diff, "images": int(len(batch)),
                              "compared": "scores, ONNX Runtime vs torch fp32"})
 
+    def export_explain(self, built: Built, path: Path) -> dict[str, Any] | None:
+        from lensforge.explain.export import export_explain
+
+        return export_explain(built.model, self.multilabel, built.spec.size, path)
+
     def model_meta(self, built: Built, cfg: TrainConfig, classes: Sequence[str]) -> dict[str, Any]:
         return {"input": "images", "output": "scores", "backbone": cfg.backbone, "head": cfg.head,
                 "probe": cfg.probe, "num_classes": len(classes)}

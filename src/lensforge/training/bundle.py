@@ -43,6 +43,7 @@ def write_bundle(
     with atomic_directory(bundle_dir, overwrite=True) as tmp:
         ui.step("Exporting to ONNX and checking it against torch")
         parity = task.export(built, data, splits, cfg, tmp / MODEL_FILE)
+        explain = _export_explain(task, built, tmp, ui)
         save_file({k: v.contiguous() for k, v in built.model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         save_split(splits, ds, tmp / SPLIT_FILE, seed=cfg.seed)
         meta: dict[str, Any] = {
@@ -52,6 +53,7 @@ def write_bundle(
             "model": {"file": MODEL_FILE, **task.model_meta(built, cfg, ds.classes)},
             **task.initial_meta(),
             "parity": parity.record,
+            **({"explain": explain} if explain else {}),
             **run_meta(ds, splits, cfg, history),
         }
         write_meta(tmp, meta)
@@ -69,6 +71,20 @@ def write_bundle(
         meta["metrics"] = {name: m.numbers() for name, m in metrics.items()}
         write_meta(tmp, meta)
     return Written(parity, metrics, {name: task.at_threshold(s, meta) for name, s in scored.items()})
+
+
+def _export_explain(task: Task, built: Built, directory: Path, ui: Reporter) -> dict[str, Any] | None:
+    """The explain graph, when the task has one; a failure costs the explanations, not the bundle
+    (``lensforge export BUNDLE --to explain`` can add it later)."""
+    from lensforge.errors import ExportError
+    from lensforge.runtime.explain import EXPLAIN_FILE
+
+    try:
+        return task.export_explain(built, directory / EXPLAIN_FILE)
+    except ExportError as e:
+        (directory / EXPLAIN_FILE).unlink(missing_ok=True)
+        ui.warn(f"no explain graph in the bundle ({e}); the Predictor will not explain with CAM")
+        return None
 
 
 def versions() -> dict[str, str]:
