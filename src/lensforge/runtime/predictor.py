@@ -23,7 +23,6 @@ from lensforge.hardware import cpu_count, cpu_model
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.cache import cache_root
 from lensforge.runtime.explain import CamExplainer, Explanation, check_method
-from lensforge.runtime.explain import CamExplainer, Explanation, check_method
 from lensforge.runtime.preprocess import DetectSpec, InputSpec
 from lensforge.runtime.runners import (
     ClassifierRunner,
@@ -120,8 +119,6 @@ class Predictor:
         opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         self.optimized_path: Path | None = None  # the cached optimised graph this session came from
         self.session = self._open(opts, wanted, optimization, cache_optimized)
-        self._opts = opts
-        self._explainer: CamExplainer | None = None  # explain.onnx's session, opened by the first explain()
         self._opts = opts
         self._explainer: CamExplainer | None = None  # explain.onnx's session, opened by the first explain()
         self.providers: list[str] = list(self.session.get_providers())
@@ -316,23 +313,6 @@ class Predictor:
         outputs = iter(self.run_many(ok))
         for src, item in zip(chunk, items):
             yield src, (item if isinstance(item, ImageError) else self.result(next(outputs), item))
-
-    # -- explanations (classifiers with an explain graph: see lensforge.runtime.explain) -------
-
-    def explain(self, source: ImageSource, label: str | int | None = None) -> Explanation:
-        """Why the model scores ``label`` (default: its top label) for this image: the exact
-        class activation map from the bundle's ``explain.onnx``, float32 (H, W) in [0, 1] at the
-        image's resolution. A bundle without the graph raises BundleError saying how to add it."""
-        return self.explain_labels(source, None if label is None else [label])[0]
-
-    def explain_labels(self, source: ImageSource, labels: Sequence[str | int] | None = None, k: int = 1,
-                       method: str = "auto") -> list[Explanation]:
-        """Explanations of ``labels`` (names or indices; default the top ``k``) from one run of
-        the explain graph. ``method``: "auto" or "cam" (the others need torch)."""
-        check_method(method)
-        if self._explainer is None:
-            self._explainer = CamExplainer(self.bundle, lambda path: self._session(path, self._opts, self.providers))
-        return self._explainer.explain(self.load(source), labels, k)
 
     # -- explanations (classifiers with an explain graph: see lensforge.runtime.explain) -------
 
