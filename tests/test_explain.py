@@ -18,7 +18,7 @@ from lensforge.explain import CamGraph, TorchExplainer
 from lensforge.models import Classifier, create_backbone
 from lensforge.runtime import Predictor
 from lensforge.runtime.explain import EXPLAIN_FILE, Explanation, normalise, to_image
-from lensforge.runtime.preprocess import InputSpec, preprocess
+from lensforge.runtime.preprocess import InputSpec
 
 
 @pytest.fixture(scope="module")
