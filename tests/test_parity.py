@@ -61,3 +61,30 @@ def test_int8_refusal_is_a_row_not_a_failure(shapes_bundle: Path, tmp_path: Path
     assert int8.max_abs_diff is None and int8.artifact is None and not (tmp_path / "out" / "int8").exists()
     assert int8.note is not None and "not exported" in int8.note and "--max-drop" in int8.note
     assert report.row("triton").max_abs_diff == 0.0 and (tmp_path / "out" / "torchserve").is_dir()
+
+
+def test_the_figures_that_decided_the_exports_are_reported_with_their_images(forced: ParityReport) -> None:
+    # export --to all printed parity on the val images only, not the test figures that
+    # decided whether int8 was kept (issue 12, item 4)
+    checked = json.loads((forced.out_root / "int8" / "lensforge.json").read_text())["export"]["checked_on"]
+    assert checked["split"] == "test"
+    assert set(forced.decided) == {"fp16", "int8"}
+    for precision, d in forced.decided.items():
+        assert d["checked_on"] == checked and d["kept"] is True and isinstance(d[precision], float)
+    assert forced.split == "val" and str(forced.images) in forced.source and "val" in forced.source
+    d = json.loads(json.dumps(forced.to_dict()))
+    assert d["decided"]["int8"]["checked_on"] == checked and d["split"] == "val"
+    console = Console(file=io.StringIO(), width=200)
+    print_report(forced, console)
+    text = console.file.getvalue()
+    assert f"Parity with the fp32 ONNX model on the {forced.images} val images" in text
+    assert f"What decided the exports: accuracy on {checked['images']} test images" in text
+
+
+def test_a_refused_int8_says_on_which_images(shapes_bundle: Path, tmp_path: Path) -> None:
+    report = export_all(shapes_bundle, tmp_path / "out", calib=8, max_drop=-100)
+    int8 = report.decided["int8"]
+    assert int8["kept"] is False and int8["checked_on"]["split"] == "test" and int8["drop_points"] is not None
+    console = Console(file=io.StringIO(), width=200)
+    print_report(report, console)
+    assert "refused" in console.file.getvalue()

@@ -13,6 +13,10 @@ multi-label) on those images. The torch row rebuilds the model from ``weights.sa
 where torch and timm are installed. The Triton row runs the repository's model file as
 Triton would (the config's input and output names); the TorchServe row unpacks the .mar and
 runs its handler in-process, as TorchServe would, on the encoded images.
+
+The parity images are few on purpose (a wrong cast shows on any image); whether fp16/int8 keep
+the accuracy was decided on many more (the test split, up to ``quantize.CHECK_IMAGES``), and
+those figures are reported beside the table (``ParityReport.decided``), each with its images.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from lensforge.errors import ExportError, ImageError
 from lensforge.export._serving import model_name
 from lensforge.runtime.bundle import as_bundle
 from lensforge.evaluation import headline_metric, held_out, metric_points
-from lensforge.export.quantize import export_fp16, export_int8
+from lensforge.export.quantize import AccuracyRefused, export_fp16, export_int8
 from lensforge.export.torchserve import export_torchserve
 from lensforge.export.triton import CONFIG_FILE, MODEL_FILE, export_triton
 from lensforge.hardware import cpu_count
@@ -73,12 +77,19 @@ class ParityRow:
 
 @dataclass
 class ParityReport:
+    """rows: the parity table, every row on the same ``images`` of ``split``.
+    decided: per exported precision ("fp16", "int8"), the figures its export was judged by,
+        from its ``lensforge.json`` (or the refusal): ``checked_on`` ({split, images, of}),
+        ``metric``, ``fp32``, the precision's own figure, ``drop_points``, ``kept``."""
+
     bundle: Path
     out_root: Path
     images: int  # how many images every row was computed on
     source: str  # which images, in words
     metric: str  # "accuracy" or "mAP"
     rows: list[ParityRow] = field(default_factory=list)
+    split: str | None = None  # the parity images' split; None for random inputs
+    decided: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def row(self, target: str) -> ParityRow:
         for r in self.rows:
@@ -88,7 +99,8 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": str(self.bundle), "out_root": str(self.out_root), "images": self.images,
-                "source": self.source, "metric": self.metric, "rows": [asdict(r) for r in self.rows]}
+                "split": self.split, "source": self.source, "metric": self.metric,
+                "rows": [asdict(r) for r in self.rows], "decided": self.decided}
 
 
 def export_all(
@@ -131,14 +143,18 @@ def export_all(
     ui.step(f"Exporting int8 to {out_root / 'int8'}")
     int8: Path | None = None
     int8_note = None
+    decided = {"fp16": _decided(fp16, "fp16")}
     try:
         int8 = export_int8(src, out_root / "int8", calib=calib, calib_dir=Path(calib_dir) if calib_dir else None,
                            method=method, max_drop=max_drop, force=force, overwrite=overwrite)
+        decided["int8"] = _decided(int8, "int8")
     except ExportError as e:
         if force:
             raise
         int8_note = f"not exported: {e}"
         ui.warn(f"int8 {int8_note}")
+        if isinstance(e, AccuracyRefused):
+            decided["int8"] = {**e.record, "kept": False}
     ui.step(f"Writing the Triton model repository to {out_root / 'triton'}")
     triton_dir = export_triton(src, out_root / "triton", name=name, overwrite=overwrite)
     ui.step(f"Building the TorchServe archive in {out_root / 'torchserve'}")
@@ -146,10 +162,10 @@ def export_all(
 
     ui.step("Comparing every target with the fp32 ONNX model")
     ref = Predictor(src)
-    records, batch, source = _parity_images(src, ref)
+    records, batch, split, source = _parity_images(src, ref)
     y = targets(records, len(src.classes), src.task == "multilabel") if records else None
     s32 = _run_in_batches(ref.run, batch)
-    report = ParityReport(src.path, out_root, len(batch), source, headline_metric(src))
+    report = ParityReport(src.path, out_root, len(batch), source, headline_metric(src), split=split, decided=decided)
 
     def row(target: str, artifact: Path | None, scores: np.ndarray | None, note: str | None = None) -> ParityRow:
         r = ParityRow(target, None if artifact is None else str(artifact), note=note)
@@ -175,8 +191,19 @@ def export_all(
 # -- the images --------------------------------------------------------------------------------
 
 
-def _parity_images(src: Bundle, ref: Predictor) -> tuple[list[Record], np.ndarray, str]:
-    """(records read, float32 (N, 3, S, S) batch preprocessed by the fp32 Predictor, description).
+def _decided(bundle: Path, precision: str) -> dict[str, Any]:
+    """The figures an exported bundle's ``export`` record was judged by (see ParityReport.decided)."""
+    record = json.loads((bundle / "lensforge.json").read_text()).get("export", {})
+    fp32, own = record.get("fp32"), record.get(precision)
+    drop = record.get("drop_points")
+    if drop is None and isinstance(fp32, (int, float)) and isinstance(own, (int, float)):
+        drop = round(fp32 - own, 2)
+    return {"checked_on": record.get("checked_on"), "metric": record.get("metric"), "fp32": fp32, precision: own,
+            "drop_points": drop, "kept": True}
+
+
+def _parity_images(src: Bundle, ref: Predictor) -> tuple[list[Record], np.ndarray, str | None, str]:
+    """(records read, float32 (N, 3, S, S) batch preprocessed by the fp32 Predictor, their split, description).
 
     Without held-out images: random inputs, which still compare the graphs (no accuracy)."""
     records, split = held_out(src, ("val", "test"))
@@ -190,10 +217,10 @@ def _parity_images(src: Bundle, ref: Predictor) -> tuple[list[Record], np.ndarra
             continue
         done.append(r)
     if arrays:
-        return done, np.stack(arrays), f"the {split} split"
+        return done, np.stack(arrays), split, f"{len(done)} of the {len(records)} {split} images" if len(records) > len(done) else f"the {len(done)} {split} images"
     s = src.input_spec.size
     rng = np.random.default_rng(0)
-    return [], rng.standard_normal((RANDOM_IMAGES, 3, s, s), dtype=np.float32), "random inputs: no saved val/test images"
+    return [], rng.standard_normal((RANDOM_IMAGES, 3, s, s), dtype=np.float32), None, "random inputs: no saved val/test images"
 
 
 def _run_in_batches(run: Any, batch: np.ndarray) -> np.ndarray:
