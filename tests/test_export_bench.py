@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -496,3 +497,57 @@ def test_a_busy_machine_is_reported(shapes_bundle: Path, monkeypatch: pytest.Mon
     r = benchmark([shapes_bundle], seconds=0.01, batch_sizes=(1,), threads=(1,), torch_eager=False, discover=False, reporter=ui)
     said = [n for n in r.notes if n.startswith("the machine is busy (load average")]
     assert bool(said) is busy and bool(ui.warnings) is busy, (r.notes, ui.warnings)
+
+
+# -- one image set per comparison (issue 12, item 4) -------------------------------------------
+
+
+def _b(name: str, meta: dict) -> Bundle:
+    return Bundle(Path(name), {"task": "classify", "classes": ["a", "b"], **meta})
+
+
+def test_figures_from_different_images_are_not_compared() -> None:
+    # the report that started it: fp16 96.9 % from a 32-image val check beside fp32 78.2 % on 500 test images
+    fp32 = _b("fp32", {"metrics": {"test": {"accuracy": 0.782, "n": 500}}})
+    fp16 = _b("fp16", {"precision": "fp16", "export": {"fp16": 96.9, "checked_on": "32 images of the val split"}})
+    base, half = bench._formats([fp16, fp32])  # no saved split here: nothing to score again
+    assert (base.label, base.accuracy, base.on) == ("fp32", 78.2, "500 test images")
+    assert (half.accuracy, half.on, half.vs_fp32) == (96.9, None, None)  # was +18.7
+
+
+def test_figures_from_the_same_images_are_compared() -> None:
+    fp32 = _b("fp32", {"metrics": {"test": {"accuracy": 0.8, "n": 80}}})
+    int8 = _b("int8", {"precision": "int8",
+                       "export": {"int8": 79.0, "fp32": 80.0, "checked_on": {"split": "test", "images": 80, "of": 80}}})
+    base, eight = bench._formats([fp32, int8])
+    assert base.on == eight.on == "80 test images" and eight.vs_fp32 == -1.0
+
+
+def test_bench_scores_every_format_on_the_same_images_when_records_differ(
+    shapes_bundle: Path, fp16_bundle: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "bundle-fp16"
+    shutil.copytree(fp16_bundle, old)
+    meta = json.loads((old / "lensforge.json").read_text())
+    meta["export"].update(fp16=99.9, fp32=99.9, checked_on="32 images of the val split")  # an older, smaller check
+    (old / "lensforge.json").write_text(json.dumps(meta))
+    r = benchmark([shapes_bundle, old], torch_eager=False, discover=False, **TINY)
+    fp32_meta = load_bundle(shapes_bundle).meta["metrics"]["test"]
+    assert r.accuracy_on == f"{fp32_meta['n']} test images"
+    fp32, fp16 = (r.row(f, 1, 1, "model") for f in ("fp32", "fp16"))
+    assert fp32.accuracy == round(100 * fp32_meta["accuracy"], 2)  # the Predictor on the saved test split, again
+    assert fp16.accuracy != 99.9 and fp16.accuracy_on == fp32.accuracy_on == r.accuracy_on
+    assert fp16.accuracy_delta == pytest.approx(fp16.accuracy - fp32.accuracy)
+    console = Console(record=True, width=200)
+    print_report(r, console)
+    assert f"every row on the same {r.accuracy_on}" in console.export_text()
+
+
+def test_rows_from_different_images_say_which_in_the_table(report: BenchReport) -> None:
+    rows = [dataclasses.replace(x, accuracy_on="8 test images" if x.format == "fp32" else "32 val images") for x in report.rows]
+    mixed = dataclasses.replace(report, rows=rows, accuracy_on=None)
+    for width in (200, 80):  # the wide table and the narrow layout's accuracy table
+        console = Console(record=True, width=width)
+        print_report(mixed, console)
+        text = console.export_text()
+        assert "32 val images" in text and "8 test images" in text and "each row on its own images" in text

@@ -171,3 +171,22 @@ def test_bench_wide_console_keeps_modes_side_by_side() -> None:
     text = draw(render.print_bench, _bench(["fp32", "int8"]), width=200)
     assert_whole(text, "model img/s", "model p50/p99 ms", "e2e img/s", "e2e p50/p99 ms", "accuracy %")
     assert len([line for line in text.splitlines() if line.startswith("│ int8")]) == 4  # one line per batch × threads
+
+
+def test_the_run_summary_says_which_images_and_runtime_each_figure_comes_from() -> None:
+    # the summary's val accuracy (ONNX) and the epoch table's (torch) read as two answers to one
+    # question (issue 12, item 4): each now says its images and runtime, and the best epoch is named
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    y = np.arange(64) % 4
+    val = single_label_metrics(y, rng.dirichlet(np.ones(4), 64).astype(np.float32), ["a", "b", "c", "d"])
+    history = [{"epoch": e, "epochs": 4, "val_acc": a, "best": b}
+               for e, a, b in ((1, 0.28, True), (2, 0.59, True), (3, 0.55, False), (4, 0.50, False))]
+    result = SimpleNamespace(bundle_dir=Path("runs/x/bundle"), run_dir=Path("runs/x"), parity=1e-6,
+                             metrics={"val": val}, skipped_images=0, seconds=3.0, history=history)
+    text = " ".join(draw(render.print_summary, result, width=200).split())
+    assert "val metrics accuracy" in text and "(64 images, the bundle's ONNX model, ONNX Runtime)" in text
+    assert "best epoch epoch 2 of 4: val_acc 0.590 (torch, in training, 64 val images; the bundle holds these weights)" in text
+    probe = SimpleNamespace(**{**vars(result), "history": []})
+    assert "best epoch" not in draw(render.print_summary, probe, width=200)  # a linear probe has no epochs

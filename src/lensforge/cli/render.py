@@ -198,6 +198,23 @@ def metrics_line(m: Metrics) -> str:
     return "  ".join(f"{k} {v:.3f}" for k, v in shown if isinstance(v, (int, float)))
 
 
+def best_epoch_line(history: list[dict[str, Any]], val: Metrics | None) -> str | None:
+    """The epoch the bundle's weights come from, with the validation figure the epoch table
+    showed for it (torch, during training, on the val split's readable images: the same images
+    and pixels as the ONNX val figure above it, so the two agree to rounding); None without
+    epochs (a linear probe)."""
+    best = [r for r in history if r.get("best")]
+    if not best:
+        return None
+    row = best[-1]
+    keys = [k for k in ("val_acc", "val_map", "val_map50") if isinstance(row.get(k), (int, float))]
+    figure = f": {keys[0]} {row[keys[0]]:.3f}" if keys else ""
+    n = val.get("n") if val is not None else None
+    on = f", {n} val images" if isinstance(n, int) and keys else ""
+    epochs = row.get("epochs") or len(history)
+    return f"epoch {row['epoch']} of {epochs}{figure} [dim](torch, in training{on}; the bundle holds these weights)[/]"
+
+
 def print_summary(result: TrainResult, console: Console | None = None) -> None:
     """The last table of ``lensforge train``: where the bundle is, its parity, each split's headline."""
     t = Table(title="Done", show_header=False, title_justify="left", box=None, padding=(0, 2))
@@ -205,7 +222,12 @@ def print_summary(result: TrainResult, console: Console | None = None) -> None:
     t.add_row("run directory", escape(str(result.run_dir)))
     t.add_row("ONNX vs torch", f"max |Δscore| {result.parity:.2e}")
     for split, m in result.metrics.items():
-        t.add_row(f"{split} metrics", metrics_line(m))
+        n = m.get("n")
+        on = f"{n} images, " if isinstance(n, int) else ""
+        t.add_row(f"{split} metrics", f"{metrics_line(m)}  [dim]({on}the bundle's ONNX model, ONNX Runtime)[/]")
+    best = best_epoch_line(result.history, result.metrics.get("val"))
+    if best:
+        t.add_row("best epoch", best)
     if result.skipped_images:
         t.add_row("skipped images", str(result.skipped_images))
     t.add_row("time", f"{result.seconds:.0f} s")
@@ -261,9 +283,10 @@ def print_export_check(written: Path, console: Console | None = None) -> None:
 
 
 def print_parity(report: ParityReport, console: Console | None = None) -> None:
-    """``export --to all``'s parity table: every artefact against the fp32 ONNX model."""
-    t = Table(title=f"Parity with the fp32 ONNX model on {report.images} images ({escape(report.source)})",
-              title_justify="left")
+    """``export --to all``'s parity table: every artefact against the fp32 ONNX model, on the
+    images its title names; then the figures that decided fp16/int8, on theirs."""
+    out = console or default_console
+    t = Table(title=f"Parity with the fp32 ONNX model on {escape(report.source)}", title_justify="left")
     t.add_column("model")
     t.add_column("max |Δscore|", justify="right")
     t.add_column("top-1 agreement", justify="right")
@@ -275,7 +298,39 @@ def print_parity(report: ParityReport, console: Console | None = None) -> None:
         acc = "" if r.accuracy is None else f"{r.accuracy:.1f}"
         detail = r.note if r.note else (r.artifact or "")
         t.add_row(escape(r.target), diff, agree, acc, escape(detail))
-    (console or default_console).print(t)
+    out.print(t)
+    if report.decided:
+        title, table = _decided_table(report)
+        out.print(f"[italic]{escape(title)}[/]")  # above, not as its title: a narrow table would wrap it
+        out.print(table)
+
+
+def _decided_table(report: ParityReport) -> tuple[str, Table]:
+    """What each fp16/int8 export was judged by (its own images, usually many more than the
+    parity table's): fp32 and the format on the same images, the drop and the outcome. One
+    table per image set, titled by it; rows judged on other images get their own line."""
+    from lensforge.export.quantize import describe_checked
+
+    sets = {describe_checked(d.get("checked_on")) for d in report.decided.values()}
+    on = sets.pop() if len(sets) == 1 else None
+    title = f"What decided the exports: {report.metric} on {on}" if on else f"What decided the exports: {report.metric}"
+    t = Table()
+    _name_column(t, "format")
+    _number_column(t, "fp32")
+    _number_column(t, "format's")
+    _number_column(t, "drop pt")
+    if on is None:
+        _name_column(t, "images")
+    _name_column(t, "outcome")
+    for precision, d in report.decided.items():
+        def num(v: Any) -> str:
+            return "n/a" if not isinstance(v, (int, float)) else f"{v:.1f}"
+        cells = [escape(precision), num(d.get("fp32")), num(d.get(precision)), num(d.get("drop_points"))]
+        if on is None:
+            cells.append(escape(describe_checked(d.get("checked_on"))))
+        cells.append("kept" if d.get("kept") else "[red]refused[/]")
+        t.add_row(*cells)
+    return title, t
 
 
 def print_bench(report: BenchReport, console: Console | None = None) -> None:
@@ -291,7 +346,10 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
     else:
         out.print(_bench_accuracy(report))
         out.print(_bench_table(report, wide=False))
-    out.print(f"[dim]e2e: {escape(report.images)}; latencies are per batch; Δ pt: {escape(report.metric)} vs fp32[/]")
+    on = (f"every row on the same {report.accuracy_on}" if report.accuracy_on
+          else "each row on its own images (column 'on'); Δ only where measured on the same images")
+    out.print(f"[dim]e2e: {escape(report.images)}; latencies are per batch; {escape(report.metric)} %: {escape(on)}; "
+              f"Δ pt: {escape(report.metric)} vs fp32[/]")
     for note in report.notes:
         out.print(f"[dim]{escape(note)}[/]")
     out.print(f"[bold]Recommended:[/] {escape(report.recommendation)}")
@@ -301,14 +359,20 @@ def _bench_accuracy(report: BenchReport) -> Table:
     """Each format's accuracy and its difference to fp32 (the same on every row of a format)."""
     from lensforge.export.bench import signed_points
 
-    table = Table(title="Accuracy of each format", title_justify="left")
+    on = f" on {report.accuracy_on}" if report.accuracy_on else ""
+    table = Table(title=escape(f"{report.metric} of each format{on}"), title_justify="left")
     _name_column(table, "format")
     _number_column(table, f"{report.metric} %")
     _number_column(table, "Δ pt")
+    if not report.accuracy_on:
+        _name_column(table, "on")
     for fmt in report.formats:
         r = next(r for r in report.rows if r.format == fmt)
-        table.add_row(escape(fmt), "—" if r.accuracy is None else f"{r.accuracy:.1f}",
-                      "—" if r.accuracy_delta is None else signed_points(r.accuracy_delta))
+        cells = [escape(fmt), "—" if r.accuracy is None else f"{r.accuracy:.1f}",
+                 "—" if r.accuracy_delta is None else signed_points(r.accuracy_delta)]
+        if not report.accuracy_on:
+            cells.append(escape(r.accuracy_on or "unknown images"))
+        table.add_row(*cells)
     return table
 
 
@@ -326,6 +390,9 @@ def _bench_table(report: BenchReport, wide: bool) -> Table:
         table.add_column("mode", no_wrap=True)
     for name in measured if wide else ["img/s", "p50/p99 ms"]:
         _number_column(table, name)
+    mixed = wide and not report.accuracy_on  # rows measured on different images say which
+    if mixed:
+        _name_column(table, "on")
     keys = list(dict.fromkeys((r.threads, r.batch) for r in report.rows))
     for i, (t, n) in enumerate(keys):
         if i:
@@ -337,8 +404,9 @@ def _bench_table(report: BenchReport, wide: bool) -> Table:
                 continue
             if wide:
                 acc, delta = rows[0].accuracy, rows[0].accuracy_delta  # type: ignore[union-attr]
+                on = [escape(rows[0].accuracy_on or "unknown images")] if mixed else []  # type: ignore[union-attr]
                 table.add_row(escape(fmt), str(n), str(t), *(c for pair in cells for c in pair),
-                              "—" if acc is None else f"{acc:.1f}", "—" if delta is None else signed_points(delta))
+                              "—" if acc is None else f"{acc:.1f}", "—" if delta is None else signed_points(delta), *on)
             else:
                 for j, (mode, (speed, latency)) in enumerate(zip(MODES, cells)):
                     # the format, batch and threads once: the mode rows below belong to them

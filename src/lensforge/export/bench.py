@@ -13,7 +13,12 @@ its one image's bytes (exactly what ``Predictor.predict`` runs).
 
 Within each (batch, threads, mode) cell the formats take turns run by run, so a noisy
 neighbour on the machine slows all of them alike. Each format's accuracy comes from its
-``lensforge.json`` (nothing is re-evaluated), and the report recommends the fastest
+``lensforge.json`` when every format's figure there was measured on the same images (an
+export's ``checked_on``, training's test metrics and their image count); otherwise every
+format is scored again on one image set, the baseline's test split up to
+``quantize.CHECK_IMAGES`` (so no table puts a 32-image figure beside a 500-image one), and
+where that is impossible each row says its own images and no difference is computed across
+image sets. The report names the images (``accuracy_on``) and recommends the fastest
 end-to-end setting whose accuracy is within :data:`ACCURACY_TOLERANCE` points of fp32's
 (detectors: their test mAP at IoU 0.5). No torch needed; a torch eager row is added only where
 torch (with timm or torchvision) and the weights allow.
@@ -78,9 +83,10 @@ class BenchRow:
     runs: timed runs behind the percentiles.
     accuracy: the format's accuracy (mAP for multi-label, mAP at IoU 0.5 for detectors) in
         points 0-100 from its ``lensforge.json``; None when it records none.
-    accuracy_delta: points vs the fp32 bundle, from the export record where it scored both
-        models on the same images (an fp16 check may use other images than fp32's test
-        metrics, so this is not always ``accuracy - fp32 accuracy``); None when unknown.
+    accuracy_delta: points vs the fp32 bundle on the same images (``accuracy - fp32 accuracy``
+        where all rows share ``accuracy_on``; else from the format's export record, which
+        scored both models on its images); None when unknown.
+    accuracy_on: the images ``accuracy`` was measured on, in words ("80 test images").
     """
 
     format: str
@@ -95,6 +101,7 @@ class BenchRow:
     runs: int
     accuracy: float | None
     accuracy_delta: float | None
+    accuracy_on: str | None = None
 
 
 @dataclass
@@ -107,6 +114,7 @@ class BenchReport:
     metric: str = "accuracy"  # or "mAP" (multi-label), "mAP50" (detectors)
     images: str = ""  # what the end-to-end mode decoded, in words
     notes: list[str] = field(default_factory=list)
+    accuracy_on: str | None = None  # the images every row's accuracy comes from; None: they differ (see rows)
 
     def row(self, format: str, batch: int, threads: int, mode: str) -> BenchRow | None:
         """The row of one cell, or None when it was not measured."""
@@ -119,7 +127,7 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (``lensforge bench --json``)."""
         return {
-            "machine": self.machine, "metric": self.metric, "images": self.images,
+            "machine": self.machine, "metric": self.metric, "images": self.images, "accuracy_on": self.accuracy_on,
             "recommendation": self.recommendation, "notes": list(self.notes),
             "rows": [asdict(r) for r in self.rows],
         }
@@ -134,6 +142,7 @@ class _Format:
     accuracy: float | None  # points
     vs_fp32: float | None  # accuracy difference to fp32 in points, on the same images where recorded
     torch: bool = False
+    on: str | None = None  # the images ``accuracy`` comes from, in words
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -194,7 +203,7 @@ def benchmark(
             notes.append(f"batch sizes {', '.join(str(n) for n in batch_sizes if n != 1)} not timed: detectors run "
                          "one image per onnxruntime call (images keep their own sizes), so every row is batch 1")
         batch_sizes = [1]
-    formats = _formats(loaded)
+    formats = _formats(loaded, ui)
     base = formats[0]  # _formats puts the fp32 baseline first
     if len({(repr(f.bundle.meta.get("input")), len(f.bundle.classes)) for f in formats}) > 1:
         ui.warn("these bundles differ in input size or classes: they are not one model in several formats")
@@ -207,7 +216,7 @@ def benchmark(
         if torch_run is None:
             notes.append(f"{TORCH_LABEL}: skipped ({why_not})")
         else:
-            formats.append(_Format(TORCH_LABEL, base.bundle, base.accuracy, 0.0, torch=True))
+            formats.append(_Format(TORCH_LABEL, base.bundle, base.accuracy, 0.0, torch=True, on=base.on))
     prepared = [probe.prepare(b) for b in encoded]
 
     cells = [(t, n, mode) for t in thread_counts for n in batch_sizes for mode in MODES]
@@ -242,7 +251,9 @@ def benchmark(
     busy = busy or _busy()  # the load at the end counts as well: other work may have started meanwhile
     if busy:
         notes.append(busy)
-    return BenchReport(rows, describe(), _recommend(rows, formats), _metric(base.bundle)[1], described, notes)
+    ons = {f.on for f in formats}
+    return BenchReport(rows, describe(), _recommend(rows, formats), _metric(base.bundle)[1], described, notes,
+                       accuracy_on=ons.pop() if len(ons) == 1 else None)
 
 
 # -- finding the exports of a bundle -----------------------------------------------------------
@@ -396,24 +407,91 @@ def _metric(b: Bundle) -> tuple[str, str]:
     return task.compare_key, task.compare_label
 
 
-def _formats(bundles: list[Bundle]) -> list[_Format]:
+def _formats(bundles: list[Bundle], ui: Reporter | None = None) -> list[_Format]:
     """Label each bundle by its precision (the bundle name is added when two share one); the
-    fp32 baseline first (the first bundle when none is fp32)."""
+    fp32 baseline first (the first bundle when none is fp32). Each format's accuracy on one
+    image set: the recorded figures where they share one, else all scored again on the
+    baseline's held-out images (:func:`_scored_on_same_images`); where neither is possible,
+    each keeps its own figure and images, and a difference to fp32 only comes from an export
+    record that scored both models on the same images."""
     precisions = [_precision(b) for b in bundles]
     labels = [p if precisions.count(p) == 1 else f"{p} ({_place(b, bundles[0], short=True)})" for p, b in zip(precisions, bundles)]
     order = sorted(range(len(bundles)), key=lambda i: precisions[i] != "fp32")  # stable: given order otherwise
-    base_acc = _accuracy(bundles[order[0]])[0]
+    ordered = [bundles[i] for i in order]
+    recorded = [_accuracy(b) for b in ordered]
+    images = [_figure_images(b) for b in ordered]
+    same = len(set(images)) == 1 and images[0] is not None
+    ons = [_describe_images(i) for i in images]
+    if not same and len(ordered) > 1:
+        scored = _scored_on_same_images(ordered, ui or Reporter())
+        if scored is not None:
+            accs, on = scored
+            recorded, ons, same = [(a, None) for a in accs], [on] * len(ordered), True
+    base_acc = recorded[0][0]
     out = []
-    for rank, i in enumerate(order):
-        acc, fp32_same_images = _accuracy(bundles[i])
+    for rank, (b, (acc, fp32_same_images), on) in enumerate(zip(ordered, recorded, ons)):
         if rank == 0:
             diff: float | None = 0.0
         elif acc is not None and fp32_same_images is not None:
             diff = acc - fp32_same_images  # the export measured both models on the same images
-        else:
+        elif same:
             diff = None if acc is None or base_acc is None else acc - base_acc
-        out.append(_Format(labels[i], bundles[i], acc, None if diff is None else round(diff, 2)))
+        else:
+            diff = None  # figures from different images are not compared
+        out.append(_Format(labels[order[rank]], b, acc, None if diff is None else round(diff, 2), on=on))
     return out
+
+
+def _figure_images(b: Bundle) -> tuple[str, int] | None:
+    """(split, image count) behind :func:`_accuracy`'s figure of ``b``: an export record's
+    ``checked_on``, or the count in training's metrics of that split; None when unknown (an
+    older record saying it in words only, or no figure)."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    export = b.meta.get("export")
+    if isinstance(export, dict) and isinstance(export.get(_precision(b)), (int, float)):
+        c = export.get("checked_on")
+        return (str(c["split"]), c["images"]) if isinstance(c, dict) and c.get("split") and count(c.get("images")) else None
+    metrics, key = b.meta.get("metrics"), _metric(b)[0]
+    for split in ("test", "val"):
+        m = metrics.get(split) if isinstance(metrics, dict) else None
+        if isinstance(m, dict) and isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool):
+            return (split, m["n"]) if count(m.get("n")) else None
+    return None
+
+
+def _describe_images(images: tuple[str, int] | None) -> str | None:
+    return None if images is None else f"{images[1]} {images[0]} images"
+
+
+def _scored_on_same_images(bundles: list[Bundle], ui: Reporter) -> tuple[list[float | None], str] | None:
+    """Every bundle's accuracy (points) on the same held-out images of the first: its test
+    (else val) split up to ``quantize.CHECK_IMAGES``, images no bundle could read left out;
+    and those images in words. None where that cannot be done: a detector (scored from its
+    record only), or no saved held-out images. A bundle with other classes gets None."""
+    if not runner_for(bundles[0].task).batched:
+        return None
+    from lensforge.evaluation import metric_points, score_records
+    from lensforge.export.quantize import check_records, checked_on, describe_checked
+
+    base = bundles[0]
+    records, split, size = check_records(base)
+    if not records:
+        return None
+    ui.step(f"The recorded {_metric(base)[1]} figures come from different images: scoring every format on "
+            f"{describe_checked(checked_on(split, len(records), size))}")
+    done, y, s, _ = score_records(Predictor(base), records)
+    if not done:
+        return None
+    accs: list[float | None] = [metric_points(base, y, s)]
+    for b in bundles[1:]:
+        if list(b.classes) != list(base.classes) or b.task != base.task:
+            accs.append(None)
+            continue
+        got, yb, sb, failed = score_records(Predictor(b), done)
+        accs.append(metric_points(b, yb, sb) if not failed else None)  # same images or no figure
+    return accs, describe_checked(checked_on(split, len(done), size))
 
 
 def _precision(b: Bundle) -> str:
@@ -581,7 +659,7 @@ def _row(f: _Format, batch: int, threads: int, mode: str, times: list[float]) ->
         f.label, batch, threads, mode, img_s=round(1000 * batch / p50, 1),
         p50_ms=round(p50 / batch, 3), p99_ms=round(p99 / batch, 3),
         batch_p50_ms=round(p50, 3), batch_p99_ms=round(p99, 3), runs=len(times),
-        accuracy=f.accuracy, accuracy_delta=f.vs_fp32,
+        accuracy=f.accuracy, accuracy_delta=f.vs_fp32, accuracy_on=f.on,
     )
 
 
