@@ -164,8 +164,10 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
     """Split, decode, fit, then write the verified bundle and the held-out report."""
     if cfg.resume:
         task.check_resume(run_dir, cfg, ds.classes)
-    # the classes are saved too: a resumed run must rebuild the same head
-    cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes))
+    def save_config() -> None:  # the classes too: a resumed run must rebuild the same head
+        cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes))
+
+    save_config()
     splits = make_split(ds, cfg, run_dir)
     ui.step(task.describe(ds, splits, cfg))
     if not cfg.finish:
@@ -179,6 +181,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
         raise DataError("no readable training images")
     data.train_loader, data.val_loader = loaders(data, cfg)
     history = load_finish_checkpoint(built, run_dir, ui) if cfg.finish else task.fit(built, data, cfg, ds, run_dir, ui)
+    save_config()  # again: fitting may resolve settings (the probe's C), and the run must record what it used
     write_history(history, run_dir)
 
     bundle_dir = run_dir / "bundle"
