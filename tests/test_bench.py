@@ -25,18 +25,20 @@ HEADERS = {
 
 
 def _table_header(lines: list[str], first_column: str | None) -> str | None:
-    """The header row: the first non-comment line after a ``#`` line, with >= 2 columns
-    (and, when known, starting with ``first_column``)."""
-    for i, line in enumerate(lines):
-        if not line.startswith("#"):
+    """The header row: after the ``#`` header lines, the first row with >= 2 columns that
+    starts with ``first_column`` (when known; else the first row after a ``#`` line). Log
+    lines of the work a bench does (training's warnings, Lightning's notes) may come between."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("#")), None)
+    if start is None:
+        return None
+    for row in lines[start + 1:]:
+        if row.startswith("#") or not row.strip():
             continue
-        for row in lines[i + 1:]:
-            if row.startswith("#") or not row.strip():
-                continue
-            cols = row.split()
-            if len(cols) >= 2 and (first_column is None or cols[0] == first_column):
-                return row
-            break
+        cols = row.split()
+        if first_column is None:
+            return row if len(cols) >= 2 else None
+        if len(cols) >= 2 and cols[0] == first_column:
+            return row
     return None
 
 
@@ -64,3 +66,6 @@ def test_table_header_finds_a_header_and_refuses_prose() -> None:
     assert _table_header(table, None) == "run   test acc  seconds"
     assert _table_header(table, "method") is None
     assert _table_header(["no title", "a b c"], None) is None
+    logged = ["# title", "load average 7.5 on 2 core(s): training will be slower", "INFO: GPU available: False",
+              "operation   model  mode", "GET /ping  shapes  positive"]
+    assert _table_header(logged, "operation") == "operation   model  mode"  # log lines before the table
