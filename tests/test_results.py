@@ -75,6 +75,15 @@ def test_filtered_threshold_becomes_conf_so_above_and_to_dict_keep_everything() 
     assert result().filtered().threshold == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("kwargs", [{"iou": 1.5}, {"iou": "x"}, {"conf": 2}, {"max_det": 0}])
+def test_filtered_checks_options_on_an_empty_result_too(kwargs: dict[str, Any]) -> None:
+    # predict and serve validate their options once on an empty result, before any image:
+    # a bad --iou must fail there, not on the first image with a box (a traceback / a 500)
+    empty = DetectionResult(np.zeros((0, 4)), [], [], CLASSES)
+    with pytest.raises(ValueError, match="must be"):
+        empty.filtered(**kwargs)
+
+
 def test_filtered_on_an_empty_result() -> None:
     empty = DetectionResult(np.zeros((0, 4)), [], [], CLASSES)
     out = empty.filtered(conf=0.0, iou=0.5, classes=["dog"], max_det=5)

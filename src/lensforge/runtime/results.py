@@ -153,6 +153,9 @@ class DetectionResult:
         Raises ValueError for a conf or iou outside [0, 1] or a max_det below 1.
         """
         t = self.threshold if conf is None else _unit_interval("conf", conf)
+        # checked here, not only where a box is left to suppress: callers validate options
+        # once on an empty result (predict, serve) before any image is read
+        iou = None if iou is None else _unit_interval("iou", iou)
         keep = np.flatnonzero(self.scores >= t)
         if classes is not None:
             wanted = self._class_ids(classes)
@@ -160,7 +163,7 @@ class DetectionResult:
         keep = keep[np.argsort(-self.scores[keep], kind="stable")]  # best first (ties: original order)
         if iou is not None and len(keep):
             groups = None if agnostic else self.class_ids[keep]
-            keep = keep[nms(self.boxes[keep], self.scores[keep], _unit_interval("iou", iou), groups)]
+            keep = keep[nms(self.boxes[keep], self.scores[keep], iou, groups)]
         if max_det is not None:
             if isinstance(max_det, bool) or int(max_det) != max_det or max_det < 1:
                 raise ValueError(f"max_det must be a whole number of at least 1, got {max_det!r}")
