@@ -42,6 +42,7 @@ from lensforge.data.split import load_split
 from lensforge.hardware import cpu_count, describe
 from lensforge.models import Classifier, create_backbone
 from lensforge.runtime.bundle import SPLIT_FILE
+from lensforge.training import dataset
 
 
 def plain_loop(root: Path, split_file: Path, size: int, epochs: int, max_steps: int, seed: int) -> tuple[float, float]:
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, help="digits only: the first N images of each digit (default: all 1,797)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides for lensforge")
+    ap.add_argument("--crop-scale", help="lensforge's RandomResizedCrop area range, e.g. 0.8,1 (default: training.dataset.CROP_SCALE)")
+    ap.add_argument("--out", type=Path, help="keep lensforge's run (bundle, split) here, e.g. to export it afterwards")
     ap.add_argument("--skip-plain", action="store_true", help="only the lensforge run (when comparing settings)")
     ap.add_argument("--smoke", action="store_true", help="tiny digits subset at 32 px, 2 optimiser steps: checks the script runs")
     args = ap.parse_args()
@@ -123,10 +126,12 @@ def main() -> None:
     if args.smoke:
         args.epochs, args.size = 1, 32
     overrides = parse_set(args.set)
+    if args.crop_scale:
+        dataset.CROP_SCALE = tuple(float(v) for v in args.crop_scale.split(","))  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or write_digits(Path(tmp) / "digits", size=args.size, per_class=6 if args.smoke else args.per_class)
         t = time.perf_counter()
-        result = lensforge.train(data=str(root), out=str(Path(tmp) / "run"), epochs=args.epochs, image_size=args.size,
+        result = lensforge.train(data=str(root), out=str(args.out or Path(tmp) / "run"), epochs=args.epochs, image_size=args.size,
                                  seed=args.seed, max_steps=max_steps, **overrides)
         ours = (float(result.metrics["test"]["accuracy"]), time.perf_counter() - t)
         plain = None if args.skip_plain else plain_loop(
@@ -135,7 +140,8 @@ def main() -> None:
     data = args.data or f"sklearn digits{' (smoke subset)' if args.smoke else ''}"
     print(f"# fine-tuning defaults vs a plain loop — {data}, {n_train} training images, "
           f"{args.epochs} epochs at {args.size}px, efficientnet_lite0 offline weights")
-    print(f"# {describe()} | torch {torch.__version__}" + (f" | lensforge overrides: {overrides}" if overrides else ""))
+    print(f"# {describe()} | torch {torch.__version__} | crop scale {dataset.CROP_SCALE}"
+          + (f" | lensforge overrides: {overrides}" if overrides else ""))
     print(f"{'run':40} {'test acc':>9} {'seconds':>8}")
     print(f"{'lensforge train (defaults)' if not overrides else 'lensforge train (overrides)':40} {ours[0]:9.3f} {ours[1]:8.1f}")
     if plain is not None:

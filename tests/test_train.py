@@ -583,3 +583,21 @@ def test_finish_without_a_checkpoint_says_so(tmp_path: Path, shapes_dir: Path) -
     with pytest.raises(ConfigError, match="nothing to finish: .* holds no best.ckpt or last.ckpt"):
         lensforge.train(data=str(shapes_dir), out=str(tmp_path / "run"), finish=True, pretrained=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_transform_crops_with_crop_scale_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench/finetune_defaults.py --crop-scale sets dataset.CROP_SCALE before training: the
+    # transform must read it when built, not bind the value at import
+    from torchvision.transforms import v2
+
+    from lensforge.runtime.preprocess import InputSpec
+    from lensforge.training import dataset
+
+    def crop_scale() -> tuple[float, float]:
+        crops = [t for t in dataset.train_transform(InputSpec.for_size(32)).transforms if isinstance(t, v2.RandomResizedCrop)]
+        assert len(crops) == 1
+        return tuple(crops[0].scale)
+
+    assert crop_scale() == dataset.CROP_SCALE
+    monkeypatch.setattr(dataset, "CROP_SCALE", (0.5, 0.9))
+    assert crop_scale() == (0.5, 0.9)

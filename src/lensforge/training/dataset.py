@@ -68,10 +68,16 @@ def load_images(
     return good, images, bad
 
 
-def train_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """Random resized crop + horizontal flip, then the bundle's normalisation."""
+# Area range of the random resized crop (fraction of the image kept). A module constant so a
+# bench can compare settings (bench/finetune_defaults.py --crop-scale); measurements in its docstring.
+CROP_SCALE: tuple[float, float] = (0.35, 1.0)
+
+
+def train_transform(spec: InputSpec, scale: tuple[float, float] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Random resized crop (area ``scale``, default :data:`CROP_SCALE`) + horizontal flip, then
+    the bundle's normalisation."""
     aug = v2.Compose([
-        v2.RandomResizedCrop(spec.size, scale=(0.35, 1.0), antialias=True,
+        v2.RandomResizedCrop(spec.size, scale=scale or CROP_SCALE, antialias=True,
                              interpolation=v2.InterpolationMode(spec.interpolation)),
         v2.RandomHorizontalFlip(),
         v2.PILToTensor(),
