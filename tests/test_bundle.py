@@ -367,3 +367,21 @@ def test_overwrite_keeps_the_old_bundle_until_the_new_one_is_complete(tmp_path: 
         (tmp / "new").write_text("new")
     assert [p.name for p in dest.iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_an_explain_graph_outside_the_bundle_is_refused(shapes_bundle: Path, tmp_path: Path) -> None:
+    # the torch-free explainer opens lensforge.json's explain.file: it must stay inside the bundle too
+    b = tmp_path / "bundle"
+    shutil.copytree(shapes_bundle, b)
+    (tmp_path / "explain.onnx").write_bytes((b / MODEL_FILE).read_bytes())
+    meta = json.loads((b / "lensforge.json").read_text())
+    meta["explain"] = {"file": "../explain.onnx"}
+    (b / "lensforge.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"'explain.file' must be a relative file name inside the bundle"):
+        load_bundle(b)
+    meta["explain"] = {"file": "explain.onnx"}
+    (b / "lensforge.json").write_text(json.dumps(meta))
+    (b / "explain.onnx").unlink(missing_ok=True)  # training writes one: replace it by a link out
+    os.symlink(tmp_path / "explain.onnx", b / "explain.onnx")
+    with pytest.raises(BundleError, match=r"explain\.onnx is a symlink that leads out of the bundle"):
+        load_bundle(b)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 META_FILE = "lensforge.json"
 MODEL_FILE = "model.onnx"
+EXPLAIN_FILE = "explain.onnx"  # a classifier's class activation map graph (runtime/explain.py)
 WEIGHTS_FILE = "weights.safetensors"
 SPLIT_FILE = "split.json"
 
@@ -138,7 +139,9 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     _check_meta(meta, meta_path)
     bundle = Bundle(p, meta)
     model_file = meta.get("model", {}).get("file", MODEL_FILE)
-    for name in (model_file, WEIGHTS_FILE, SPLIT_FILE):
+    explain = meta.get("explain")  # the torch-free explainer opens this graph (runtime/explain.py)
+    explain_file = [explain.get("file", EXPLAIN_FILE)] if isinstance(explain, dict) else []
+    for name in (model_file, WEIGHTS_FILE, SPLIT_FILE, *explain_file):
         _check_file_stays_inside(p, name)
     if not bundle.model_path.is_file() or bundle.model_path.stat().st_size == 0:
         raise BundleError(f"{p} is incomplete: {bundle.model_path.name} is missing or empty")
@@ -260,6 +263,12 @@ def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
         raise BundleError(
             f"{bad} 'model.file' must be a relative file name inside the bundle (e.g. {MODEL_FILE!r}), "
             f"got {_short(file)}"
+        )
+    explain = meta.get("explain")
+    if isinstance(explain, dict) and not _plain_relative(explain.get("file", EXPLAIN_FILE)):
+        raise BundleError(
+            f"{bad} 'explain.file' must be a relative file name inside the bundle (e.g. {EXPLAIN_FILE!r}), "
+            f"got {_short(explain.get('file'))}"
         )
 
 

@@ -25,12 +25,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lensforge.errors import BundleError, ConfigError, ModelError
-from lensforge.runtime.bundle import Bundle
+from lensforge.runtime.bundle import EXPLAIN_FILE, Bundle
 from lensforge.runtime.preprocess import InputSpec, preprocess
 
 log = logging.getLogger(__name__)
 
-EXPLAIN_FILE = "explain.onnx"
 EXPLAIN_OUTPUTS = ("cams", "scores")  # explain.onnx's outputs, in this order
 METHODS = ("auto", "cam", "gradcam", "gradcam++")  # what --method takes; cam is the one without torch
 ALPHA = 0.45  # how strongly the heat map covers the image in overlays
