@@ -345,7 +345,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             advance(1)
     console.print(f"[bold cyan]›[/] {written} overlay(s) ({method}) in {escape(str(out_dir))}"
                   + (f"; {failed} image(s) could not be read" if failed else ""))
-    return 2 if failed else 0
+    return 1 if failed and not written else 0  # as predict: 1 only when no image could be explained
 
 
 def _unique_name(stem: str, used: set[str]) -> str:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lensforge.data.image import decode_image
+from lensforge.data.image import decode_image, to_rgb
 from lensforge.errors import ModelError
 from lensforge.explain.cam import CamGraph, FeatureClassifier, methods_for
-from lensforge.models.classifier import Classifier
+from lensforge.models.classifier import Classifier, load_bundle_model
 from lensforge.runtime.bundle import Bundle, as_bundle
 from lensforge.runtime.explain import METHODS, Explanation, explanations, label_index, to_image
 from lensforge.runtime.preprocess import InputSpec, preprocess
@@ -32,8 +32,6 @@ class TorchExplainer:
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike[str] | Bundle) -> TorchExplainer:
-        from lensforge.models.classifier import load_bundle_model
-
         b = as_bundle(bundle)
         if b.task == "detect":
             raise ModelError(f"{b.path} holds a detector; explain handles classifiers (cam, gradcam, gradcam++)")
@@ -78,7 +76,8 @@ class TorchExplainer:
                 k: int = 1, method: str = "auto") -> list[Explanation]:
         """Explanations of ``labels`` (default: the top ``k``) for one image (decoded like predict)."""
         method = self.resolve(method)
-        img = image.convert("RGB") if isinstance(image, Image.Image) else decode_image(image, min_size=self.spec.resize)
+        # the decoder's own mode policy (alpha over white, 16-bit scaled), as the Predictor applies it
+        img = to_rgb(image) if isinstance(image, Image.Image) else decode_image(image, min_size=self.spec.resize)
         batch = torch.from_numpy(preprocess(img, self.spec)[None])
         cams, scores = self.cams(batch)
         if method == "cam":

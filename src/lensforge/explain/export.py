@@ -18,7 +18,7 @@ from lensforge.errors import BundleError, ExportError
 from lensforge.explain.cam import CamGraph, cam_supported
 from lensforge.export.onnx import INPUT_NAME, OPSET
 from lensforge.models.classifier import Classifier
-from lensforge.runtime.bundle import META_FILE, WEIGHTS_FILE, load_bundle, write_meta
+from lensforge.runtime.bundle import META_FILE, WEIGHTS_FILE, load_bundle, staging_directory, write_meta
 from lensforge.runtime.explain import EXPLAIN_FILE, EXPLAIN_OUTPUTS, normalise
 
 log = logging.getLogger(__name__)
@@ -83,16 +83,16 @@ def add_explain(bundle_dir: str | os.PathLike[str], overwrite: bool = False) -> 
         raise BundleError(f"{bundle.path} has no {WEIGHTS_FILE} to build the explain graph from")
     scores_model = load_bundle_model(bundle)
     classifier = scores_model.model
-    tmp = bundle.path / f".{EXPLAIN_FILE}.{os.getpid()}.tmp"
-    try:
+    # staged in the bundle's parent's .staging (same file system: the rename is atomic); what a
+    # kill -9 leaves there, the next run sweeps
+    with staging_directory(bundle.path.parent, f"{bundle.name}.explain") as work:
+        tmp = work / EXPLAIN_FILE
         entry = export_explain(classifier, scores_model.multilabel, bundle.input_spec.size, tmp)
         if entry is None:
             raise ExportError(f"{bundle.path}'s head is {bundle.meta.get('model', {}).get('head', '?')!r} on "
                               f"{bundle.meta.get('model', {}).get('backbone', '?')}: the exact CAM needs global average "
                               "pooling + a linear head; explain it with --method gradcam or gradcam++ (torch) instead")
         os.replace(tmp, bundle.path / EXPLAIN_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = json.loads((bundle.path / META_FILE).read_text())
     meta["explain"] = entry
     write_meta(bundle.path, {k: v for k, v in meta.items() if k != "format_version"})

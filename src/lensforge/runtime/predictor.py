@@ -204,7 +204,7 @@ class Predictor:
         try:
             return ort.InferenceSession(path, opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
-            raise BundleError(f"{self.bundle.model_path} could not be loaded by onnxruntime: {_first_line(e)}") from None
+            raise BundleError(f"{path} could not be loaded by onnxruntime: {_first_line(e)}") from None
 
     # -- the three stages, usable one by one (the server batches between them) -------------
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -16,9 +14,11 @@ import torch
 from torch import nn
 
 from lensforge.data.records import Dataset, targets
+from lensforge.errors import BundleError
 from lensforge.export.onnx import export_onnx
 from lensforge.hardware import cpu_count
 from lensforge.models.classifier import Classifier
+from lensforge.runtime.bundle import staging_directory
 from lensforge.runtime.cache import cache_root
 from lensforge.training.dataset import RecordDataset, eval_transform
 from lensforge.training.finetune import quick_metrics
@@ -127,7 +127,9 @@ def extract_features(
     """
     backbone.eval()
     feats: list[np.ndarray] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # scratch in the feature cache's .staging (not the system temp dir): what a kill -9 leaves
+    # there, the next probe sweeps (see staging_directory)
+    with staging_directory(feature_cache_dir(), "probe-backbone") as tmp:
         session: ort.InferenceSession | None = None
         for x, _ in loader:
             if session is None:
@@ -158,11 +160,10 @@ def cached_features(
         return np.load(path, allow_pickle=False)
     feats = compute()
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, feats, allow_pickle=False)
-        tmp.replace(path)
-    except OSError as e:
+        with staging_directory(cache_dir, "features") as work:  # a killed write leaves no half file
+            np.save(work / path.name, feats, allow_pickle=False)
+            (work / path.name).replace(path)
+    except (OSError, BundleError) as e:
         log.warning("could not cache probe features in %s: %s", cache_dir, e)
     return feats
 
