@@ -506,7 +506,7 @@ def _done_table(metrics: dict[str, object]) -> str:
     from lensforge.cli.render import print_summary
 
     result = SimpleNamespace(bundle_dir=Path("b"), run_dir=Path("r"), parity=1e-6, metrics=metrics, skipped_images=0,
-                             seconds=3.0)
+                             seconds=3.0, history=[])
     console = Console(record=True, width=200, color_system=None)
     print_summary(result, console)  # type: ignore[arg-type]
     return console.export_text()
@@ -525,7 +525,8 @@ def test_the_summary_shows_each_splits_typed_headline_first() -> None:
     text = _done_table({"val": multi, "test": det, "train": single})
     lines = {line.split(" metrics")[0].strip(): line for line in text.splitlines() if " metrics " in line}
     assert lines["val"].split()[2:4] == ["mAP", "1.000"] and " map " not in lines["val"]
-    assert lines["test"].split()[2:] == ["map", "0.250", "map50", "0.500"] and "mAP" not in lines["test"]
+    assert lines["test"].split()[2:6] == ["map", "0.250", "map50", "0.500"] and "mAP" not in lines["test"]
+    assert "(2 images, the bundle's ONNX model, ONNX Runtime)" in lines["test"]  # which images and runtime
     assert lines["train"].split()[2:4] == ["accuracy", "1.000"]
 
 
