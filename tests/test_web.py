@@ -191,6 +191,7 @@ def test_ui_models_lists_task_and_classes(live: LiveServer, predictor: Predictor
     assert [m["default"] for m in doc["models"]] == [True, False]
     for m in doc["models"]:
         assert m["task"] == "classify" and m["classes"] == list(predictor.classes) and m["ready"] is True
+        assert m["explain"] is True  # the shapes bundle carries explain.onnx
 
 
 @pytest.mark.parametrize("path, content_type", [("/", "text/html"), ("/static/app.js", "javascript"),
@@ -391,11 +392,14 @@ def test_page_accepts_a_dropped_file_for_the_chosen_model(browser: Any, live: Li
 
 def test_page_is_keyboard_and_screen_reader_friendly(browser: Any, live: LiveServer) -> None:
     open_page(browser, live)
-    for control in ("model", "file"):
+    for control in ("model", "heatmap-toggle", "file"):
         assert browser.find_elements("css selector", f"label[for='{control}']"), control
     from selenium.webdriver.common.keys import Keys
 
-    browser.find_element("id", "model").send_keys(Keys.TAB)  # the keyboard path: model picker, then the file input
+    # the keyboard path: model picker, the heat-map toggle (shown: the model explains), then the file input
+    browser.find_element("id", "model").send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.get_attribute("id") == "heatmap-toggle"
+    browser.switch_to.active_element.send_keys(Keys.TAB)
     assert browser.switch_to.active_element.get_attribute("id") == "file"
     assert browser.find_element("id", "form").get_attribute("aria-describedby") == "hint"
     assert browser.find_element("id", "status").get_attribute("aria-live") == "polite"
@@ -439,3 +443,47 @@ def test_classification_result_matches_the_native_route(live: LiveServer, predic
     expected: ClassificationResult = predictor.predict(src)  # type: ignore[assignment]
     assert doc["labels"] == [expected.label] and doc["latency_ms"] > 0
     assert [t["label"] for t in doc["top"]] == [name for name, _ in expected.top(5)]
+
+
+def test_page_heatmap_toggle_shows_the_overlay_at_the_image_size(browser: Any, live: LiveServer, tmp_path: Path,
+                                                                 one_per_class: list[Path]) -> None:
+    """The toggle (shown: the shapes bundle has explain.onnx) swaps the preview for /explain's
+    overlay, which has the uploaded image's own size; off again, the preview is back."""
+    src = tmp_path / "wide.png"  # not square and not the model's size, so the size check means something
+    canvas = Image.new("RGB", (300, 180), (128, 128, 128))
+    canvas.paste(Image.open(one_per_class[1]).convert("RGB"), (150, 60))
+    canvas.save(src)
+    open_page(browser, live)
+    assert browser.find_element("id", "heatmap-row").is_displayed()
+    browser.find_element("id", "heatmap-toggle").click()
+    browser.find_element("id", "file").send_keys(str(src))
+    wait_for(browser, lambda d: d.find_element("id", "status").text == "Done: wide.png (heat map)")
+    img = browser.find_element("id", "heatmap")
+    assert img.is_displayed() and not browser.find_element("id", "canvas").is_displayed()
+    natural = browser.execute_script("const i = arguments[0]; return [i.naturalWidth, i.naturalHeight];", img)
+    assert natural == [300, 180]
+    # what the page shows is /explain's answer for this image
+    served = requests.post(live.url + "/explain/shapes?format=png", data=src.read_bytes(), timeout=30)
+    shown = browser.execute_script("""
+        const i = arguments[0], c = document.createElement("canvas");
+        c.width = i.naturalWidth; c.height = i.naturalHeight;
+        const g = c.getContext("2d"); g.drawImage(i, 0, 0);
+        return Array.from(g.getImageData(0, 0, c.width, c.height).data.filter((_, k) => k % 4 !== 3));
+    """, img)
+    assert np.array_equal(np.array(shown, np.uint8).reshape(180, 300, 3), np.asarray(decoded(served.content)))
+    assert img.get_attribute("alt").startswith("heat map of wide.png for ")
+    browser.save_screenshot(str(tmp_path.parent / "web-page-heatmap-latest.png"))
+    browser.find_element("id", "heatmap-toggle").click()  # off: the preview is back
+    assert not img.is_displayed() and browser.find_element("id", "canvas").is_displayed()
+    assert browser.find_element("id", "caption").text == "300 × 180 px"
+
+
+def test_page_hides_the_toggle_for_models_without_explain(browser: Any, live: LiveServer) -> None:
+    open_page(browser, live)
+    browser.execute_script("""models.get("second").explain = false;""")  # as /ui/models says for an old bundle
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "model")).select_by_value("second")
+    assert not browser.find_element("id", "heatmap-row").is_displayed()
+    Select(browser.find_element("id", "model")).select_by_value("shapes")
+    assert browser.find_element("id", "heatmap-row").is_displayed()

@@ -8,6 +8,7 @@ middleware. Routes (each dialect keeps its own error shape, see RELIABILITY.md):
   ``/models`` (:mod:`.torchserve`); native ``/v1/models/{name}/predict`` (:mod:`.native`);
 - KServe v2 / Triton HTTP ``/v2/...`` (:mod:`.kserve`); ``/annotate``, ``/docs``,
   ``/openapi.json`` and the web page at ``/`` (:mod:`.web`);
+- ``/explain`` heat maps of classifiers (:mod:`.explain`);
 - ``/healthz`` (live), ``/readyz`` (every model loaded and warmed up), ``/metrics`` (:mod:`.health`).
 
 Decoding and preprocessing run in a thread pool, inference in one thread per model behind a
@@ -25,7 +26,7 @@ from starlette.applications import Starlette
 from lensforge.errors import ConfigError
 from lensforge.runtime import load_bundle
 from lensforge.runtime.bundle import display_name
-from lensforge.serve import fetch, health, kserve, native, seed, torchserve, web
+from lensforge.serve import explain, fetch, health, kserve, native, seed, torchserve, web
 from lensforge.serve.admission import Admission
 from lensforge.serve.server import DEFAULT_MAX_BODY, DetectionFilter, Model, Server, Settings
 from lensforge.serve.signals import DRAIN_S
@@ -100,6 +101,7 @@ def create_app(
         *health.routes(server),  # /healthz, /readyz, /metrics
         *kserve.routes(server),  # KServe v2 / Triton HTTP
         *web.routes(server),  # /annotate, the web page at /, /docs and /openapi.json
+        *explain.routes(server),  # /explain: class activation maps (classifiers with explain.onnx)
     ]
     app = Starlette(routes=routes, lifespan=server.lifespan)
     app.add_middleware(Admission, server=server, limit=settings.max_inflight)

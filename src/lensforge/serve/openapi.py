@@ -123,6 +123,35 @@ _ANNOTATE_OK = {
                    "or shrunk to a longer side of 2048 px when larger",
     "content": {"image/jpeg": {"schema": _BINARY}, "image/png": {"schema": _BINARY}},
 }
+_EXPLAIN_OK = {
+    "description": "the heat map (class activation map) over the image with label, score and a colour bar, at the "
+                   "decoded image's size (longer side capped at 2048 px); `?format=json`: the map shrunk to at most "
+                   "32 px with label, score, method and the image size",
+    "content": {"image/png": {"schema": _BINARY}, "image/jpeg": {"schema": _BINARY},
+                "application/json": {"schema": {
+                    "type": "object", "required": ["label", "score", "method", "width", "height", "map"],
+                    "properties": {"label": {"type": "string"}, "score": {"type": "number"},
+                                   "method": {"type": "string"}, "width": {"type": "integer"},
+                                   "height": {"type": "integer"},
+                                   "map": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}},
+                    "example": {"label": "circle", "score": 0.91, "method": "cam", "width": 64, "height": 64,
+                                "map": [[0.0, 0.12], [0.56, 1.0]]}}},
+}
+_EXPLAIN_REFUSED = {
+    "409": _json("the model's bundle has no explain graph", {
+        "status": "Error", "error": "model 'old' has no explain graph (its bundle was made before lensforge could "
+                                    "explain, or its head is not pooling + linear); add it with: lensforge export "
+                                    "BUNDLE --to explain"}),
+    "422": _json("the model is a detector", {
+        "status": "Error", "error": "model 'boxes' is a detector; /explain explains classifiers"}),
+}
+_EXPLAIN_QUERY = [
+    {"name": "format", "in": "query", "required": False, "schema": {"type": "string", "enum": ["png", "jpeg", "jpg", "json"]},
+     "description": "the answer: overlay as PNG (default) or JPEG, or JSON (400 for another value; `format` wins "
+                    "over `Accept`)"},
+    {"name": "label", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "the class to explain (default: the top label); 400 when the model has no such class"},
+]
 _KSERVE_ERROR = {"error": "model 'nope' is not found"}
 # The v2 inference request as kserve_wire.parse_request checks it: one input, either the model's
 # FP32 tensor or encoded images (BYTES, base64 in JSON); at most 8 dimensions. What JSON Schema
@@ -213,13 +242,25 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         parameters=[{"name": "format", "in": "query", "required": False,
                      "schema": {"type": "string", "enum": ["jpeg", "jpg", "png"]}}],
         body=_image_body()),
+    ("post", "/explain"): _op(
+        "Explain the prediction as a heat map over the image", "web",
+        {"200": _EXPLAIN_OK, **_errors(_seed_error, (*_IMAGE_ERRORS, 406)), **_EXPLAIN_REFUSED},
+        description="Multipart `file` or `data`, or the raw image as the body. The exact class activation map "
+                    "from the bundle's `explain.onnx` (classifiers whose head is pooling + linear). PNG by default, "
+                    "JPEG with `Accept: image/jpeg` or `?format=jpeg`, JSON with `?format=json`. Errors in the seed "
+                    "shape; a detector (422) or a bundle without the explain graph (409) still serves `/predict`.",
+        parameters=[_MODEL_QUERY, *_EXPLAIN_QUERY], body=_image_body(("file", "data"))),
+    ("post", "/explain/{}"): _op(
+        "Explain a named model's prediction as a heat map", "web",
+        {"200": _EXPLAIN_OK, **_errors(_seed_error, (*_IMAGE_ERRORS, 406)), **_EXPLAIN_REFUSED},
+        parameters=_EXPLAIN_QUERY, body=_image_body(("file", "data"))),
     ("get", "/"): _op("The web page: try images in a browser", "web",
                       {"200": {"description": "HTML page", "content": {"text/html": {}}}}),
     ("get", "/ui/models"): _op(
         "The served models with task and classes (for the web page)", "web",
         {"200": _json("one entry per model", {"models": [
             {"name": "shapes", "task": "classify", "classes": ["circle", "square", "star", "triangle"],
-             "ready": True, "default": True}]})}),
+             "ready": True, "default": True, "explain": True}]})}),
     ("get", "/openapi.json"): _op("This OpenAPI description", "web",
                                   {"200": {"description": "OpenAPI 3.1 JSON", "content": {"application/json": {}}}}),
     ("get", "/docs"): _op("The API documentation as a web page (works offline)", "web",
@@ -286,7 +327,7 @@ _GENERATOR = _Generator({
     "openapi": "3.1.0",
     "info": {"title": "lensforge", "version": __version__,
              "description": "Vision models over HTTP: the seed `/predict` contract, TorchServe and KServe v2 "
-                            "routes, native JSON, annotated images, health and metrics. Every route serves every "
+                            "routes, native JSON, annotated images, heat maps, health and metrics. Every route serves every "
                             "model; errors keep each dialect's own shape."},
 })
 

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
 from lensforge.errors import ConfigError, ImageError, RequestError
 from lensforge.runtime import Bundle, DetectionResult, Predictor
+from lensforge.runtime.bundle import EXPLAIN_FILE
 from lensforge.runtime.predictor import Result
 from lensforge.serve import inputs, memory
 from lensforge.serve.batching import Batcher, unavailable
@@ -121,6 +123,30 @@ class Model:
             return f"{spec.min_size}-{spec.max_size} px"
         size = self.bundle.input_spec.size
         return f"{size}x{size}"
+
+    def check_explainable(self) -> None:
+        """For ``/explain``: a detector (422) or a bundle without ``explain.onnx`` (409), one line
+        without paths; checked from the metadata, before any body is read."""
+        bundle = self.bundle
+        if bundle.task == "detect":
+            raise RequestError(422, "not_explainable", f"model {self.name!r} is a detector; /explain explains "
+                                                       "classifiers (use /annotate to see its boxes)")
+        info = bundle.meta.get("explain")
+        file = info.get("file", EXPLAIN_FILE) if isinstance(info, dict) else EXPLAIN_FILE
+        if not isinstance(info, dict) or not (bundle.path / str(file)).is_file():
+            raise RequestError(409, "no_explain_graph",
+                               f"model {self.name!r} has no explain graph (its bundle was made before lensforge could "
+                               "explain, or its head is not pooling + linear); add it with: "
+                               "lensforge export BUNDLE --to explain")
+
+    @property
+    def explainable(self) -> bool:
+        """Whether ``/explain`` serves this model (the web page shows its heat-map toggle)."""
+        try:
+            self.check_explainable()
+        except RequestError:
+            return False
+        return True
 
 
 class Server:
@@ -289,17 +315,21 @@ class Server:
         deadline = loop.time() + self.settings.timeout_s
         if model.predictor is None or model.batcher is None:
             raise unavailable(f"model {model.name!r} is not ready")
+        x = await self.decode_request_image(prepare_image, model.predictor, data)
+        if loop.time() >= deadline:
+            raise unavailable("deadline exceeded while decoding")
+        output = await model.batcher.submit(x, deadline)
+        return self.result(model, output, x)
+
+    async def decode_request_image(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`decode`, with the decoder's ImageError as the request's 4xx (400/413/415)."""
         try:
-            x = await self.decode(prepare_image, model.predictor, data)
+            return await self.decode(fn, *args)
         except ImageError as e:
             message = str(e)
             if e.code == "unsupported_format" and "unsupported" not in message:
                 message = f"unsupported image format: {message}"  # RELIABILITY.md I2's wording
             raise RequestError(e.http_status, e.code, message) from None
-        if loop.time() >= deadline:
-            raise unavailable("deadline exceeded while decoding")
-        output = await model.batcher.submit(x, deadline)
-        return self.result(model, output, x)
 
     def result(self, model: Model, output: object, x: Any) -> Result:
         """A batcher output → the answer's result, with the server's detection filter applied."""
@@ -327,11 +357,16 @@ def smallest_input(predictor: Predictor) -> np.ndarray:
     return np.zeros((3, side, side), np.float32)
 
 
-def prepare_image(predictor: Predictor, data: bytes) -> np.ndarray:
-    """Encoded image → the model input (runs in the decode pool): the decoder's checks, then
+def decoded_image(predictor: Predictor, data: bytes) -> Image.Image:
+    """Encoded image → the decoded RGB image (runs in the decode pool): the decoder's checks, then
     :data:`MAX_ASPECT` on the decoded size, before anything is resized (RELIABILITY.md I5)."""
     img = predictor.load(data)
     w, h = img.size
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise ImageError("too_large", f"image too large: {w}x{h} has an aspect ratio over {MAX_ASPECT}:1")
-    return predictor.prepare(img)  # a decoded image: no second decode
+    return img
+
+
+def prepare_image(predictor: Predictor, data: bytes) -> np.ndarray:
+    """Encoded image → the model input (runs in the decode pool), after :func:`decoded_image`'s checks."""
+    return predictor.prepare(decoded_image(predictor, data))  # a decoded image: no second decode

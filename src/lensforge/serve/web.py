@@ -87,7 +87,7 @@ class Web:
     async def ui_models(self, request: Request) -> Response:
         models = [
             {"name": m.name, "task": m.bundle.task, "classes": list(m.bundle.classes), "ready": m.ready,
-             "default": m.name == self.server.default}
+             "default": m.name == self.server.default, "explain": m.explainable}
             for m in self.server.models.values()
         ]
         return JSONResponse({"models": models})
@@ -144,7 +144,7 @@ def negotiate_format(query: str | None, accept: str | None) -> str:
     if not accept or not accept.strip():
         return "jpeg"
     ranges = parse_accept(accept)
-    quality = {fmt: _quality(ranges, media) for fmt, media in MEDIA_TYPES.items()}
+    quality = {fmt: media_quality(ranges, media) for fmt, media in MEDIA_TYPES.items()}
     best = max(quality, key=lambda f: (quality[f], f == "jpeg"))  # a tie goes to JPEG
     if quality[best] <= 0:
         raise RequestError(406, "not_acceptable",
@@ -172,7 +172,7 @@ def parse_accept(accept: str) -> list[tuple[str, float]]:
     return out
 
 
-def _quality(ranges: list[tuple[str, float]], media: str) -> float:
+def media_quality(ranges: list[tuple[str, float]], media: str) -> float:
     """q of ``media`` under the most specific matching range (exact > type/* > */*; RFC 9110 12.5.1)."""
     kind = media.split("/")[0] + "/*"
     for candidate in (media, kind, "*/*"):

@@ -1,6 +1,6 @@
 // The lensforge try-it page: pick a model, choose or drop an image, see the result.
-// Plain JS, no build step, no external URLs. Talks to GET /ui/models and the native JSON
-// route POST /v1/models/{name}/predict.
+// Plain JS, no build step, no external URLs. Talks to GET /ui/models, the native JSON
+// route POST /v1/models/{name}/predict and, with the heat-map toggle on, POST /explain/{name}.
 "use strict";
 
 // Same palette, same order as lensforge.runtime.draw.PALETTE: a class has one colour everywhere.
@@ -15,6 +15,8 @@ const PREVIEW_MAX_SIDE = 1024; // canvas pixels: enough for a sharp preview, che
 const $ = (id) => document.getElementById(id);
 const models = new Map(); // name -> {name, task, classes, ready}
 let currentFile = null;
+let heatmapUrl = null; // object URL of the overlay shown, revoked when replaced
+const preview = { shown: false, caption: "" }; // what the canvas shows, restored when the heat map goes off
 
 function classColor(i) {
   return PALETTE[((i % PALETTE.length) + PALETTE.length) % PALETTE.length];
@@ -65,6 +67,60 @@ async function loadModels() {
 function describeModel() {
   const m = models.get($("model").value);
   $("model-info").textContent = m ? `classes: ${m.classes.join(", ")}` : "";
+  // only classifiers whose bundle carries the explain graph answer /explain
+  $("heatmap-row").hidden = !(m && m.explain);
+}
+
+function heatmapWanted() {
+  const m = models.get($("model").value);
+  return Boolean(m && m.explain && $("heatmap-toggle").checked);
+}
+
+function showCanvas() {
+  $("heatmap").hidden = true;
+  $("canvas").hidden = !preview.shown;
+  $("caption").textContent = preview.caption;
+}
+
+async function showHeatmap(file) {
+  const name = $("model").value;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  setStatus(`Explaining ${file.name} with ${name}…`);
+  let resp;
+  try {
+    resp = await fetch(`/explain/${encodeURIComponent(name)}?format=png`, { method: "POST", body: form });
+  } catch (err) {
+    setStatus("");
+    showError(`Could not reach the server for the heat map: ${err.message}`);
+    return;
+  }
+  if (file !== currentFile || !heatmapWanted()) return; // a newer image, or the toggle went off meanwhile
+  if (!resp.ok) {
+    let body;
+    try {
+      body = await resp.json();
+    } catch (err) {
+      body = null;
+    }
+    setStatus("");
+    showError(`Heat map: error ${resp.status} for ${file.name}: ${errorMessage(body) || resp.statusText}`);
+    return;
+  }
+  const blob = await resp.blob();
+  if (heatmapUrl) URL.revokeObjectURL(heatmapUrl);
+  heatmapUrl = URL.createObjectURL(blob);
+  const img = $("heatmap");
+  img.onload = () => {
+    if (file !== currentFile || !heatmapWanted()) return;
+    img.alt = `heat map of ${file.name} for ${$("top-label").textContent}`;
+    img.style.imageRendering = img.naturalWidth < 280 ? "pixelated" : "auto";
+    $("canvas").hidden = true;
+    img.hidden = false;
+    $("caption").textContent = `heat map: ${img.naturalWidth} × ${img.naturalHeight} px`;
+    setStatus(`Done: ${file.name} (heat map)`);
+  };
+  img.src = heatmapUrl;
 }
 
 function errorMessage(body) {
@@ -122,6 +178,7 @@ async function predict(file) {
   const bitmap = await previewBitmap(file);
   render(file, body, bitmap, roundTrip);
   setStatus(`Done: ${file.name}`);
+  if (heatmapWanted()) await showHeatmap(file);
 }
 
 function render(file, data, bitmap, roundTrip) {
@@ -174,9 +231,11 @@ function row(label, score, classId) {
 function drawPreview(bitmap, detections) {
   const canvas = $("canvas");
   const caption = $("caption");
+  $("heatmap").hidden = true; // a new result: the previous heat map no longer applies
+  preview.shown = Boolean(bitmap);
   if (!bitmap) {
     canvas.hidden = true;
-    caption.textContent = "This browser cannot preview this image format.";
+    caption.textContent = preview.caption = "This browser cannot preview this image format.";
     return;
   }
   canvas.hidden = false;
@@ -188,7 +247,7 @@ function drawPreview(bitmap, detections) {
   canvas.style.imageRendering = w < 280 ? "pixelated" : "auto"; // small images are shown enlarged: keep them crisp
   const ctx = canvas.getContext("2d");
   ctx.drawImage(bitmap, 0, 0, w, h);
-  caption.textContent = `${bitmap.width} × ${bitmap.height} px`;
+  caption.textContent = preview.caption = `${bitmap.width} × ${bitmap.height} px`;
   if (!detections) return;
   // boxes are in original-image pixels (xyxy); map them to the canvas
   const [iw, ih] = detections.image_size || [bitmap.width, bitmap.height];
@@ -227,6 +286,15 @@ function setup() {
   const drop = $("drop");
   $("form").addEventListener("submit", (e) => e.preventDefault()); // nothing to submit: a file predicts at once
   input.addEventListener("change", () => predict(input.files[0]));
+  $("heatmap-toggle").addEventListener("change", () => {
+    if (!currentFile || $("result").hidden) return;
+    if (heatmapWanted()) {
+      showHeatmap(currentFile);
+    } else {
+      showCanvas();
+      setStatus(`Done: ${currentFile.name}`);
+    }
+  });
   $("model").addEventListener("change", () => {
     describeModel();
     if (currentFile) predict(currentFile);

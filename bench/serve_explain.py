@@ -1,0 +1,91 @@
+"""``POST /explain`` vs ``POST /predict`` latency on the same model and image (issue 14, goal <= 1.5x for CAM).
+
+One run, one machine, loopback, one client (keep-alive), requests alternated so both see the same
+machine load: median and p90 of each over ``--requests`` requests after a warm-up, and the ratio of
+the medians. /explain is timed as PNG overlay (what the web page asks for) and as JSON.
+
+    python bench/serve_explain.py BUNDLE [--image PATH] [--requests 50]
+
+The default image is scikit-learn's ``china.jpg`` (640x427, a real photo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+import uvicorn
+
+from lensforge.serve import create_app
+
+
+def sample_jpeg() -> bytes:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_images().images[0]).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def serve(bundle: Path) -> tuple[str, uvicorn.Server, threading.Thread]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app({"m": bundle}, max_wait_ms=0), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                return url, server, thread
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("the server did not become ready within 60 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--image", type=Path)
+    parser.add_argument("--requests", type=int, default=50)
+    args = parser.parse_args()
+    data = args.image.read_bytes() if args.image else sample_jpeg()
+    url, server, thread = serve(args.bundle)
+    routes = {"predict": "/predict/m", "explain png": "/explain/m", "explain json": "/explain/m?format=json"}
+    times: dict[str, list[float]] = {name: [] for name in routes}
+    with requests.Session() as session:
+        for i in range(args.requests + 5):  # the first 5 rounds warm up (the explain session opens lazily)
+            for name, path in routes.items():
+                t = time.perf_counter()
+                r = session.post(url + path, data=data, timeout=60)
+                elapsed = time.perf_counter() - t
+                if r.status_code != 200:
+                    raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
+                if i >= 5:
+                    times[name].append(elapsed)
+    server.should_exit = True
+    thread.join(timeout=15)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    print(f"# bundle {args.bundle}, image {len(data)} bytes, {args.requests} requests per route, alternated")
+    base = statistics.median(times["predict"])
+    print(f"{'route':<14}{'p50 ms':>9}{'p90 ms':>9}{'x predict':>11}")
+    for name, ts in times.items():
+        p50, p90 = statistics.median(ts), statistics.quantiles(ts, n=10)[-1]
+        print(f"{name:<14}{p50 * 1e3:>9.1f}{p90 * 1e3:>9.1f}{p50 / base:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
