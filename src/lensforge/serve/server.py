@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lensforge.data.image import DEFAULT_MAX_ASPECT
 from lensforge.errors import ConfigError, ImageError, RequestError
 from lensforge.runtime import Bundle, DetectionResult, Predictor
 from lensforge.runtime.bundle import EXPLAIN_FILE
@@ -41,10 +42,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MB: a large phone JPEG is ~10 MB
-# Longest side / shortest side the server accepts. A classifier resizes the shorter side up to
-# its input size, so a 65535x1 PNG (a few hundred bytes) would become a 350-megapixel image
-# (1 GB, seconds of CPU); 100:1 leaves room for panoramas and long screenshots.
-MAX_ASPECT = 100
+# Longest side / shortest side the server accepts: the one decoder's cap, checked from the header
+# before decoding in every path (a 65535x1 PNG of a few hundred bytes would otherwise be resized
+# into a 350-megapixel image); 100:1 leaves room for panoramas and long screenshots.
+MAX_ASPECT = DEFAULT_MAX_ASPECT
 
 
 @dataclass(frozen=True)
@@ -358,13 +359,9 @@ def smallest_input(predictor: Predictor) -> np.ndarray:
 
 
 def decoded_image(predictor: Predictor, data: bytes) -> Image.Image:
-    """Encoded image → the decoded RGB image (runs in the decode pool): the decoder's checks, then
-    :data:`MAX_ASPECT` on the decoded size, before anything is resized (RELIABILITY.md I5)."""
-    img = predictor.load(data)
-    w, h = img.size
-    if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ImageError("too_large", f"image too large: {w}x{h} has an aspect ratio over {MAX_ASPECT}:1")
-    return img
+    """Encoded image → the decoded RGB image (runs in the decode pool) after the decoder's checks:
+    format allow-list, pixel cap and :data:`MAX_ASPECT`, all from the header (RELIABILITY.md I4, I5)."""
+    return predictor.load(data)
 
 
 def prepare_image(predictor: Predictor, data: bytes) -> np.ndarray:
