@@ -38,7 +38,8 @@ from lensforge.runtime.draw import encode_image, fit_within
 from lensforge.runtime.explain import Explanation, label_index
 from lensforge.serve.batching import unavailable
 from lensforge.serve.server import decoded_image
-from lensforge.serve.web import ANNOTATE_MAX_SIDE, FORMAT_ALIASES, media_quality, parse_accept
+from lensforge.serve.web import ANNOTATE_MAX_SIDE
+from lensforge.serve.web import negotiate as negotiate_media
 
 if TYPE_CHECKING:
     from lensforge.runtime import Predictor
@@ -134,21 +135,5 @@ def negotiate(query: str | None, accept: str | None) -> str:
     PNG unless the client ranks JPEG or JSON above it (a heat map has smooth gradients and
     a colour bar: PNG keeps them exact); 400 for an unknown ``format``, 406 when ``Accept``
     allows none of the three."""
-    if query is not None:
-        key = query.strip().lower()
-        fmt = "json" if key == "json" else FORMAT_ALIASES.get(key)
-        if fmt is None:
-            raise RequestError(400, "unknown_format",
-                               f"unknown format {query[:40]!r}; use format=png, format=jpeg or format=json")
-        return fmt
-    if not accept or not accept.strip():
-        return "png"
-    ranges = parse_accept(accept)
-    quality = {fmt: media_quality(ranges, media) for fmt, media in MEDIA_TYPES.items()}
-    best = max(quality, key=lambda f: (quality[f], f == "png"))  # a tie goes to PNG
-    if quality[best] <= 0:
-        raise RequestError(406, "not_acceptable",
-                           f"cannot answer with any type in Accept: {accept[:100]}; /explain returns image/png, "
-                           "image/jpeg or application/json (or use ?format=png|jpeg|json)")
-    return best
+    return negotiate_media(query, accept, MEDIA_TYPES, default="png", route="/explain")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,22 +136,36 @@ def negotiate_format(query: str | None, accept: str | None) -> str:
     above JPEG. Raises :class:`RequestError` 400 for an unknown ``format``, 406 when
     ``Accept`` allows neither.
     """
+    return negotiate(query, accept, MEDIA_TYPES, default="jpeg", route="/annotate")
+
+
+def negotiate(query: str | None, accept: str | None, media_types: dict[str, str], *, default: str, route: str) -> str:
+    """The answer format of an image route: ``?format=`` (a key of ``media_types``, or "jpg")
+    wins; else the ``Accept`` type of highest quality, ``default`` on ties, without ``Accept``
+    and for wildcards. 400 for an unknown ``format``, 406 when ``Accept`` allows none."""
     if query is not None:
-        fmt = FORMAT_ALIASES.get(query.strip().lower())
-        if fmt is None:
+        key = query.strip().lower()
+        fmt = FORMAT_ALIASES.get(key, key if key in media_types else None)
+        if fmt is None or fmt not in media_types:
             raise RequestError(400, "unknown_format",
-                               f"unknown format {query[:40]!r}; use format=jpeg or format=png")
+                               f"unknown format {query[:40]!r}; use {_either(f'format={k}' for k in media_types)}")
         return fmt
     if not accept or not accept.strip():
-        return "jpeg"
+        return default
     ranges = parse_accept(accept)
-    quality = {fmt: media_quality(ranges, media) for fmt, media in MEDIA_TYPES.items()}
-    best = max(quality, key=lambda f: (quality[f], f == "jpeg"))  # a tie goes to JPEG
+    quality = {fmt: media_quality(ranges, media) for fmt, media in media_types.items()}
+    best = max(quality, key=lambda f: (quality[f], f == default))
     if quality[best] <= 0:
         raise RequestError(406, "not_acceptable",
-                           f"cannot answer with any type in Accept: {accept[:100]}; /annotate returns "
-                           "image/jpeg or image/png (or use ?format=jpeg|png)")
+                           f"cannot answer with any type in Accept: {accept[:100]}; {route} returns "
+                           f"{_either(media_types.values())} (or use ?format={'|'.join(media_types)})")
     return best
+
+
+def _either(items: Iterable[str]) -> str:
+    """"a, b or c"."""
+    *first, last = list(items)
+    return f"{', '.join(first)} or {last}" if first else last
 
 
 def parse_accept(accept: str) -> list[tuple[str, float]]:
