@@ -19,6 +19,7 @@ import yaml
 
 from lensforge.data.records import TASKS
 from lensforge.errors import ConfigError
+from lensforge.tracking import parse_track
 
 ACTIONS = ("overwrite", "resume", "finish")  # flags for one invocation, never saved with a run
 HEADS = ("linear", "mlp")
@@ -75,6 +76,8 @@ class TrainConfig:
     max_steps: int = -1  # stop after N optimiser steps (smoke tests); -1: no limit
     probe_c: float | None = None  # the probe's inverse L2 strength; None = the best of a grid on validation
     max_parity: float = 1e-3  # export fails if ONNX and torch scores differ more than this
+    track: str = ""  # also log the run to these trackers, comma-separated: tensorboard, mlflow, wandb (the CSV log
+    # is always written; mlflow uses MLFLOW_TRACKING_URI, else a sqlite store in the run directory)
     overwrite: bool = False  # replace an existing run directory
     resume: bool = False  # continue the run in --out from its last checkpoint
     finish: bool = False  # write the bundle of the run in --out from its best checkpoint so far (else its last),
@@ -85,6 +88,8 @@ class TrainConfig:
         for key in ("data", "out", "weights"):  # Path objects from Python callers are welcome
             if isinstance(getattr(self, key), os.PathLike):
                 setattr(self, key, os.fspath(getattr(self, key)))
+        if isinstance(self.track, (list, tuple)):  # Python callers and YAML may list the trackers
+            self.track = ",".join(str(t) for t in self.track)
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name))
         if not self.data:
@@ -93,6 +98,7 @@ class TrainConfig:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.head not in HEADS:
             raise ConfigError(f"head must be 'linear' or 'mlp', got {self.head!r}")
+        parse_track(self.track)  # an unknown tracker is named before anything is written
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be auto, 32 or bf16, got {self.precision!r}")
         for name in ("test_fraction", "val_fraction"):

@@ -22,6 +22,7 @@ from torch import nn
 from lensforge.config import TrainConfig
 from lensforge.errors import TrainingInterrupted
 from lensforge.hardware import allowed_cpus, contention_warning, cpu_sample, has_native_bf16
+from lensforge.tracking.loggers import active as active_tracker
 from lensforge.ui import LINE_EVERY_FRACTION, Reporter
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,7 @@ def fit(
         # checked after validation: a max_steps stop mid-epoch ends the epoch without one
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
     precision = precision or choose_precision(cfg.precision)
+    tracker = active_tracker()
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
@@ -381,7 +383,8 @@ def fit(
         max_steps=cfg.max_steps,
         precision=precision,  # type: ignore[arg-type]
         callbacks=callbacks,
-        logger=CSVLogger(str(run_dir), name="logs"),  # run_dir/logs/version_N/metrics.csv; a resume adds a version
+        # run_dir/logs/version_N/metrics.csv (a resume adds a version), then the --track loggers
+        logger=[CSVLogger(str(run_dir), name="logs"), *(tracker.lightning_loggers() if tracker else [])],
         default_root_dir=str(run_dir),
         enable_model_summary=False,
         enable_progress_bar=False,  # EpochReport draws progress through the reporter

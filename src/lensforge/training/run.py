@@ -23,6 +23,8 @@ from lensforge.hardware import cpu_count, describe, load_average, load_warning
 from lensforge.metrics.plots import plot_training_curves
 from lensforge.runtime.bundle import SPLIT_FILE, load_bundle
 from lensforge.tasks import Built, Task, TrainData, get_task
+from lensforge.tracking import check_trackers, parse_track
+from lensforge.tracking.loggers import active, tracked
 from lensforge.training.bundle import versions, write_bundle
 from lensforge.training.finetune import EpochReport, finish_checkpoint
 from lensforge.ui import Reporter
@@ -105,6 +107,8 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     if cfg.finish:
         cfg = finishing_config(cfg)
     ui = reporter or Reporter()
+    trackers = parse_track(cfg.track)
+    check_trackers(trackers)  # a tracker not installed or a server not answering: before anything is written
     torch.set_num_threads(cfg.threads or cpu_count())
 
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task,
@@ -121,7 +125,8 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     fresh = not run_dir.exists()
     previous = prepare_run_dir(cfg, run_dir)
     try:
-        result = _train_in(run_dir, cfg, ds, task, built, ui)
+        with tracked(trackers, run_dir, ui, cfg.to_dict()):  # the resolved config as the trackers' params
+            result = _train_in(run_dir, cfg, ds, task, built, ui)
     except TrainingInterrupted:
         _discard(previous)  # the new run is resumable, and replacing the old one was asked for
         raise
@@ -190,6 +195,9 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
     if held_out:
         metrics = written.metrics[held_out].with_source(f"the {held_out} split saved at training time")
         task.write_report(run_dir / "eval", load_bundle(bundle_dir), written.scored[held_out], metrics)
+    tracker = active()
+    if tracker is not None:  # the final numbers and (MLflow) the bundle's lensforge.json and plots
+        tracker.log_results(written.metrics, run_dir, bundle_dir)
     return TrainResult(task.name, run_dir, bundle_dir, written.metrics, written.parity.figure, data.skipped, history)
 
 

@@ -1,0 +1,79 @@
+"""Experiment tracking: ``--track tensorboard,mlflow,wandb`` through Lightning's own loggers.
+
+The CSV log (``RUN/logs/version_N/metrics.csv``) is always written; each tracker named in
+``TrainConfig.track`` adds a Lightning logger beside it for the fit, and receives the resolved
+config, the per-epoch metrics (Lightning logs them), the final validation/test metrics and, for
+MLflow, the bundle's ``lensforge.json`` and the run's plots as artifacts.
+
+Where each one writes:
+
+- ``tensorboard``: event files in ``RUN/logs/tensorboard/`` (``tensorboard --logdir RUN/logs``).
+- ``mlflow``: ``MLFLOW_TRACKING_URI`` when set, else a sqlite store beside the run
+  (``RUN/mlruns.db``, artifacts in ``RUN/mlartifacts``); the run id is kept in ``RUN/tracking.json``.
+- ``wandb``: ``RUN/wandb``; ``WANDB_MODE=offline`` works without an account.
+
+A tracker that is not installed, or an MLflow server that does not answer, is a ConfigError
+before training starts; one that fails during the run warns once and is dropped, and training
+goes on to write its bundle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from lensforge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+# the module each tracker imports, and the pip package that provides it
+PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+TRACKING_FILE = "tracking.json"  # RUN/tracking.json: where each tracker put this run (MLflow's run id)
+EXPERIMENT = "lensforge"  # MLflow experiment / W&B project unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT say otherwise
+REACH_TIMEOUT_S = 5.0
+
+
+def parse_track(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``"mlflow, tensorboard"`` or ``["mlflow", "tensorboard"]`` → the tracker names, in order,
+    without repeats; an unknown name is a ConfigError."""
+    if not value:
+        return []
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for part in parts:
+        name = str(part).strip().lower()
+        if not name:
+            continue
+        if name not in TRACKERS:
+            raise ConfigError(f"unknown tracker {part!r} in track; choose from {', '.join(TRACKERS)} (comma-separated)")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def mlflow_uri(run_dir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the sqlite store beside the run."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlruns.db').resolve()}"
+
+
+def check_trackers(names: list[str]) -> None:
+    """Before anything is written: each tracker's package is importable and a remote MLflow
+    server answers. Raises one ConfigError naming the package or the URI."""
+    for name in names:
+        module, package = PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--track {name} needs the {package} package: pip install {package} "
+                              "(or pip install 'lensforge[track]')")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in names and uri.startswith(("http://", "https://")):
+        try:  # the tracking server's liveness route; a server that is down fails here, not mid-run
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S) as response:
+                response.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {reason}") from None
