@@ -35,6 +35,7 @@ EPILOG = """examples:
   lensforge predict runs/x-detect/bundle imgs/ --annotate out/   boxes drawn on every image
   lensforge evaluate runs/photos-classify/bundle photos/
   lensforge predict runs/photos-classify/bundle new_photos/ --json
+  lensforge report runs/photos-classify        one HTML page: metrics, plots, the worst mistakes
   lensforge export runs/photos-classify/bundle --to onnx-int8
   lensforge bench runs/photos-classify/bundle     which format, batch and threads to serve with
   lensforge serve runs/photos-classify/bundle --port 8000
@@ -116,7 +117,7 @@ def default_text(name: str, default: Any) -> str:
     """" (default: X)" from the field, or " (default: A for classifiers, B for detectors)" where
     the field is None and the tasks fill it (``get_task(t).defaults``); "" for other None fields,
     whose help says what None means."""
-    if default is not None:
+    if default is not None and default != "":  # an empty default (e.g. --track: none) says nothing
         return f" (default: {default})"
     by_value: dict[Any, list[str]] = {}
     for task in TASKS:
@@ -345,6 +346,16 @@ def add_explain(sub: Any) -> None:
     ex.set_defaults(func=commands.cmd_explain)
 
 
+def add_report(sub: Any) -> None:
+    r = sub.add_parser("report", help="one self-contained HTML page that explains a run (metrics, plots, error analysis)",
+                       description="Write RUN_DIR's report: dataset, config, training curves, test metrics, plots, "
+                                   "the most confident mistakes (or a detector's false positives and missed boxes), "
+                                   "export parity and environment, in one HTML file that opens offline.")
+    r.add_argument("run", metavar="RUN_DIR", help="the directory `lensforge train` wrote (or its bundle)")
+    r.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html)")
+    r.set_defaults(func=commands.cmd_report)
+
+
 def add_detection_options(p: argparse.ArgumentParser) -> None:
     """Which detections to keep (detector bundles only); defaults: the bundle's tuned threshold, all classes."""
     g = p.add_argument_group("detections (detector bundles)")
@@ -357,7 +368,7 @@ def add_detection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-det", type=positive_int, metavar="N", help="keep at most the N best boxes per image")
 
 
-SUBCOMMANDS = (add_demo, add_data, add_train, add_evaluate, add_export, add_bench, add_serve, add_predict, add_explain)
+SUBCOMMANDS = (add_demo, add_data, add_train, add_evaluate, add_report, add_export, add_bench, add_serve, add_predict, add_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
