@@ -20,6 +20,7 @@ from lensforge.errors import DataError
 from lensforge.metrics.base import Metrics
 from lensforge.runtime.bundle import SPLIT_FILE, Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
+from lensforge.report import REPORT_FILE, write_quietly
 from lensforge.tasks import get_task
 from lensforge.ui import Reporter
 
@@ -148,6 +149,9 @@ def evaluate(
         raise DataError("no image could be evaluated")
     metrics = task.metrics(scored, b.classes, b.meta).with_source(described)
     written = task.write_report(out, b, task.at_threshold(scored, b.meta), metrics)
+    # the run's report.html when eval/ is the run's own; else inside the --out folder
+    in_run = out.resolve() == (b.path.parent / "eval").resolve() and (b.path.parent / "config.yaml").is_file()
+    write_quietly(b.path, ui, out=None if in_run else out / REPORT_FILE, eval_dir=out, records=scored.records)
     return EvalResult(b.task, metrics, out, described, len(scored.failed), written)
 
 

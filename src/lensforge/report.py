@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from lensforge.data.records import Record
 from lensforge.errors import LensforgeError
 from lensforge.runtime.bundle import SPLIT_FILE
+from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -548,3 +549,16 @@ figcaption{font-size:12px;color:#57606a}
 .card img{image-rendering:auto}.missing{width:160px;height:120px;background:#eee;display:flex;align-items:center;justify-content:center;color:#888}
 .true{color:#1a7f37}.pred{color:#cf222e}.fp{color:#d97706}.miss{color:#dc143c}.tp{color:#2ea043}
 """
+
+
+def write_quietly(run: str | os.PathLike[str], ui: Reporter, *, out: str | os.PathLike[str] | None = None,
+                  eval_dir: str | os.PathLike[str] | None = None, records: Sequence[Record] | None = None) -> Path | None:
+    """:func:`write_report` at the end of ``train`` and ``evaluate``: a report that cannot be
+    written is a warning, never a failed run (the bundle and eval/ are what matter)."""
+    try:
+        return write_report(run, out, eval_dir=eval_dir, records=records)
+    except Exception as e:  # noqa: BLE001 — anything, the run's real outputs are already written
+        log.debug("the report of %s failed", run, exc_info=True)
+        ui.warn(f"the HTML report could not be written ({type(e).__name__}: {e}); "
+                f"`lensforge report {run}` retries it")
+        return None

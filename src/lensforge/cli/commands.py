@@ -152,6 +152,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from lensforge.report import write_report
+
+    path = write_report(args.run, args.out)
+    console.print(f"[bold cyan]›[/] Report written: {escape(str(path))}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lensforge.data.formats import list_images
     from lensforge.runtime.draw import save_annotated

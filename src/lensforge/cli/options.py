@@ -22,6 +22,7 @@ from lensforge.cli import commands
 from lensforge.config import HEADS, PRECISIONS, TrainConfig, field_help
 from lensforge.data.formats import FORMATS
 from lensforge.data.records import TASKS
+from lensforge.export import DEFAULT_CALIB
 from lensforge.tasks import get_task
 
 EPILOG = """examples:
@@ -236,7 +237,8 @@ def add_export(sub: Any) -> None:
     x.add_argument("--to", required=True, choices=commands.EXPORT_TARGETS)
     x.add_argument("--out", help="output directory (default: beside the bundle)")
     x.add_argument("--name", help="model name for Triton / TorchServe / KServe (default: the bundle's directory name)")
-    x.add_argument("--calib", type=positive_int, default=200, help="int8: calibration images from the training split (default 200)")
+    x.add_argument("--calib", type=positive_int, default=DEFAULT_CALIB,
+                   help=f"int8: calibration images from the training split (default {DEFAULT_CALIB}, or all there are)")
     x.add_argument("--calib-dir", help="int8: calibrate on the images in this folder instead")
     x.add_argument("--max-drop", type=finite_float, default=1.0, help="int8: refuse if accuracy drops more points than this (default 1.0)")
     x.add_argument("--force", action="store_true", help="int8: keep the model even past --max-drop")

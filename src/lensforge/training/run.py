@@ -21,6 +21,7 @@ from lensforge.data.split import load_split, save_split, split_records
 from lensforge.errors import ConfigError, DataError, TrainingInterrupted
 from lensforge.hardware import cpu_count, describe, load_average, load_warning
 from lensforge.metrics.plots import plot_training_curves
+from lensforge.report import write_quietly as write_run_report
 from lensforge.runtime.bundle import SPLIT_FILE, load_bundle
 from lensforge.tasks import Built, Task, TrainData, get_task
 from lensforge.tracking import check_trackers, parse_track
@@ -195,6 +196,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
     if held_out:
         metrics = written.metrics[held_out].with_source(f"the {held_out} split saved at training time")
         task.write_report(run_dir / "eval", load_bundle(bundle_dir), written.scored[held_out], metrics)
+        write_run_report(run_dir, ui, records=written.scored[held_out].records)  # report.html, before the tracker logs the plots
     tracker = active()
     if tracker is not None:  # the final numbers and (MLflow) the bundle's lensforge.json and plots
         tracker.log_results(written.metrics, run_dir, bundle_dir)
