@@ -95,6 +95,17 @@ def test_detector_report_is_self_contained_and_its_errors_agree_with_the_metrics
         assert 'class="card wide"><img src="data:image/jpeg' in page  # errors drawn on their images
 
 
+def test_multilabel_report_shows_the_worst_label_sets(multilabel_run: Any) -> None:
+    page = (Path(multilabel_run.run_dir) / "report.html").read_text(encoding="utf-8")
+    assert_self_contained(page)
+    with (Path(multilabel_run.run_dir) / "eval" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    wrong = [r for r in rows if set(filter(None, r["true"].split(";"))) != set(filter(None, r["predicted"].split(";")))]
+    assert (f"{len(wrong)} of {len(rows)} images wrong." in page) if wrong else "No mistakes" in page
+    assert "<figcaption>Precision-recall curves</figcaption>" in page
+    assert "Most confused class pairs" not in page  # no confusion matrix for several labels per image
+
+
 def test_report_command_rewrites_from_the_run_alone(shapes_run: Any, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sub" / "r.html"
