@@ -36,6 +36,7 @@ import onnxruntime as ort
 
 from lensforge.data.records import Record, targets
 from lensforge.errors import ExportError, ImageError
+from lensforge.export import DEFAULT_CALIB
 from lensforge.export._serving import model_name
 from lensforge.runtime.bundle import as_bundle
 from lensforge.evaluation import headline_metric, held_out, metric_points
@@ -107,7 +108,7 @@ def export_all(
     bundle: str | os.PathLike[str] | Bundle,
     out_root: str | os.PathLike[str],
     *,
-    calib: int = 200,
+    calib: int = DEFAULT_CALIB,
     calib_dir: str | os.PathLike[str] | None = None,
     method: str = "static",
     max_drop: float = 1.0,

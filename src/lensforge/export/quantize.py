@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from lensforge.export import DEFAULT_CALIB
 from lensforge.data.records import Record
 from lensforge.errors import DataError, ExportError, ImageError
 from lensforge.evaluation import headline_metric, held_out, metric_points, saved_splits, score_records
@@ -131,7 +132,7 @@ def export_int8(
     bundle: str | os.PathLike[str] | Bundle,
     out: str | os.PathLike[str],
     *,
-    calib: int = 200,
+    calib: int = DEFAULT_CALIB,
     calib_dir: str | os.PathLike[str] | None = None,
     max_drop: float = 1.0,
     force: bool = False,
