@@ -175,6 +175,29 @@ def test_a_run_without_test_metrics_is_refused_and_nothing_is_written(evil_run: 
     assert not (run / "report.html").exists() and not list(run.glob(".*.tmp"))
 
 
+def test_two_runs_compare_side_by_side(shapes_run: Any, evil_run: Path, tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(evil_run, b)
+    metrics = json.loads((b / "eval" / "metrics.json").read_text())
+    metrics["accuracy"] = metrics["accuracy"] + 0.125
+    (b / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    cfg = (b / "config.yaml").read_text()
+    (b / "config.yaml").write_text(cfg.replace("  seed: 0\n", "  seed: 7\n"))
+    out = tmp_path / "cmp.html"
+    assert main(["report", str(shapes_run.run_dir), str(b), "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert re.search(r"<td>accuracy</td><td>[0-9.]+</td><td>[0-9.]+</td><td>\+0\.125</td>", page)
+    assert re.search(r"<td>seed</td><td>0</td><td>7</td>", page)  # the config diff
+    assert "&lt;script&gt;" in page and "<script" not in page
+    assert "<figcaption>run and b per epoch</figcaption>" in page  # curves overlaid
+
+
+def test_report_takes_at_most_two_runs(shapes_run: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", *[str(shapes_run.run_dir)] * 3]) == 2
+    assert "one run, or two to compare" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("matrix", "expected"), [
     ([[2, 0], [0, 3]], []),
     ([[1, 3], [1, 4]], [("a", "b", 3, 0.75), ("b", "a", 1, 0.2)]),

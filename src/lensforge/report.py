@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,16 +116,7 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
     with their ground truth, for a detector's error analysis when they are not the saved split."""
     files = locate(run, eval_dir)
     target = Path(out) if out else files.root / REPORT_FILE
-    page = render(files, records)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # open() keeps the umask's permissions
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return _write_atomically(target, render(files, records))
 
 
 def render(files: RunFiles, records: Sequence[Record] | None = None) -> str:
@@ -562,3 +554,91 @@ def write_quietly(run: str | os.PathLike[str], ui: Reporter, *, out: str | os.Pa
         ui.warn(f"the HTML report could not be written ({type(e).__name__}: {e}); "
                 f"`lensforge report {run}` retries it")
         return None
+
+
+# -- two runs side by side ---------------------------------------------------------------------
+
+def write_comparison(a: str | os.PathLike[str], b: str | os.PathLike[str],
+                     out: str | os.PathLike[str] | None = None) -> Path:
+    """Compare two runs on one page (config diff, metric deltas B − A, training curves
+    overlaid), written atomically to ``out`` (default ``<A>/compare-<B's name>.html``)."""
+    fa, fb = locate(a), locate(b)
+    target = Path(out) if out else fa.root / f"compare-{fb.root.name}.html"
+    return _write_atomically(target, render_comparison(fa, fb))
+
+
+def render_comparison(fa: RunFiles, fb: RunFiles) -> str:
+    na, nb = _names(fa, fb)
+    sections = [
+        _section("Metrics", _table(["metric", na, nb, f"{nb} − {na}"], metric_deltas(fa.metrics, fb.metrics))),
+        _section("Training curves", _overlaid_curves(fa, fb, na, nb)),
+        _section("Configuration differences", _config_diff(fa, fb, na, nb)),
+        _section("Data", _table(["", na, nb], [
+            ["format", fa.meta.get("data", {}).get("format"), fb.meta.get("data", {}).get("format")],
+            ["root", fa.meta.get("data", {}).get("root"), fb.meta.get("data", {}).get("root")],
+            ["classes", ", ".join(fa.meta.get("classes", [])), ", ".join(fb.meta.get("classes", []))],
+            *[[f"{split} images", fa.meta.get("data", {}).get("counts", {}).get(split),
+               fb.meta.get("data", {}).get("counts", {}).get(split)] for split in ("train", "val", "test")],
+            ["evaluated on", fa.metrics.get("evaluated_on"), fb.metrics.get("evaluated_on")]])),
+    ]
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lensforge: {_e(na)} vs "
+            f"{_e(nb)}</title><style>{CSS}</style></head><body><header><h1>lensforge runs <code>{_e(na)}</code> "
+            f"vs <code>{_e(nb)}</code></h1><p>{_e(fa.root)} · {_e(fb.root)}</p></header>{''.join(sections)}</body></html>\n")
+
+
+def metric_deltas(a: dict[str, Any], b: dict[str, Any]) -> list[list[Any]]:
+    """[metric, A, B, B − A] for every number either run's metrics.json holds (None: n/a)."""
+    def number(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    keys = [k for k in dict.fromkeys([*a, *b]) if number(a.get(k)) is not None or number(b.get(k)) is not None]
+    rows = []
+    for k in keys:
+        va, vb = number(a.get(k)), number(b.get(k))
+        rows.append([k, va, vb, None if va is None or vb is None else f"{vb - va:+.4g}"])
+    return rows
+
+
+def _names(fa: RunFiles, fb: RunFiles) -> tuple[str, str]:
+    """The runs' directory names, made distinct (two runs called ``run`` in different folders)."""
+    na, nb = fa.root.name, fb.root.name
+    if na == nb:
+        na, nb = f"{fa.root.parent.name}/{na}", f"{fb.root.parent.name}/{nb}"
+    return (na, nb) if na != nb else (f"A: {na}", f"B: {nb}")
+
+
+def _config_diff(fa: RunFiles, fb: RunFiles, na: str, nb: str) -> str:
+    ca = fa.config.get("config") or fa.meta.get("config") or {}
+    cb = fb.config.get("config") or fb.meta.get("config") or {}
+    rows = [[k, ca.get(k, "—"), cb.get(k, "—")] for k in dict.fromkeys([*ca, *cb]) if ca.get(k) != cb.get(k)]
+    return _table(["setting", na, nb], rows) if rows else "<p>Same configuration.</p>"
+
+
+def _overlaid_curves(fa: RunFiles, fb: RunFiles, na: str, nb: str) -> str:
+    """Both runs' per-epoch history on the same axes (``plot_training_curves``, keys prefixed by run)."""
+    rows: dict[float, dict[str, Any]] = {}
+    for name, files in ((na, fa), (nb, fb)):
+        for r in files.meta.get("training", {}).get("history") or []:
+            row = rows.setdefault(float(r["epoch"]), {"epoch": r["epoch"]})
+            row.update({f"{name}: {k}": v for k, v in r.items() if k.startswith(("train_", "val_"))
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not any(len(r) > 1 for r in rows.values()):
+        return "<p>No training epochs recorded.</p>"
+    from lensforge.metrics.plots import plot_training_curves  # matplotlib: the train extra
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_training_curves([rows[e] for e in sorted(rows)], Path(tmp) / "curves.png")
+        return _figure(Path(path).read_bytes(), f"{na} and {nb} per epoch")
+
+
+def _write_atomically(target: Path, page: str) -> Path:
+    """``page`` into ``target`` through a temp file beside it and a rename: never half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # open() keeps the umask's permissions
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

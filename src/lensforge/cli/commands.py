@@ -155,9 +155,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from lensforge.report import write_report
+    from lensforge.report import write_comparison, write_report
 
-    path = write_report(args.run, args.out)
+    if len(args.runs) > 2:
+        raise ConfigError(f"report takes one run, or two to compare; got {len(args.runs)}")
+    path = write_report(args.runs[0], args.out) if len(args.runs) == 1 else write_comparison(*args.runs, args.out)
     console.print(f"[bold cyan]›[/] Report written: {escape(str(path))}")
     return 0
 

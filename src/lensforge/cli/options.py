@@ -353,8 +353,11 @@ def add_report(sub: Any) -> None:
                        description="Write RUN_DIR's report: dataset, config, training curves, test metrics, plots, "
                                    "the most confident mistakes (or a detector's false positives and missed boxes), "
                                    "export parity and environment, in one HTML file that opens offline.")
-    r.add_argument("run", metavar="RUN_DIR", help="the directory `lensforge train` wrote (or its bundle)")
-    r.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html)")
+    r.add_argument("runs", metavar="RUN_DIR", nargs="+",
+                   help="the directory `lensforge train` wrote (or its bundle); two of them: compare A with B "
+                        "(config diff, metric deltas, curves overlaid)")
+    r.add_argument("--out", metavar="FILE",
+                   help="where to write the page (default: RUN_DIR/report.html; for two runs A/compare-B.html)")
     r.set_defaults(func=commands.cmd_report)
 
 
