@@ -313,10 +313,10 @@ def detection_errors_html(files: RunFiles, rows: list[dict[str, str]], records: 
                  for i, b in missed[:MAX_ROWS]]
     worst = _worst_images(m, fp, missed)
     drawn = [_draw_errors(records[i], results[i], m, i, [b for j, b in missed if j == i], classes) for i in worst]
-    parts = [f"<p>IoU 0.5, at the tuned score threshold {_num(files.metrics.get('threshold'))}: "
-             f"{len(fp)} false positives, {len(missed)} missed boxes over {len(records)} images. "
-             f"<span class=\"fp\">orange: false positive</span>, <span class=\"miss\">red: missed box</span>, "
-             f"<span class=\"tp\">green: found</span>.</p>"]
+    parts = [(f"<p>IoU 0.5, at the tuned score threshold {_num(files.metrics.get('threshold'))}: "
+              f"{len(fp)} false positives, {len(missed)} missed boxes over {len(records)} images. "
+              f"<span class=\"fp\">orange: false positive</span>, <span class=\"miss\">red: missed box</span>, "
+              f"<span class=\"tp\">green: found</span>.</p>")]
     if drawn:
         parts.append(f"<div class=\"gallery\">{''.join(drawn)}</div>")
     parts.append("<h3>Worst false positives</h3>" + (_table(["image", "class", "score"], fp_rows) if fp_rows else "<p>None.</p>"))
@@ -364,8 +364,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
@@ -549,7 +550,7 @@ def write_quietly(run: str | os.PathLike[str], ui: Reporter, *, out: str | os.Pa
     written is a warning, never a failed run (the bundle and eval/ are what matter)."""
     try:
         return write_report(run, out, eval_dir=eval_dir, records=records)
-    except Exception as e:  # noqa: BLE001 — anything, the run's real outputs are already written
+    except Exception as e:  # anything: the run's real outputs are already written
         log.debug("the report of %s failed", run, exc_info=True)
         ui.warn(f"the HTML report could not be written ({type(e).__name__}: {e}); "
                 f"`lensforge report {run}` retries it")
@@ -624,7 +625,8 @@ def _overlaid_curves(fa: RunFiles, fb: RunFiles, na: str, nb: str) -> str:
                         and isinstance(v, (int, float)) and not isinstance(v, bool)})
     if not any(len(r) > 1 for r in rows.values()):
         return "<p>No training epochs recorded.</p>"
-    from lensforge.metrics.plots import plot_training_curves  # matplotlib: the train extra
+    # matplotlib: the train extra
+    from lensforge.metrics.plots import plot_training_curves
 
     with tempfile.TemporaryDirectory() as tmp:
         path = plot_training_curves([rows[e] for e in sorted(rows)], Path(tmp) / "curves.png")
