@@ -24,7 +24,7 @@ from lensforge.metrics.plots import plot_training_curves
 from lensforge.report import write_quietly as write_run_report
 from lensforge.runtime.bundle import SPLIT_FILE, load_bundle
 from lensforge.tasks import Built, Task, TrainData, get_task
-from lensforge.tracking import check_trackers, parse_track
+from lensforge.tracking import check_trackers, parse_track, prewarm
 from lensforge.tracking.loggers import active, tracked
 from lensforge.training.bundle import versions, write_bundle
 from lensforge.training.finetune import EpochReport, finish_checkpoint
@@ -110,6 +110,7 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     ui = reporter or Reporter()
     trackers = parse_track(cfg.track)
     check_trackers(trackers)  # a tracker not installed or a server not answering: before anything is written
+    prewarm(trackers)  # their imports (~3 s for MLflow) overlap reading the data and building the model
     torch.set_num_threads(cfg.threads or cpu_count())
 
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task,
