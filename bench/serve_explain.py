@@ -4,7 +4,10 @@ One run, one machine, loopback, one client (keep-alive), requests alternated so 
 machine load: median and p90 of each over ``--requests`` requests after a warm-up, and the ratio of
 the medians. /explain is timed as PNG overlay (what the web page asks for) and as JSON.
 
-    python bench/serve_explain.py BUNDLE [--image PATH] [--requests 50]
+    python bench/serve_explain.py [BUNDLE] [--image PATH] [--requests 50] [--smoke]
+
+Without BUNDLE it builds one (EfficientNet-Lite0, random weights, with its explain graph);
+``--smoke``: a 64 px one and 5 requests per route, seconds.
 
 The default image is scikit-learn's ``china.jpg`` (640x427, a real photo).
 """
@@ -18,6 +21,7 @@ import platform
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,10 +62,32 @@ def serve(bundle: Path) -> tuple[str, uvicorn.Server, threading.Thread]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundle", type=Path)
+    parser.add_argument("bundle", type=Path, nargs="?", help="default: a generated Lite0 bundle (random weights)")
     parser.add_argument("--image", type=Path)
     parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="a 64 px generated bundle, 5 requests per route")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests = 5
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.bundle is None:
+            args.bundle = generated_bundle(Path(tmp) / "bundle", 64 if args.smoke else 224)
+        run(args)
+
+
+def generated_bundle(dest: Path, size: int) -> Path:
+    """serve_load's random-weight Lite0 bundle at ``size`` px, with the explain graph added."""
+    import serve_load
+
+    from lensforge.explain.export import add_explain
+
+    serve_load.SIZE = size
+    serve_load.make_bundle(dest)
+    add_explain(dest)
+    return dest
+
+
+def run(args: argparse.Namespace) -> None:
     data = args.image.read_bytes() if args.image else sample_jpeg()
     url, server, thread = serve(args.bundle)
     routes = {"predict": "/predict/m", "explain png": "/explain/m", "explain json": "/explain/m?format=json"}
