@@ -271,7 +271,7 @@ def test_evaluation_picks_images_of_the_file_given(
     tmp_path: Path, make_image: MakeImage, json_name: str, expected_files: list[str], described: str
 ) -> None:
     from lensforge.data.split import save_split, split_records
-    from lensforge.evaluation import choose_records
+    from lensforge.heldout import choose_records
     from lensforge.runtime.bundle import SPLIT_FILE, Bundle
 
     cats = _cats((1, "person"), dummy=None)

@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw
 
 from lensforge.data.records import Record
 from lensforge.errors import LensforgeError
-from lensforge.runtime.bundle import SPLIT_FILE
+from lensforge.heldout import saved_splits
+from lensforge.runtime.bundle import SPLIT_FILE, load_bundle
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -330,9 +331,6 @@ def _evaluated_records(files: RunFiles) -> list[Record]:
     source = str(files.metrics.get("evaluated_on", ""))
     if not source.endswith("split saved at training time") or not (files.bundle / SPLIT_FILE).is_file():
         return []
-    from lensforge.evaluation import saved_splits
-    from lensforge.runtime.bundle import load_bundle
-
     try:
         splits, _ = saved_splits(load_bundle(files.bundle))
     except LensforgeError as e:

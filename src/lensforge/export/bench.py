@@ -536,7 +536,7 @@ def _encoded_images(
         if not readable:
             raise DataError(f"none of the images given ({', '.join(map(str, images))[:200]}) could be read")
         return readable, f"{len(readable)} given image(s)"
-    from lensforge.evaluation import held_out
+    from lensforge.heldout import held_out
 
     records, split = held_out(probe.bundle, ("test", "val"))
     readable = _readable(probe, [r.path for r in records[:want]], ui)

@@ -36,15 +36,15 @@ import onnxruntime as ort
 
 from lensforge.data.records import Record, targets
 from lensforge.errors import ExportError, ImageError
+from lensforge.evaluation import headline_metric, metric_points
 from lensforge.export import DEFAULT_CALIB
 from lensforge.export._serving import model_name
-from lensforge.runtime.bundle import as_bundle
-from lensforge.evaluation import headline_metric, held_out, metric_points
 from lensforge.export.quantize import AccuracyRefused, export_fp16, export_int8
 from lensforge.export.torchserve import export_torchserve
 from lensforge.export.triton import CONFIG_FILE, MODEL_FILE, export_triton
 from lensforge.hardware import cpu_count
-from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle, staging_directory
+from lensforge.heldout import held_out
+from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle, as_bundle, staging_directory
 from lensforge.runtime.predictor import Predictor
 from lensforge.ui import Reporter
 

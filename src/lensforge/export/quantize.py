@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from lensforge.export import DEFAULT_CALIB
 from lensforge.data.records import Record
 from lensforge.errors import DataError, ExportError, ImageError
-from lensforge.evaluation import headline_metric, held_out, metric_points, saved_splits, score_records
+from lensforge.evaluation import headline_metric, metric_points, score_records
+from lensforge.export import DEFAULT_CALIB
 from lensforge.hardware import describe, has_int8_dot
+from lensforge.heldout import held_out, saved_splits
 from lensforge.runtime.bundle import (
     META_FILE,
     MODEL_FILE,
