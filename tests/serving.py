@@ -4,10 +4,11 @@ and a bundle of any input size made in a fraction of a second (no torch, no trai
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import requests
@@ -104,3 +105,39 @@ def conv_bundle(dest: Path, size: int = 224, classes: int = 4) -> Path:
     write_meta(dest, {"task": "classify", "classes": [f"class_{i}" for i in range(classes)],
                       "input": InputSpec.for_size(size).to_dict(), "model": {"backbone": "conv", "head": "linear"}})
     return dest
+
+
+# -- headless Chromium (Debian's chromium + chromium-driver; `make browser` installs them) -------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--no-first-run", "--window-size=1280,1000")
+
+
+def headless_chromium(profile: Path, *, logs: bool = False) -> Iterator[Any]:
+    """A selenium driver for headless Chromium with a fresh profile (skips the test when it is not
+    installed); ``logs``: keep the browser (console) and performance (requests) logs. Explicit
+    driver path: Selenium Manager, which would go online, never runs."""
+    import pytest
+
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip(f"headless Chromium not installed ({CHROMIUM}, {CHROMEDRIVER}): run `make browser` "
+                    "(apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    if logs:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
