@@ -33,10 +33,14 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from lensforge.data.image import decode_image
 from lensforge.data.records import Record
 from lensforge.errors import LensforgeError
 from lensforge.heldout import saved_splits
+from lensforge.metrics.detection import match_detections
 from lensforge.runtime.bundle import SPLIT_FILE, load_bundle
+from lensforge.runtime.draw import Style, font
+from lensforge.runtime.results import DetectionResult
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -302,7 +306,6 @@ def detection_errors_html(files: RunFiles, rows: list[dict[str, str]], records: 
         return ("<p>The evaluated images' ground truth is not available here (the data moved, or it was not the "
                 "saved split): run <code>lensforge evaluate</code> to write this report with it.</p>")
     results = _results_from_rows(rows, records, classes)
-    from lensforge.metrics.detection import match_detections
 
     m = match_detections(records, results, iou=0.5)
     fp = np.flatnonzero(~m.tp & ~m.ignored)
@@ -341,7 +344,6 @@ def _evaluated_records(files: RunFiles) -> list[Record]:
 
 def _results_from_rows(rows: list[dict[str, str]], records: Sequence[Record], classes: list[str]) -> list[Any]:
     """predictions.csv's detections (those at or above the threshold) as one DetectionResult per record."""
-    from lensforge.runtime.results import DetectionResult
 
     index = {c: i for i, c in enumerate(classes)}
     by_path: dict[str, list[dict[str, str]]] = {}
@@ -403,7 +405,6 @@ def _worst_images(m: Any, fp: np.ndarray, missed: list[tuple[int, int]]) -> list
 
 
 def _draw_errors(record: Record, result: Any, m: Any, i: int, missed: list[int], classes: list[str]) -> str:
-    from lensforge.runtime.draw import Style, font
 
     img = _open(record.path)
     if img is None:
@@ -495,7 +496,6 @@ def _smaller(png: bytes) -> bytes:
 
 def _open(path: Path) -> Image.Image | None:
     """The image decoded as training decoded it (EXIF-oriented RGB), or None when unreadable."""
-    from lensforge.data.image import decode_image
 
     try:
         return decode_image(path)

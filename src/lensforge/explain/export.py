@@ -17,8 +17,14 @@ import torch
 from lensforge.errors import BundleError, ExportError
 from lensforge.explain.cam import CamGraph, cam_supported
 from lensforge.export.onnx import INPUT_NAME, OPSET
-from lensforge.models.classifier import Classifier
-from lensforge.runtime.bundle import META_FILE, WEIGHTS_FILE, load_bundle, staging_directory, write_meta
+from lensforge.models.classifier import Classifier, load_bundle_model
+from lensforge.runtime.bundle import (
+    META_FILE,
+    WEIGHTS_FILE,
+    load_bundle,
+    staging_directory,
+    write_meta,
+)
 from lensforge.runtime.explain import EXPLAIN_FILE, EXPLAIN_OUTPUTS, normalise
 
 log = logging.getLogger(__name__)
@@ -72,7 +78,6 @@ def add_explain(bundle_dir: str | os.PathLike[str], overwrite: bool = False) -> 
     """Add ``explain.onnx`` to a classifier bundle made before lensforge could explain (from its
     weights.safetensors); records it in lensforge.json and returns that entry. The graph is
     written beside the bundle's files and renamed into place only once checked."""
-    from lensforge.models.classifier import load_bundle_model
 
     bundle = load_bundle(bundle_dir)
     if bundle.task == "detect":

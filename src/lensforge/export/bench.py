@@ -50,8 +50,11 @@ from typing import Any
 
 import numpy as np
 
+from lensforge.data.formats import list_images
 from lensforge.errors import BundleError, ConfigError, DataError, ImageError
+from lensforge.evaluation import metric_points, score_records
 from lensforge.hardware import cpu_count, describe, load_average
+from lensforge.heldout import held_out
 from lensforge.runtime.bundle import Bundle, load_bundle
 from lensforge.runtime.predictor import Predictor
 from lensforge.runtime.runners import runner_for
@@ -472,7 +475,6 @@ def _scored_on_same_images(bundles: list[Bundle], ui: Reporter) -> tuple[list[fl
     record only), or no saved held-out images. A bundle with other classes gets None."""
     if not runner_for(bundles[0].task).batched:
         return None
-    from lensforge.evaluation import metric_points, score_records
     from lensforge.export.quantize import check_records, checked_on, describe_checked
 
     base = bundles[0]
@@ -529,14 +531,12 @@ def _encoded_images(
 ) -> tuple[list[bytes], str]:
     """Up to ``want`` encoded images that decode, and where they came from, in words."""
     if images is not None:
-        from lensforge.data.formats import list_images
 
         paths = list_images(images)[:want]
         readable = _readable(probe, paths, ui)
         if not readable:
             raise DataError(f"none of the images given ({', '.join(map(str, images))[:200]}) could be read")
         return readable, f"{len(readable)} given image(s)"
-    from lensforge.heldout import held_out
 
     records, split = held_out(probe.bundle, ("test", "val"))
     readable = _readable(probe, [r.path for r in records[:want]], ui)

@@ -15,6 +15,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 
 from lensforge.errors import ConfigError
+from lensforge.runtime.cache import cache_root
 from lensforge.tracking import EXPERIMENT, TRACKING_FILE, mlflow_uri
 from lensforge.ui import Reporter
 
@@ -129,7 +130,6 @@ def _copy_empty_store(path: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from lensforge.runtime.cache import cache_root
 
     template = cache_root() / f"mlflow-empty-{mlflow.__version__}.db"
     try:

@@ -17,8 +17,16 @@ from lensforge import __version__
 from lensforge.config import TrainConfig
 from lensforge.data.records import Dataset, Record
 from lensforge.data.split import save_split
+from lensforge.errors import ExportError
 from lensforge.metrics.base import Metrics
-from lensforge.runtime.bundle import MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, atomic_directory, write_meta
+from lensforge.runtime.bundle import (
+    MODEL_FILE,
+    SPLIT_FILE,
+    WEIGHTS_FILE,
+    atomic_directory,
+    write_meta,
+)
+from lensforge.runtime.explain import EXPLAIN_FILE
 from lensforge.runtime.predictor import Predictor
 from lensforge.tasks import Built, Parity, Scored, Task, TrainData
 from lensforge.ui import Reporter
@@ -76,8 +84,6 @@ def write_bundle(
 def _export_explain(task: Task, built: Built, directory: Path, ui: Reporter) -> dict[str, Any] | None:
     """The explain graph, when the task has one; a failure costs the explanations, not the bundle
     (``lensforge export BUNDLE --to explain`` can add it later)."""
-    from lensforge.errors import ExportError
-    from lensforge.runtime.explain import EXPLAIN_FILE
 
     try:
         return task.export_explain(built, directory / EXPLAIN_FILE)
