@@ -63,9 +63,3 @@ class Metrics(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Self:
-        """The inverse of :meth:`to_dict` (unknown keys are ignored: older files may hold more)."""
-        names = {cls.JSON_KEYS.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{names[k]: v for k, v in d.items() if k in names})

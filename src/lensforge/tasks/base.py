@@ -50,12 +50,11 @@ class Scored:
 
 @dataclass
 class Built:
-    """A task's torch model, its input spec (``InputSpec`` or ``DetectSpec``), and the config
-    it was built from; made before any file is written, so a wrong name leaves nothing behind."""
+    """A task's torch model and its input spec (``InputSpec`` or ``DetectSpec``); made before
+    any file is written, so a wrong name leaves nothing behind."""
 
     model: Any  # torch.nn.Module
     spec: Any  # InputSpec | DetectSpec: preprocessing that travels in the bundle
-    backbone: str  # the model's name as the bundle records it
 
 
 @dataclass

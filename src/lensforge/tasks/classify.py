@@ -48,7 +48,7 @@ class Classify(Task):
             interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
         )
         model = Classifier(backbone, len(ds.classes), head=cfg.head, dropout=cfg.dropout)
-        return Built(model, spec, cfg.backbone)
+        return Built(model, spec)
 
     def torch_model(self, bundle: Bundle) -> Any:
         """The bundle's graph rebuilt in torch from its weights (bench's eager row, export parity)."""

@@ -48,7 +48,7 @@ class Detect(Task):
         from lensforge.training.detect import build_detector, detect_spec
 
         model = build_detector(cfg, len(ds.classes))  # resolves cfg.backbone to the detector's own name
-        return Built(model, detect_spec(cfg), cfg.backbone)
+        return Built(model, detect_spec(cfg))
 
     def torch_model(self, bundle: Bundle) -> Any:
         """The bundle's detector rebuilt in torch (``ExportableDetector``: the exported graph's inputs and outputs)."""

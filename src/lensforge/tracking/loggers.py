@@ -55,8 +55,7 @@ class Tracker:
         and the run's plots as artifacts."""
         final: dict[str, float] = {}
         for split, m in metrics.items():
-            numbers = m.numbers() if hasattr(m, "numbers") else {k: v for k, v in m.items() if isinstance(v, (int, float))}
-            final.update({f"{split}/{k}": float(v) for k, v in numbers.items()})
+            final.update({f"{split}/{k}": float(v) for k, v in m.numbers().items()})
         for g in self.loggers:
             if not g.ok:
                 continue
