@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -136,8 +137,7 @@ def resize_shorter(img: Image.Image, spec: InputSpec) -> Image.Image:
     as is would (65535x1 → a 16.7 M-pixel-wide resize, gigabytes)."""
     check_aspect(img.size)
     w, h = img.size
-    scale = spec.resize / min(w, h)
-    nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    nw, nh = crop_geometry(img.size, spec)[0]
     if (nw, nh) == (w, h):
         return img
     # reducing_gap lets Pillow shrink by whole factors first (much faster on big photos)
@@ -145,23 +145,80 @@ def resize_shorter(img: Image.Image, spec: InputSpec) -> Image.Image:
     return img.resize((nw, nh), _RESAMPLE[spec.interpolation], reducing_gap=3.0)
 
 
+def crop_geometry(size: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For an image of ``size`` (w, h): the size :func:`resize_shorter` gives it and the
+    (left, top) corner of the centre ``spec.size``² crop in those resized pixels."""
+    w, h = size
+    scale = spec.resize / min(w, h)
+    nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    return (nw, nh), ((nw - spec.size) // 2, (nh - spec.size) // 2)
+
+
+def _decoded_grid(img: Image.Image) -> tuple[tuple[int, int], int]:
+    """(full-resolution size, d) of an image libjpeg decoded at 1/d scale (JPEG draft, see
+    :func:`~lensforge.data.image.decode_image`: ``info["original_size"]``), else (size, 1).
+
+    At 1/d each decoded pixel is exactly a d x d block of the original (the last one partial:
+    ``ceil(side / d)`` pixels), so the crop is placed in the original's geometry and mapped by
+    exactly 1/d. Using the decoded size instead would stretch that partial block over the
+    image: up to ~0.3 output pixels off at the far edge, visible on sharp edges."""
+    original = img.info.get("original_size")
+    if isinstance(original, tuple) and len(original) == 2 and tuple(original) != img.size:
+        w, h = original
+        for d in (2, 4, 8):
+            if (-(-w // d), -(-h // d)) == img.size:
+                return (w, h), d
+    return img.size, 1
+
+
 def resize_and_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
-    """Resize the shorter side to ``spec.resize``, then centre-crop ``spec.size``²."""
-    img = resize_shorter(img, spec)
-    w, h = img.size
-    left, top = (w - spec.size) // 2, (h - spec.size) // 2
-    return img.crop((left, top, left + spec.size, top + spec.size))
+    """Resize the shorter side to ``spec.resize``, then centre-crop ``spec.size``² -- in one
+    pass: only the crop is resampled (Pillow's ``resize(box=...)``), with the filter centres
+    and support of the full resize, so the pixels are those of resize-then-crop (up to float
+    rounding and, past ``reducing_gap``, where the whole-factor ``reduce`` blocks start) while
+    the pixels cut away by the crop are never computed (~1.7x fewer outputs from a 4:3 photo).
+    A draft-decoded JPEG is cropped where the full-resolution image would be."""
+    check_aspect(img.size)
+    full, d = _decoded_grid(img)
+    (nw, nh), (left, top) = crop_geometry(full, spec)
+    s = spec.size
+    if d == 1 and (nw, nh) == img.size:
+        return img.crop((left, top, left + s, top + s))
+    sx, sy = full[0] / (nw * d), full[1] / (nh * d)  # decoded pixels per resized pixel, per axis
+    box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+    return img.resize((s, s), _RESAMPLE[spec.interpolation], box=box, reducing_gap=3.0)
 
 
-def normalize(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """RGB image of ``spec.size``² → float32 (3, size, size), normalised."""
-    x = np.asarray(img, dtype=np.float32)
-    scale = 1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))
-    offset = -np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)
-    x = x * scale + offset
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+@lru_cache(maxsize=16)
+def _affine(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset), float32 (3, 1, 1): ``(x / 255 - mean) / std == x * scale + offset``."""
+    std = np.asarray(spec.std, dtype=np.float32)
+    scale = np.float32(1.0) / (np.float32(255.0) * std)
+    offset = -np.asarray(spec.mean, dtype=np.float32) / std
+    return scale.reshape(3, 1, 1), offset.reshape(3, 1, 1)
 
 
-def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Decoded RGB image (any size) → float32 (3, size, size) model input."""
-    return normalize(resize_and_crop(img, spec), spec)
+def normalize(img: Image.Image, spec: InputSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB image of ``spec.size``² → float32 (3, size, size), normalised.
+
+    out: a float32 C-contiguous (3, size, size) array to write into (for example one row of a
+    preallocated batch); None allocates one. The uint8 pixels are read once through a
+    channels-first view and written once, scaled and shifted in place: no float HWC
+    temporaries and no transposing copy."""
+    s = spec.size
+    if out is None:
+        out = np.empty((3, s, s), dtype=np.float32)
+    elif out.shape != (3, s, s) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 (3, {s}, {s}), got {out.dtype} {out.shape}")
+    pixels = np.asarray(img)
+    if pixels.shape != (s, s, 3):
+        raise ValueError(f"expected an RGB image of {s}x{s}, got an array of shape {pixels.shape}")
+    scale, offset = _affine(spec)
+    np.multiply(pixels.transpose(2, 0, 1), scale, out=out)
+    out += offset
+    return out
+
+
+def preprocess(img: Image.Image, spec: InputSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded RGB image (any size) → float32 (3, size, size) model input (into ``out`` if given)."""
+    return normalize(resize_and_crop(img, spec), spec, out)
