@@ -537,6 +537,23 @@ def test_output_is_new_and_carries_no_metadata() -> None:
     assert img.info == {"original_size": img.size} and type(img) is Image.Image  # nothing from the file
 
 
+def test_rgb_jpeg_output_is_detached_without_a_copy(tmp_path) -> None:
+    """An RGB JPEG's decoded pixels are handed over (no copy), yet the file is closed and the
+    image owns them: it reads and writes after the decoder is gone, from bytes and paths."""
+    y, x = np.mgrid[0:48, 0:64]
+    pixels = np.stack([x * 4, y * 5, (x + y) * 2], -1).astype(np.uint8)  # smooth: JPEG keeps it
+    path = tmp_path / "p.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    for source in (path, path.read_bytes()):
+        img = decode_image(source)
+        assert type(img) is Image.Image and img.size == (64, 48)
+        before = np.asarray(img).copy()
+        assert np.abs(before.astype(int) - pixels).mean() < 4  # the pixels, readable after close
+        img.putpixel((0, 0), (1, 2, 3))
+        assert img.getpixel((0, 0)) == (1, 2, 3)
+        assert np.array_equal(np.asarray(decode_image(source)), before)  # a fresh decode is untouched
+
+
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_original_size_survives_a_reduced_jpeg_decode(orientation: int) -> None:
     """Detectors map boxes back to full-resolution pixels: the decoder must say what they were."""
