@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import io
@@ -143,12 +144,17 @@ class TrainConfig:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        d = d.get("config", d)  # accept a saved run config as well as a plain one
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """A config from a mapping: our own keys, a saved run's ``config.yaml`` (its ``config:``
+        section), or a seed-style file's keys (:data:`SEED_KEYS`). ``source`` names the file in errors."""
+        d = d.get("config", d) if isinstance(d.get("config"), dict) else d  # a saved run config as well as a plain one
+        d = _from_seed_keys(d, source)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}; valid keys: {', '.join(known)}")
+            raise ConfigError(f"{source}: {_unknown_keys(unknown, known)}")
+        for key in _FLOAT_FIELDS & set(d):
+            d[key] = _float_text(key, d[key], source)
         return cls(**d)
 
     @classmethod
@@ -165,7 +171,7 @@ class TrainConfig:
             raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p} must hold a mapping of config keys")
-        return cls.from_dict(d).override(**overrides)
+        return cls.from_dict(d, source=str(p)).override(**overrides)
 
     def override(self, **overrides: Any) -> "TrainConfig":
         known = {f.name for f in fields(self)}
@@ -195,6 +201,70 @@ def _check_type(name: str, value: Any) -> None:
 
 
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
+_FLOAT_FIELDS = {name for name, hint in _FIELD_TYPES.items() if hint.startswith("float")}
+
+# The keys of the config.yaml our users already have (a Lightning + W&B training script's file:
+# dataset path, batch size, epochs, learning rate, project / run names, checkpoint dir) -> our
+# field. batch_size and epochs are already ours; project, run_name and checkpoint_dir are mapped
+# in :func:`_from_seed_keys`.
+SEED_KEYS = {
+    "data_dir": "data", "dataset": "data", "dataset_dir": "data", "dataset_path": "data", "data_path": "data",
+    "learning_rate": "lr", "num_epochs": "epochs", "max_epochs": "epochs", "num_workers": "workers",
+    "img_size": "image_size",
+}
+SEED_NAMES = ("project", "run_name", "checkpoint_dir")
+
+
+def _from_seed_keys(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """``d`` with seed-style keys renamed to ours. The run directory is ``checkpoint_dir/run_name``
+    (either alone: ``checkpoint_dir``, or ``runs/run_name``), so checkpoints land where the old
+    script put them and the trackers name the run ``run_name`` (they name it after the run
+    directory); ``project`` is kept in ``extra`` (the trackers' project comes from
+    ``MLFLOW_EXPERIMENT_NAME`` / ``WANDB_PROJECT``). Two keys for one setting is an error."""
+    out: dict[str, Any] = {}
+    named_by: dict[str, str] = {}
+    for key, value in d.items():
+        if key in SEED_NAMES:
+            continue
+        ours = SEED_KEYS.get(key, key)
+        if ours in named_by:
+            raise ConfigError(f"{source}: {named_by[ours]!r} and {key!r} both set {ours}; keep one")
+        named_by[ours] = key
+        out[ours] = value
+    names = {k: d[k] for k in SEED_NAMES if d.get(k) is not None}
+    for key, value in names.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: {key} must be a name, got {value!r}")
+    if "checkpoint_dir" in names or "run_name" in names:
+        if "out" in out:
+            which = " and ".join(k for k in ("checkpoint_dir", "run_name") if k in names)
+            raise ConfigError(f"{source}: out and {which} both set the run directory; keep one")
+        out["out"] = str(Path(names.get("checkpoint_dir", "runs")) / names.get("run_name", ""))
+    if "project" in names:
+        extra = out.get("extra") or {}
+        out["extra"] = {**extra, "project": names["project"]} if isinstance(extra, dict) else extra
+    return out
+
+
+def _unknown_keys(unknown: list[Any], known: set[str]) -> str:
+    """"unknown config keys: learning_rat (did you mean learning_rate?)", then the valid keys."""
+    vocabulary = sorted(known | set(SEED_KEYS) | set(SEED_NAMES))
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), vocabulary, n=1, cutoff=0.6)
+        named.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return (f"unknown config keys: {', '.join(named)}; valid keys: "
+            f"{', '.join(sorted(known - set(ACTIONS)))}, or the seed-style {', '.join(sorted([*SEED_KEYS, *SEED_NAMES]))}")
+
+
+def _float_text(key: str, value: Any, source: str) -> Any:
+    """YAML reads ``1e-4`` (no dot) as a string; a float setting takes it as the number it says."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
+    return value
 
 
 @functools.cache

@@ -34,11 +34,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with ui.track("Checking images", len(ds.records)) as advance:
         report = inspect_dataset(ds, verify=not args.fast, progress=lambda done, total: advance(1),
                                  outside_allowed=args.allow_outside_root)
+    if args.output:  # e.g. the DVC pipeline's inspect stage (lensforge.tracking.dvc)
+        write_json(Path(args.output), report)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
         render.print_inspection(report, console)
     return 0
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """``doc`` as JSON to ``path`` through a temp file and a rename (never half a file)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror}") from None
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -401,6 +414,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
           grace_s=args.grace, local_roots=args.allow_local_root, allow_remote=args.allow_remote,
           conf=args.conf, iou=args.iou, classes=classes, max_det=args.max_det, agnostic_nms=args.agnostic_nms,
           announce=render.print_serve_start)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from lensforge.tracking.dvc import init_dvc
+
+    written = init_dvc(args.dir, data=args.data, overwrite=args.overwrite)
+    console.print(f"[bold cyan]›[/] Wrote {escape(str(written.pipeline))} and {escape(str(written.params))}; "
+                  "next: dvc init (once), then dvc repro")
     return 0
 
 

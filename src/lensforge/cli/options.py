@@ -175,6 +175,7 @@ def add_data(sub: Any) -> None:
     i.add_argument("--format", choices=FORMATS, help="skip auto-detection")
     i.add_argument("--task", choices=TASKS, help="read a path,label CSV as multi-label")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--output", metavar="FILE", help="also write the JSON report to FILE (its folder is made; a pipeline's output)")
     i.add_argument("--fast", action="store_true", help="read image headers only (no full decode: misses truncation)")
     i.add_argument("--allow-outside-root", action="store_true", help=field_help(TrainConfig)["allow_outside_root"])
     i.set_defaults(func=commands.cmd_inspect)
@@ -187,7 +188,7 @@ def add_train(sub: Any) -> None:
                                    "export or a YOLO data.yaml) and write a run "
                                    "directory with a bundle: model.onnx, weights.safetensors, lensforge.json. "
                                    "Options override --config; the resolved config is saved in the run.")
-    t.add_argument("data", help=helps["data"])
+    t.add_argument("data", nargs="?", help=helps["data"] + " (default: the --config file's data)")
     t.add_argument("--config", help="YAML file with any TrainConfig keys (command-line options win)")
     fields = add_config_options(t)
     t.add_argument("--split", help="TEST[,VAL] fractions for data that is not pre-split "
@@ -373,7 +374,21 @@ def add_detection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-det", type=positive_int, metavar="N", help="keep at most the N best boxes per image")
 
 
-SUBCOMMANDS = (add_demo, add_data, add_train, add_evaluate, add_report, add_export, add_bench, add_serve, add_predict, add_explain)
+def add_init(sub: Any) -> None:
+    n = sub.add_parser("init", help="write a DVC pipeline (dvc.yaml + params.yaml) into your git repository",
+                       description="Write dvc.yaml (stages inspect → train → evaluate → export, with their deps, "
+                                   "params, outputs, metrics and plots) and params.yaml (every training setting; "
+                                   "lensforge train --config params.yaml reads it) into DIR, a git repository. "
+                                   "Then: dvc init; dvc repro; dvc metrics show; dvc plots show.")
+    n.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the repository (default: this directory)")
+    n.add_argument("--dvc", action="store_true", required=True, help="write the DVC pipeline (the one kind init writes)")
+    n.add_argument("--data", default="data", help="the dataset's path inside DIR, as the stages name it (default: data)")
+    n.add_argument("--overwrite", action="store_true", help="replace an existing dvc.yaml / params.yaml")
+    n.set_defaults(func=commands.cmd_init)
+
+
+SUBCOMMANDS = (add_demo, add_init, add_data, add_train, add_evaluate, add_report, add_export, add_bench, add_serve,
+               add_predict, add_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 import os
@@ -156,6 +157,9 @@ def finishing_config(cfg: TrainConfig) -> TrainConfig:
     if not cfg.out:
         raise ConfigError("--finish needs --out: the run directory whose checkpoint becomes the bundle")
     saved = Path(cfg.out) / "config.yaml"
+    if Path(cfg.out).is_dir() and not saved.is_file() and finish_checkpoint(Path(cfg.out)) is None:  # before reading data
+        raise ConfigError(f"{cfg.out} is not a lensforge run directory (no config.yaml, no checkpoints/): "
+                          "--finish needs the --out of a `lensforge train` that was interrupted")
     run_cfg = TrainConfig.load(saved) if saved.is_file() else dataclasses.replace(cfg)  # none: prepare_run_dir says so
     run_cfg.override(**{k: getattr(cfg, k) for k in FINISH_KEEPS})
     run_cfg.finish = run_cfg.resume = True
@@ -171,6 +175,10 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
     """Split, decode, fit, then write the verified bundle and the held-out report."""
     if cfg.resume:
         task.check_resume(run_dir, cfg, ds.classes)
+    # the thread count used, not "every core": CPU float sums (and bf16 rounding after them) depend
+    # on it, so `lensforge train --config RUN/config.yaml` elsewhere repeats the run only with it
+    cfg.threads = cfg.threads or torch.get_num_threads()
+
     def save_config() -> None:  # the classes too: a resumed run must rebuild the same head
         cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes))
 
@@ -237,7 +245,14 @@ def loaders(data: TrainData, cfg: TrainConfig) -> tuple[torch.utils.data.DataLoa
 
 
 def write_history(history: list[dict[str, Any]], run_dir: Path) -> None:
-    """``training_curves.png`` from the per-epoch rows (nothing for a probe or a run stopped before its first epoch)."""
+    """``history.csv``, one row per epoch (what ``dvc plots`` and spreadsheets read; a probe's has
+    its header alone), and ``training_curves.png`` from the same rows (nothing for a probe or a
+    run stopped before its first epoch)."""
     curves = [{"epoch": r["epoch"], **{k: v for k, v in r.items() if k.startswith(("train_", "val_"))}} for r in history]
+    columns = ["epoch", *sorted({k for row in curves for k in row} - {"epoch"})]
+    with (run_dir / "history.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(curves)
     if any(len(row) > 1 for row in curves):
         plot_training_curves(curves, run_dir / "training_curves.png")
