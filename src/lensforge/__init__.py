@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassificationResult", "Predictor", "TrainConfig", "evaluate", "train", "__version__"]
+__all__ = ["ClassificationResult", "Predictor", "TrainConfig", "evaluate", "predict_many", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -32,6 +32,10 @@ def __getattr__(name: str) -> Any:
         from lensforge.evaluation import evaluate
 
         return evaluate
+    if name == "predict_many":  # batch prediction, local or on Ray (lensforge.batch; Ray only when asked for)
+        from lensforge.batch import predict_many
+
+        return predict_many
     if name == "TrainConfig":
         from lensforge.config import TrainConfig
 

@@ -5,6 +5,7 @@ never loads torch, and a missing extra is reported for the command that needs it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -178,6 +179,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.engine:  # batch mode: rows to a file (lensforge.batch)
+        return predict_batch(args)
     from lensforge.data.formats import list_images
     from lensforge.runtime.draw import save_annotated
 
@@ -227,6 +230,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                  seconds=time.perf_counter() - t0, failed=failed, annotate_dir=annotate_dir,
                                  console=console)
     return 1 if failed and failed == len(rows) else 0
+
+
+def predict_batch(args: argparse.Namespace) -> int:
+    """``predict --engine local|ray``: every image of SOURCE to one row in --output (lensforge.batch)."""
+    from lensforge.batch import predict_many
+
+    if not args.output:
+        raise ConfigError("--engine writes its rows to a file: add --output results.parquet (or .jsonl)")
+    given = [f"--{k.replace('_', '-')}" for k in ("json", "annotate", *DETECTION_OPTIONS) if getattr(args, k, None) not in (None, False)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be used with --engine (rows hold every detection above the "
+                          "bundle's threshold); drop --engine to use them")
+    if args.engine != "ray" and (args.address or args.actors):
+        raise ConfigError("--address and --actors are for --engine ray")
+    providers = [p.strip() for item in (args.provider or []) for p in item.split(",") if p.strip()] or None
+    ui = ConsoleReporter()
+    with contextlib.ExitStack() as stack:  # the bar opens at the first report, when the total is known
+        shown = [0]
+        bar: list[Callable[[int], None]] = []
+
+        def progress(done: int, total: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(ui.track("Predicting", total)))
+            bar[0](done - shown[0])
+            shown[0] = done
+
+        run = predict_many(args.bundle, args.inputs, engine=args.engine, output=args.output, address=args.address,
+                           actors=args.actors, threads=args.threads, batch_size=args.batch_size, providers=providers,
+                           optimization=args.optimization, progress=progress)
+    render.print_batch_run(run, console)
+    return 1 if run.failed == run.images else 0
 
 
 DETECTION_OPTIONS = ("conf", "iou", "classes", "max_det", "agnostic_nms")

@@ -328,6 +328,14 @@ def add_predict(sub: Any) -> None:
     add_runtime_options(pr)
     add_detection_options(pr)
     pr.add_argument("--show", type=positive_int, default=20, help="rows in the console table (default 20)")
+    # batch mode (lensforge.batch): SOURCE may also be a glob, a text file of paths or a Parquet/CSV of paths/URIs
+    pr.add_argument("--engine", choices=("local", "ray"),
+                    help="batch prediction: 'local' (this process) or 'ray' (Ray Data on a Ray cluster, the scale "
+                         "extra); one row per image to --output .parquet or .jsonl, unreadable images as rows with an error")
+    pr.add_argument("--address", metavar="ADDR",
+                    help="--engine ray: the cluster, host:port, ray://host:port or auto (default: a private local Ray)")
+    pr.add_argument("--actors", type=positive_int, metavar="N",
+                    help="--engine ray: actors, one Predictor each (default: one per CPU; --threads sets ORT threads per actor)")
     pr.set_defaults(func=commands.cmd_predict)
 
 

@@ -267,6 +267,15 @@ def print_predictions(rows: list[dict[str, Any]], *, detector: bool, top: int, s
         out.print(f"[bold cyan]›[/] Annotated images in {escape(str(annotate_dir))}")
 
 
+def print_batch_run(run: Any, console: Console | None = None) -> None:
+    """``lensforge predict --engine``'s summary: where the rows are, how many, how fast."""
+    out = console or default_console
+    how = f"{run.actors} Ray actor(s) x {run.threads} thread(s)" if run.engine == "ray" else f"{run.threads} thread(s)"
+    out.print(f"[bold cyan]›[/] {run.images} image(s) in {run.seconds:.2f} s ({run.images_per_s:.1f} img/s, {how})"
+              + (f", [red]{run.failed} unreadable (rows with an error)[/]" if run.failed else ""), soft_wrap=True)
+    out.print(f"[bold cyan]›[/] Rows in {escape(str(run.output))}", soft_wrap=True)
+
+
 def print_export_check(written: Path, console: Console | None = None) -> None:
     """The export check an exported bundle records in its ``lensforge.json``, then where it is."""
     out = console or default_console
