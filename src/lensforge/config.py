@@ -79,6 +79,8 @@ class TrainConfig:
     max_parity: float = 1e-3  # export fails if ONNX and torch scores differ more than this
     track: str = ""  # also log the run to these trackers, comma-separated: tensorboard, mlflow, wandb (the CSV log
     # is always written; mlflow uses MLFLOW_TRACKING_URI, else a sqlite store in the run directory)
+    register: str = ""  # register the bundle in the MLflow model registry under this name (with --track mlflow);
+    # then: lensforge predict models:/NAME/VERSION
     overwrite: bool = False  # replace an existing run directory
     resume: bool = False  # continue the run in --out from its last checkpoint
     finish: bool = False  # write the bundle of the run in --out from its best checkpoint so far (else its last),
@@ -100,6 +102,9 @@ class TrainConfig:
         if self.head not in HEADS:
             raise ConfigError(f"head must be 'linear' or 'mlp', got {self.head!r}")
         parse_track(self.track)  # an unknown tracker is named before anything is written
+        if self.register and "mlflow" not in parse_track(self.track):
+            raise ConfigError(f"--register {self.register} registers the bundle in MLflow's model registry: "
+                              "add --track mlflow")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be auto, 32 or bf16, got {self.precision!r}")
         for name in ("test_fraction", "val_fraction"):

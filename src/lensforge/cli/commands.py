@@ -120,6 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- evaluate, predict ------------------------------------------------------------------------
 
 
+def local_bundle(ref: str) -> str:
+    """A bundle directory as given, or an MLflow URI (``models:/NAME/VERSION``, ``runs:/ID/bundle``)
+    downloaded into the user cache and checked (runtime/remote.py; MLflow is imported only then)."""
+    from lensforge.runtime.remote import fetch_bundle, is_uri
+
+    return str(fetch_bundle(ref)) if is_uri(ref) else ref
+
+
 def make_predictor(args: argparse.Namespace, bundle: Any) -> Any:
     from lensforge.runtime.predictor import Predictor
 
@@ -156,14 +164,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     check_data_fits(bundle, args.data)
-    res = evaluate(bundle, args.data, out_dir=args.out, split=args.split, reporter=ConsoleReporter(quiet=args.json),
+    ui = ConsoleReporter(quiet=args.json)
+    res = evaluate(bundle, args.data, out_dir=args.out, split=args.split, reporter=ui,
                    predictor=make_predictor(args, bundle), allow_outside_root=args.allow_outside_root)
+    log_evaluation(bundle, res, args.data, ui)
     if args.json:
         print(json.dumps(res.metrics.to_dict(), indent=2))
         return 0
     render.print_metrics(res.metrics, console)
     console.print(f"[bold cyan]›[/] Report, predictions.csv and plots in {escape(str(res.out_dir))}")
     return 0
+
+
+def log_evaluation(bundle: Any, res: Any, data: str, reporter: Any) -> None:
+    """Into the MLflow run that made the bundle, when it records one (tracking/lineage.py)."""
+    from lensforge.tracking.lineage import log_to_bundle_run, recorded_run
+
+    if recorded_run(bundle):
+        files = sorted(p for p in Path(res.out_dir).iterdir() if p.suffix in (".png", ".json", ".html")) if res.out_dir else []
+        log_to_bundle_run(bundle, "evaluate", metrics=res.metrics.numbers(), tags={"lensforge.evaluate.data": data},
+                          artifacts=files, reporter=reporter)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -184,7 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lensforge.data.formats import list_images
     from lensforge.runtime.draw import save_annotated
 
-    predictor = make_predictor(args, args.bundle)
+    predictor = make_predictor(args, local_bundle(args.bundle))
     keep = detection_filter(args, predictor)
     paths = list_images(args.inputs)
     if not paths:
@@ -339,6 +359,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                             max_drop=args.max_drop, force=args.force, name=args.name, overwrite=args.overwrite,
                             reporter=ui)
         (out / "parity.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        log_export(bundle, args.to, out, ui)
         render.print_parity(report, console)
         console.print(f"[bold cyan]›[/] Written: {escape(str(out))} (parity table in parity.json)")
         return 0
@@ -351,14 +372,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         written = export_kserve(bundle, out, name=args.name, image=args.image, memory=args.memory, cpus=args.cpus,
                                 replicas=args.replicas, overwrite=args.overwrite)
+        log_export(bundle, args.to, Path(written), ui)
         console.print(f"[bold cyan]›[/] Written: {escape(str(written))} (kubectl apply -f it; see its README.md)")
         return 0
     else:
         from lensforge.export.torchserve import export_torchserve
 
         written = export_torchserve(bundle.path, out, name=args.name, overwrite=args.overwrite)
+    log_export(bundle, args.to, Path(written), ui)
     render.print_export_check(Path(written), console)
     return 0
+
+
+def log_export(bundle: Any, target: str, written: Path, reporter: Any) -> None:
+    """Into the MLflow run that made the bundle, when it records one: where the export went
+    (a tag) and its lensforge.json / parity.json (tracking/lineage.py)."""
+    from lensforge.tracking.lineage import log_to_bundle_run, recorded_run
+
+    if recorded_run(bundle):
+        where = written if written.is_dir() else written.parent
+        files = [where / name for name in ("lensforge.json", "parity.json")]
+        log_to_bundle_run(bundle, f"export/{target}", tags={f"lensforge.export.{target}": str(written.resolve())},
+                          artifacts=files, reporter=reporter)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -436,11 +471,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lensforge.serve import serve
 
-    bundles: Any = list(args.bundles)
+    from lensforge.runtime.remote import is_uri, parse_uri
+
+    bundles: Any = [local_bundle(b) for b in args.bundles]  # MLflow URIs: downloaded (or cached) and checked
     if args.name:
         if len(args.name) != len(args.bundles):
             raise DataError(f"--name given {len(args.name)} time(s) for {len(args.bundles)} bundle(s); give one name per bundle")
-        bundles = dict(zip(args.name, args.bundles))
+        bundles = dict(zip(args.name, bundles))
+    elif any(is_uri(b) for b in args.bundles):  # models:/NAME/1 is served as NAME, not as its cache folder
+        from lensforge.runtime.bundle import display_name
+
+        names = [parse_uri(ref).display_name if is_uri(ref) else display_name(Path(path))
+                 for ref, path in zip(args.bundles, bundles)]
+        if len(set(names)) < len(names):
+            raise DataError(f"two bundles would both be served as {max(names, key=names.count)!r}; name each with --name")
+        bundles = dict(zip(names, bundles))
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     serve(bundles, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           max_queue=args.max_queue, max_inflight=args.max_inflight, max_body_bytes=int(args.max_body_mb * 1024 * 1024),

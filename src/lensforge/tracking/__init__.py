@@ -24,11 +24,10 @@ import importlib.util
 import logging
 import os
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from lensforge.errors import ConfigError
+from lensforge.runtime.remote import check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,6 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 TRACKING_FILE = "tracking.json"  # RUN/tracking.json: where each tracker put this run (MLflow's run id)
 EXPERIMENT = "lensforge"  # MLflow experiment / W&B project unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT say otherwise
-REACH_TIMEOUT_S = 5.0
 
 
 def parse_track(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -71,14 +69,8 @@ def check_trackers(names: list[str]) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"--track {name} needs the {package} package: pip install {package} "
                               "(or pip install 'lensforge[track]')")
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if "mlflow" in names and uri.startswith(("http://", "https://")):
-        try:  # the tracking server's liveness route; a server that is down fails here, not mid-run
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S) as response:
-                response.read()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise ConfigError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {reason}") from None
+    if "mlflow" in names:  # a server that is down fails here, not mid-run
+        check_reachable(os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 
 # modules a tracker's set-up imports: ~3 s of CPU for MLflow (and SQLAlchemy for its store)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import json
 import logging
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,10 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 
 from lensforge.errors import ConfigError
+from lensforge.hardware import describe
+from lensforge.runtime.bundle import META_FILE, SPLIT_FILE
 from lensforge.runtime.cache import cache_root
+from lensforge.runtime.remote import quick_http_defaults
 from lensforge.tracking import EXPERIMENT, TRACKING_FILE, mlflow_uri
 from lensforge.ui import Reporter
 
@@ -33,6 +38,7 @@ class Tracker:
         self.params = dict(params)
         self.loggers: list[Guarded] = []
         self.failed = False
+        self.registered: dict[str, str] = {}  # {"name", "version"} once --register has registered the bundle
 
     def start(self) -> None:
         for name in self.names:
@@ -56,12 +62,20 @@ class Tracker:
         final: dict[str, float] = {}
         for split, m in metrics.items():
             final.update({f"{split}/{k}": float(v) for k, v in m.numbers().items()})
+        facts = run_facts(run_dir, bundle_dir, self.params.get("data"))
         for g in self.loggers:
             if not g.ok:
                 continue
             g.log_metrics(final, step=None)
+            g.call("facts", lambda g=g: _log_facts(g, facts))
             if g.name == "mlflow":
                 g.call("artifacts", lambda g=g: _mlflow_artifacts(g.inner, run_dir, bundle_dir))
+                if self.params.get("register"):
+                    version = g.call("register", lambda g=g: _register(g.inner, str(self.params["register"])))
+                    if version is not None:
+                        self.registered = {"name": str(self.params["register"]), "version": str(version)}
+                        self.reporter.step(f"Registered the bundle as models:/{self.registered['name']}/{version}")
+                        self._record()
             elif g.name == "wandb":
                 g.call("summary", lambda g=g: g.inner.experiment.summary.update(final))
 
@@ -72,13 +86,21 @@ class Tracker:
                 if g.name == "wandb":
                     g.call("finish", lambda g=g: g.inner.experiment.finish(exit_code=0 if status == "success" else 1))
 
+    def mlflow_run(self) -> dict[str, str]:
+        """``{"tracking_uri", "experiment_id", "run_id"}`` of the MLflow run ({} without one): what the
+        bundle records so that ``evaluate`` and ``export`` log into the run that made it."""
+        for g in self.loggers:  # also after it failed: the run exists, a later evaluate may reach it
+            if g.name == "mlflow" and g.inner is not None:
+                return {"tracking_uri": str(g.inner._tracking_uri), "experiment_id": str(g.inner.experiment_id),
+                        "run_id": str(g.inner.run_id)}
+        return {}
+
     def _record(self) -> None:
         """RUN/tracking.json: where this run went, so a person (or a later evaluate) finds it."""
         doc: dict[str, Any] = {}
         for g in self.loggers:
             if g.name == "mlflow" and g.ok:
-                doc["mlflow"] = {"tracking_uri": g.inner._tracking_uri, "experiment_id": g.inner.experiment_id,
-                                 "run_id": g.inner.run_id}
+                doc["mlflow"] = {**self.mlflow_run(), **({"registered": self.registered} if self.registered else {})}
             elif g.name == "tensorboard" and g.ok:
                 doc["tensorboard"] = {"log_dir": str(Path(g.inner.log_dir))}
             elif g.name == "wandb" and g.ok:
@@ -98,6 +120,7 @@ def _make_logger(name: str, run_dir: Path) -> Any:
     if name == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
+        quick_http_defaults()  # a server gone mid-run costs seconds of retries, not minutes (runtime/remote.py)
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         if local and not (run_dir / "mlruns.db").exists():
             _copy_empty_store(run_dir / "mlruns.db")
@@ -114,10 +137,10 @@ def _make_logger(name: str, run_dir: Path) -> Any:
         from lightning.pytorch.loggers import WandbLogger
 
         (run_dir / "wandb").mkdir(exist_ok=True)
-        logger = WandbLogger(project=os.environ.get("WANDB_PROJECT", EXPERIMENT), name=run_dir.resolve().name,
-                             save_dir=str(run_dir))
-        logger.experiment  # noqa: B018
-        return logger
+        wb = WandbLogger(project=os.environ.get("WANDB_PROJECT", EXPERIMENT), name=run_dir.resolve().name,
+                         save_dir=str(run_dir))
+        wb.experiment  # noqa: B018
+        return wb
     raise ConfigError(f"unknown tracker {name!r}")
 
 
@@ -148,9 +171,8 @@ def _copy_empty_store(path: Path) -> None:
 
 def _mlflow_artifacts(logger: Any, run_dir: Path, bundle_dir: Path) -> None:
     client, run_id = logger.experiment, logger.run_id
-    meta = bundle_dir / "lensforge.json"
-    if meta.is_file():
-        client.log_artifact(run_id, str(meta), "bundle")
+    if (bundle_dir / META_FILE).is_file():  # the whole bundle: runs:/RUN_ID/bundle loads it (and --register points at it)
+        client.log_artifacts(run_id, str(bundle_dir), "bundle")
     for png in sorted(run_dir.glob("*.png")):
         client.log_artifact(run_id, str(png), "plots")
     if (run_dir / "eval").is_dir():
@@ -160,6 +182,98 @@ def _mlflow_artifacts(logger: Any, run_dir: Path, bundle_dir: Path) -> None:
     for name in ("config.yaml",):
         if (run_dir / name).is_file():
             client.log_artifact(run_id, str(run_dir / name))
+
+
+def _register(logger: Any, name: str) -> str:
+    """Register the run's ``bundle`` artifact as a new version of model ``name`` (made when new);
+    returns the version. ``lensforge predict models:/NAME/VERSION`` loads it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = str(logger._tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=f"runs:/{logger.run_id}/bundle", run_id=logger.run_id)
+    return str(version.version)
+
+
+def git_commit(*places: str | os.PathLike[str] | None) -> dict[str, str]:
+    """``{"git.commit", "git.dir"}`` of the first of ``places`` (the data, then the working
+    directory) inside a git work tree; {} when none is, or git is missing or slow."""
+    for place in places:
+        if not place:
+            continue
+        where = Path(place)
+        where = where if where.is_dir() else where.parent
+        try:
+            done = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD", "--show-toplevel"],
+                                  capture_output=True, text=True, timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):  # no git, or a hung network file system
+            return {}
+        lines = done.stdout.split()
+        if done.returncode == 0 and len(lines) == 2:
+            return {"git.commit": lines[0], "git.dir": lines[1]}
+    return {}
+
+
+def run_facts(run_dir: Path, bundle_dir: Path, data: Any) -> dict[str, str]:
+    """What the run was made from, as flat strings: images per split, the split's hash (sha256
+    of ``split.json``: two runs on the same split share it), the versions, the CPU (and GPU),
+    and the git commit of the user's project."""
+    facts: dict[str, str] = {}
+    try:
+        meta = json.loads((bundle_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    for split, n in (meta.get("data", {}).get("counts") or {}).items():
+        facts[f"data.count.{split}"] = str(n)
+    if meta.get("data", {}).get("format"):
+        facts["data.format"] = str(meta["data"]["format"])
+    split_file = bundle_dir / SPLIT_FILE if (bundle_dir / SPLIT_FILE).is_file() else run_dir / SPLIT_FILE
+    if split_file.is_file():
+        facts["data.split_sha256"] = hashlib.sha256(split_file.read_bytes()).hexdigest()
+    facts.update({f"version.{k}": str(v) for k, v in (meta.get("versions") or {}).items()})
+    facts["machine.cpu"] = describe()
+    facts["machine.gpu"] = _gpu()
+    facts.update(git_commit(data, os.getcwd()))
+    return facts
+
+
+def _gpu() -> str:
+    import torch  # loaded already: the run trained with it
+
+    if torch.cuda.is_available():
+        return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return "none"
+
+
+def _log_facts(g: Guarded, facts: Mapping[str, str]) -> None:
+    """MLflow: tags (``lensforge.*``, and MLflow's own git-commit tag); W&B: the run's config;
+    TensorBoard: one text summary."""
+    if g.name == "mlflow":
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(f"lensforge.{k}", v) for k, v in facts.items()]
+        if "git.commit" in facts:
+            tags.append(RunTag("mlflow.source.git.commit", facts["git.commit"]))
+        g.inner.experiment.log_batch(g.inner.run_id, tags=tags)
+    elif g.name == "wandb":
+        g.inner.experiment.config.update(dict(facts), allow_val_change=True)
+    elif g.name == "tensorboard":
+        table = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
+        g.inner.experiment.add_text("lensforge/facts", "| fact | value |\n|---|---|\n" + table)
+
+
+def tracking_record() -> dict[str, Any]:
+    """For the bundle's ``lensforge.json``: ``{"tracking": {"mlflow": {...}}}`` naming the MLflow
+    run of the training run in progress, or {} without one."""
+    tracker = active()
+    run = tracker.mlflow_run() if tracker is not None else {}
+    return {"tracking": {"mlflow": run}} if run else {}
 
 
 # The Guarded logger: a Lightning Logger that forwards to the real one and, on its first

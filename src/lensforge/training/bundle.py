@@ -29,6 +29,7 @@ from lensforge.runtime.bundle import (
 from lensforge.runtime.explain import EXPLAIN_FILE
 from lensforge.runtime.predictor import Predictor
 from lensforge.tasks import Built, Parity, Scored, Task, TrainData
+from lensforge.tracking.loggers import tracking_record
 from lensforge.ui import Reporter
 
 
@@ -116,4 +117,6 @@ def run_meta(ds: Dataset, splits: dict[str, list[Record]], cfg: TrainConfig, his
         "versions": versions(),
         "config": cfg.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # the MLflow run that made it (--track mlflow): evaluate and export log into that run
+        **tracking_record(),
     }
