@@ -7,12 +7,13 @@ Measured side by side in one run, same weights, same thread count, on one genera
 
     python bench/predictor.py [--backbone efficientnet_lite0] [--size 224] [--repeats 30] [--smoke]
 
-Goal: >= 2x at batch 1 (issue #3).
+Goals: >= 2x at batch 1 (issue #3); end to end from the 640x480 JPEG >= 3x (issue 16).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def main() -> None:
 
     print(f"# Predictor (ONNX Runtime fp32) vs torch eager fp32 — {args.backbone} at {args.size}px")
     print(f"# {describe()} | torch {torch.__version__} | onnxruntime threads {threads}")
+    print(f"# load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (a shared machine: compare the ratios, measured in one run)")
     print(f"{'case':40} {'torch img/s':>12} {'ORT img/s':>12} {'ratio':>8}")
     for name, a, b in rows:
         print(f"{name:40} {a:12.1f} {b:12.1f} {b / a:7.2f}x")
