@@ -141,3 +141,20 @@ def test_dvc_repro_runs_the_pipeline_then_reruns_from_train_when_a_param_changes
     ran = re.findall(r"Running stage '(\w+)'", third.stdout)
     assert ran == ["train", "evaluate", "export"], third.stdout
     assert yaml.safe_load((repo / "runs/train/config.yaml").read_text())["config"]["lr"] == 0.002
+
+
+def test_detection_data_gets_a_detectors_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a detector's predictions.csv has one row per box, not the true,predicted pair a confusion plot reads
+    from lensforge.data.demo import make_demo_detection
+
+    repo = git_repo(tmp_path / "repo")
+    make_demo_detection(repo / "boxes", n_train=2, n_val=1, n_test=1, size=64, max_objects=1)
+    classify = git_repo(tmp_path / "other")
+    assert main(["init", "--dvc", str(repo), "--data", "boxes"]) == 0
+    assert main(["init", "--dvc", str(classify)]) == 0  # no data yet: class folders assumed
+    capsys.readouterr()
+    plots = {name: spec["y"] for p in yaml.safe_load((repo / PIPELINE_FILE).read_text())["plots"] for name, spec in p.items()}
+    # the columns a detector's training logs (no val_loss; val_map per epoch)
+    assert plots == {"Loss per epoch": {"runs/train/history.csv": ["train_loss"]},
+                     "Validation mAP per epoch": {"runs/train/history.csv": ["val_map", "val_map50"]}}
+    assert len(yaml.safe_load((classify / PIPELINE_FILE).read_text())["plots"]) == 2

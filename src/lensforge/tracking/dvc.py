@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from lensforge.config import TrainConfig, field_help
-from lensforge.errors import ConfigError
+from lensforge.errors import ConfigError, LensforgeError
 
 PIPELINE_FILE = "dvc.yaml"
 PARAMS_FILE = "params.yaml"
@@ -93,7 +93,7 @@ def _is_classification(data: Path) -> bool:
 
     try:
         return detect_format(data.resolve()) not in DETECT_FORMATS
-    except Exception:  # noqa: BLE001 -- unreadable data: train will say why; the pipeline file is still right
+    except (LensforgeError, OSError):  # data not readable yet: inspect and train will say why when they run
         return True
 
 
@@ -118,7 +118,8 @@ def pipeline_text(data: str, *, classify: bool = True) -> str:
 
 
 def pipeline(data: str, *, classify: bool = True) -> dict[str, Any]:
-    """The dvc.yaml document. ``classify``: add the confusion plot of evaluate's predictions.csv."""
+    """The dvc.yaml document. ``classify``: a classifier's plots (val loss, the confusion of
+    evaluate's predictions.csv), else a detector's (validation mAP per epoch)."""
     q = shlex.quote(data)
     stages = {
         "inspect": {
@@ -146,11 +147,15 @@ def pipeline(data: str, *, classify: bool = True) -> dict[str, Any]:
             "outs": [EXPORT_DIR],
         },
     }
-    plots: list[Any] = [{"Loss per epoch": {"template": "linear", "x": "epoch",
-                                            "y": {f"{RUN_DIR}/history.csv": ["train_loss", "val_loss"]}}}]
+    history = f"{RUN_DIR}/history.csv"  # columns: what the task's training logs (detectors: no val_loss)
+    losses = ["train_loss", "val_loss"] if classify else ["train_loss"]
+    plots: list[Any] = [{"Loss per epoch": {"template": "linear", "x": "epoch", "y": {history: losses}}}]
     if classify:
         plots.append({"Confusion (test split)": {"template": "confusion", "x": "true",
                                                  "y": {f"{EVAL_DIR}/predictions.csv": "predicted"}}})
+    else:
+        plots.append({"Validation mAP per epoch": {"template": "linear", "x": "epoch",
+                                                   "y": {history: ["val_map", "val_map50"]}}})
     return {"stages": stages, "metrics": [f"{EVAL_DIR}/metrics.json"], "plots": plots}
 
 
