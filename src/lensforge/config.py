@@ -25,12 +25,14 @@ from lensforge.tracking import parse_track
 ACTIONS = ("overwrite", "resume", "finish")  # flags for one invocation, never saved with a run
 HEADS = ("linear", "mlp")
 PRECISIONS = ("auto", "32", "bf16")
+ACCELERATORS = ("auto", "cpu", "gpu")
 # Settings whose good value depends on the task are None here; ``resolve`` fills them from the
 # task's ``defaults`` (lensforge.tasks) once the task is known.
 _RANGE_HINTS = {
     "lr": "> 0", "weight_decay": ">= 0", "warmup_epochs": ">= 0", "label_smoothing": "in [0, 1)", "dropout": "in [0, 1)",
     "beta": "> 0; 1 = F1, 2 = F2", "workers": ">= 0", "patience": ">= 0, 0 = off", "probe_c": "> 0, or empty to choose on validation", "max_parity": "> 0",
     "max_steps": "-1 for no limit, or >= 1", "threads": ">= 1, or empty for every core",
+    "devices": ">= 1", "num_nodes": ">= 1",
 }
 
 
@@ -74,6 +76,12 @@ class TrainConfig:
     workers: int = 0  # data-loader processes; 0 decodes in the main process
     threads: int | None = None  # torch intra-op threads (default: every core this process may use)
     precision: str = "auto"  # auto = bf16 only where the CPU/GPU has it natively
+    devices: int = 1  # training processes on this machine (one per GPU, or CPU processes); more than one in all
+    # trains with DDP, launched by Lightning itself (README "Scaling out")
+    num_nodes: int = 1  # machines taking part; start the same command on each (torchrun or SLURM, README "Scaling out")
+    strategy: str = "auto"  # how the processes share the work: ddp (auto = ddp when devices x num-nodes > 1), or
+    # ddp_find_unused_parameters_true for models with parameters a step leaves unused
+    accelerator: str = "auto"  # cpu, gpu, or auto (gpu where CUDA is available); CPU processes talk over gloo, GPUs nccl
     max_steps: int = -1  # stop after N optimiser steps (smoke tests); -1: no limit
     probe_c: float | None = None  # the probe's inverse L2 strength; None = the best of a grid on validation
     max_parity: float = 1e-3  # export fails if ONNX and torch scores differ more than this
@@ -107,6 +115,8 @@ class TrainConfig:
                               "add --track mlflow")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be auto, 32 or bf16, got {self.precision!r}")
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError(f"accelerator must be auto, cpu or gpu, got {self.accelerator!r}")
         for name in ("test_fraction", "val_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -123,6 +133,7 @@ class TrainConfig:
             "workers": self.workers >= 0, "patience": self.patience >= 0, "probe_c": self.probe_c is None or self.probe_c > 0,
             "max_parity": self.max_parity > 0, "max_steps": self.max_steps == -1 or self.max_steps > 0,
             "threads": self.threads is None or self.threads >= 1,
+            "devices": self.devices >= 1, "num_nodes": self.num_nodes >= 1,
         }
         for name, ok in ranges.items():
             if not ok:

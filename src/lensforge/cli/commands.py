@@ -109,6 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet_lightning()
     cfg = train_config(args)
     result = train(cfg, reporter=ConsoleReporter(quiet=args.quiet))
+    if result.rank:  # another DDP process: rank 0 prints the summary
+        return 0
     test = result.metrics.get("test") or result.metrics.get("val")
     if test and not args.quiet:  # --quiet: the summary table alone (it holds each split's headline)
         console.print()

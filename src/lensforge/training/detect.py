@@ -28,7 +28,8 @@ from lensforge.models.detector import IMAGENET_MEAN, IMAGENET_STD, ExportableDet
 from lensforge.runtime.bundle import WEIGHTS_FILE, Bundle
 from lensforge.runtime.preprocess import DetectSpec, detector_input
 from lensforge.runtime.results import DetectionResult
-from lensforge.training.finetune import warmup_cosine
+from lensforge.training.distributed import whole_set
+from lensforge.training.finetune import steps_per_epoch, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class DetectorModule(L.LightningModule):
         images, targets = batch
         losses = self.model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         loss = sum(losses.values())
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[list[torch.Tensor], list[dict]], _: int) -> None:
@@ -175,16 +176,18 @@ class DetectorModule(L.LightningModule):
             self._train_max_size = None
         if not self._results or self.val is None:
             return
-        order = sorted(self._results)
-        m = coco_metrics([self.val.records[i] for i in order], [self._results[i] for i in order], self.classes)
+        # under DDP this process scored one padded shard (the index in each target says which
+        # images): mAP is of the whole validation set, each image once
+        results = whole_set(list(self._results), list(self._results.values()), len(self.val))
         self._results.clear()
+        m = coco_metrics(self.val.records, results, self.classes)
         self.log("val_map", float(m["map"] or 0.0), prog_bar=True)
         self.log("val_map50", float(m["map50"] or 0.0), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        return warmup_cosine(opt, self.cfg, self.steps_per_epoch)
+        return warmup_cosine(opt, self.cfg, steps_per_epoch(self, self.steps_per_epoch))
 
 
 def check_resumable(run_dir: Path, cfg: TrainConfig, classes: Sequence[str]) -> None:

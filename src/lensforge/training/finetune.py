@@ -23,6 +23,7 @@ from lensforge.config import TrainConfig
 from lensforge.errors import TrainingInterrupted
 from lensforge.hardware import allowed_cpus, contention_warning, cpu_sample, has_native_bf16
 from lensforge.tracking.loggers import active as active_tracker
+from lensforge.training.distributed import SameData, data_digest, loader_order, trainer_settings, whole_set, world_size
 from lensforge.ui import LINE_EVERY_FRACTION, Reporter
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss_fn(self.model(x.contiguous(memory_format=torch.channels_last)), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        # sync_dist: under DDP the epoch's figure is the mean over every process (no-op alone)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
@@ -73,7 +75,7 @@ class ClassifierModule(L.LightningModule):
         # bf16 the two disagreed (issue 12: 0.890 in the epoch table, 0.880 in the summary)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.model(x.float().contiguous(memory_format=torch.channels_last)).float()
-        self.log("val_loss", self.loss_fn(logits, y), on_step=False, on_epoch=True, batch_size=len(x))
+        self.log("val_loss", self.loss_fn(logits, y), on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
         scores = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, -1)
         self._val_scores.append(scores.cpu())
         self._val_targets.append(y.cpu())
@@ -85,6 +87,10 @@ class ClassifierModule(L.LightningModule):
         y = torch.cat(self._val_targets).numpy()
         self._val_scores.clear()
         self._val_targets.clear()
+        loader = self.trainer.val_dataloaders
+        # under DDP this process scored one padded shard: metrics are of the whole set, each image once
+        rows = whole_set(loader_order(loader), list(zip(scores, y)), len(loader.dataset))
+        scores, y = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
         for k, v in quick_metrics(y, scores, self.multilabel).items():
             self.log(k, v, prog_bar=True)
 
@@ -96,7 +102,19 @@ class ClassifierModule(L.LightningModule):
             [{"params": backbone, "lr": self.cfg.lr}, {"params": head, "lr": self.cfg.lr * 10}],
             weight_decay=self.cfg.weight_decay,
         )
-        return warmup_cosine(opt, self.cfg, self.steps_per_epoch)
+        return warmup_cosine(opt, self.cfg, steps_per_epoch(self, self.steps_per_epoch))
+
+
+def steps_per_epoch(module: L.LightningModule, fallback: int) -> int:
+    """Optimiser steps per epoch of *this* process's training loader, as the Trainer shards it
+    (under DDP each process steps through 1/N of the data, so the schedule must count its
+    batches, not the whole loader's); ``fallback`` outside a Trainer."""
+    trainer = module._trainer
+    if trainer is None:
+        return fallback
+    trainer.estimated_stepping_batches  # noqa: B018 -- makes Lightning set up the sharded training loader
+    n = trainer.num_training_batches
+    return max(1, int(n)) if n != float("inf") else fallback
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
@@ -167,7 +185,7 @@ class EpochReport(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._bar = contextlib.ExitStack()
         batches = self.planned_batches(trainer)
-        images = batches * self.batch_size
+        images = batches * self.batch_size * trainer.world_size
         if not self.drop_last and self.dataset_size:
             images = min(images, self.dataset_size)
         self._advance = self._bar.enter_context(self.reporter.track(
@@ -177,7 +195,7 @@ class EpochReport(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        n = batch_images(batch, self.batch_size)
+        n = batch_images(batch, self.batch_size) * trainer.world_size  # every process trains on as many
         self._images += n
         self._batches += 1
         self._train_end = time.perf_counter()
@@ -279,8 +297,15 @@ class SaveOnInterrupt(Callback):
         self.path = path
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        if trainer.world_size == 1:
             trainer.save_checkpoint(str(self.path))
+        elif trainer.is_global_zero:
+            # trainer.save_checkpoint ends in a barrier that the other processes, interrupted
+            # too (or killed by Lightning's launcher), never reach: rank 0 writes alone
+            state = trainer._checkpoint_connector.dump_checkpoint()
+            trainer.strategy.checkpoint_io.save_checkpoint(state, str(self.path))
 
 
 def interrupted_message(cfg: TrainConfig, run_dir: Path, epoch: int, history: list[dict[str, Any]]) -> str:
@@ -371,14 +396,15 @@ def fit(
     epochs = EpochReport(reporter, monitor, batch_size=train_loader.batch_size or 1,
                          dataset_size=_sized(train_loader.dataset), drop_last=train_loader.drop_last)
     callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), epochs, CpuContention(reporter)]
+    if world_size(cfg) > 1:
+        callbacks.append(SameData(data_digest(train_loader.dataset, val_loader.dataset if val_loader else None)))
     if val_loader is not None and cfg.patience > 0:
         # checked after validation: a max_steps stop mid-epoch ends the epoch without one
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
     precision = precision or choose_precision(cfg.precision)
     tracker = active_tracker()
     trainer = L.Trainer(
-        accelerator="auto",
-        devices=1,
+        **trainer_settings(cfg),  # one process, or DDP (README "Scaling out")
         max_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         precision=precision,  # type: ignore[arg-type]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from lensforge.tasks import Built, Task, TrainData, get_task
 from lensforge.tracking import check_trackers, parse_track, prewarm
 from lensforge.tracking.loggers import active, tracked
 from lensforge.training.bundle import versions, write_bundle
+from lensforge.training.distributed import (check_distributed, distributed_meta, is_primary, per_process_samples,
+                                            process_rank, scaling_note, threads_per_process, world_size)
 from lensforge.training.finetune import EpochReport, finish_checkpoint
 from lensforge.ui import Reporter
 
@@ -44,6 +48,7 @@ class TrainResult:
     skipped_images: int
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the whole train() call
+    rank: int = 0  # under DDP, this process's; only rank 0 writes (and holds) the bundle and metrics
 
 
 def default_run_dir(ds_path: Path, task: str, probe: bool) -> Path:
@@ -84,14 +89,17 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def make_split(ds: Dataset, cfg: TrainConfig, run_dir: Path) -> dict[str, list[Record]]:
+def make_split(ds: Dataset, cfg: TrainConfig, run_dir: Path, primary: bool = True) -> dict[str, list[Record]]:
+    """The run's split: the saved one when resuming, else made from the sorted records and the
+    seed, so every DDP process makes the same one (only the primary saves it)."""
     split_file = run_dir / SPLIT_FILE
     if cfg.resume and split_file.is_file():
         return load_split(split_file, ds)
     splits = split_records(ds, test=cfg.test_fraction, val=cfg.val_fraction, seed=cfg.seed)
     if not splits["train"]:
         raise DataError(f"no training images left after splitting {ds.root}; add images or lower --split")
-    save_split(splits, ds, split_file, seed=cfg.seed)
+    if primary:
+        save_split(splits, ds, split_file, seed=cfg.seed)
     return splits
 
 
@@ -108,11 +116,14 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     cfg = dataclasses.replace(cfg or TrainConfig()).override(**overrides).validate()
     if cfg.finish:
         cfg = finishing_config(cfg)
-    ui = reporter or Reporter()
-    trackers = parse_track(cfg.track)
+    check_distributed(cfg)  # an unknown strategy, more processes than cores: before any work
+    primary = is_primary(cfg)
+    # the other DDP processes say nothing (rank 0 reports for all) and write nothing
+    ui = (reporter or Reporter()) if primary else _Silent()
+    trackers = parse_track(cfg.track) if primary else []
     check_trackers(trackers)  # a tracker not installed or a server not answering: before anything is written
     prewarm(trackers)  # their imports (~3 s for MLflow) overlap reading the data and building the model
-    torch.set_num_threads(cfg.threads or cpu_count())
+    torch.set_num_threads(threads_per_process(cfg) if world_size(cfg) > 1 else cfg.threads or cpu_count())
 
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task,
                       outside_root="allow" if cfg.allow_outside_root else "refuse")
@@ -125,6 +136,10 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     # leaves no run directory behind
     built = task.build(cfg, ds)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(Path(cfg.data), ds.task, cfg.probe)
+    if not primary:  # rank 0 prepares and owns the run directory
+        if cfg.resume or cfg.finish:
+            prepare_run_dir(cfg, run_dir)  # checks only: the checkpoint must be readable here too
+        return _train_in(run_dir, cfg, ds, task, built, ui, primary=False)
     fresh = not run_dir.exists()
     previous = prepare_run_dir(cfg, run_dir)
     try:
@@ -147,7 +162,7 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
 
 # what ``finish`` takes from the caller: where the data and run are now, and this machine's
 # settings; everything that shapes the model comes from the run's config.yaml
-FINISH_KEEPS = ("data", "out", "allow_outside_root", "threads", "workers")
+FINISH_KEEPS = ("data", "out", "allow_outside_root", "threads", "workers", "devices", "num_nodes", "strategy", "accelerator")
 
 
 def finishing_config(cfg: TrainConfig) -> TrainConfig:
@@ -171,20 +186,26 @@ def _discard(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: Built, ui: Reporter) -> TrainResult:
-    """Split, decode, fit, then write the verified bundle and the held-out report."""
+def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: Built, ui: Reporter,
+              primary: bool = True) -> TrainResult:
+    """Split, decode, fit, then write the verified bundle and the held-out report (under DDP,
+    every process fits; only the primary writes)."""
     if cfg.resume:
         task.check_resume(run_dir, cfg, ds.classes)
+    meta = {"distributed": distributed_meta(cfg)} if world_size(cfg) > 1 else {}
     # the thread count used, not "every core": CPU float sums (and bf16 rounding after them) depend
     # on it, so `lensforge train --config RUN/config.yaml` elsewhere repeats the run only with it
     cfg.threads = cfg.threads or torch.get_num_threads()
 
     def save_config() -> None:  # the classes too: a resumed run must rebuild the same head
-        cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes))
+        if primary:
+            cfg.save(run_dir / "config.yaml", versions=versions(), machine=describe(), classes=list(ds.classes), **meta)
 
     save_config()
-    splits = make_split(ds, cfg, run_dir)
+    splits = make_split(ds, cfg, run_dir, primary)
     ui.step(task.describe(ds, splits, cfg))
+    if meta and not cfg.finish:
+        ui.step(scaling_note(cfg))
     if not cfg.finish:
         warning = load_warning(load_average(), os.cpu_count() or 1, torch.get_num_threads(), cpu_count())
         if warning:
@@ -196,6 +217,9 @@ def _train_in(run_dir: Path, cfg: TrainConfig, ds: Dataset, task: Task, built: B
         raise DataError("no readable training images")
     data.train_loader, data.val_loader = loaders(data, cfg)
     history = load_finish_checkpoint(built, run_dir, ui) if cfg.finish else task.fit(built, data, cfg, ds, run_dir, ui)
+    if not primary:  # trained its share; the bundle, plots, report and tracking are rank 0's
+        return TrainResult(task.name, run_dir, run_dir / "bundle", {}, float("nan"), data.skipped, history,
+                           rank=process_rank(cfg))
     save_config()  # again: fitting may resolve settings (the probe's C), and the run must record what it used
     write_history(history, run_dir)
 
@@ -237,8 +261,11 @@ def loaders(data: TrainData, cfg: TrainConfig) -> tuple[torch.utils.data.DataLoa
     """The training loader (shuffled by the run's seed; a last short batch dropped when there
     is more than one) and the validation loader (None without validation images)."""
     workers = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0, "collate_fn": data.collate}
+    # under DDP each process gets its shard (Lightning swaps in a DistributedSampler): drop the
+    # short batch only where a shard holds more than one
+    shard = per_process_samples(len(data.train), world_size(cfg))
     train = torch.utils.data.DataLoader(
-        data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data.train) > cfg.batch_size,
+        data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=shard > cfg.batch_size,
         generator=torch.Generator().manual_seed(cfg.seed), **workers)
     val = torch.utils.data.DataLoader(data.val, batch_size=cfg.batch_size, **workers) if len(data.val) else None
     return train, val
@@ -256,3 +283,21 @@ def write_history(history: list[dict[str, Any]], run_dir: Path) -> None:
         writer.writerows(curves)
     if any(len(row) > 1 for row in curves):
         plot_training_curves(curves, run_dir / "training_curves.png")
+
+
+class _Silent(Reporter):
+    """The reporter of a DDP process other than rank 0: progress, steps and warnings are said once, by rank 0."""
+
+    def step(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def track(self, description: str, total: int, *, unit: str = "img",
+              every: float | None = None) -> Iterator[Callable[[int], None]]:
+        yield lambda n=1: None
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        pass
