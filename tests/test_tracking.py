@@ -6,14 +6,10 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from mlflow_server import free_port, mlflow_server
 
 from lensforge.cli import main
 from lensforge.errors import ConfigError
@@ -62,7 +58,7 @@ def test_missing_backend_names_the_package(shapes_dir: Path, tmp_path: Path, mon
 def test_unreachable_mlflow_server_is_one_line_before_training(shapes_dir: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     out = tmp_path / "run"
     assert main(["train", str(shapes_dir), "--out", str(out), "--no-pretrained", "--track", "mlflow"]) == 2
     err = capsys.readouterr().err.strip()
@@ -125,47 +121,18 @@ def test_mlflow_local_sqlite_store(shapes_dir: Path, tmp_path: Path, monkeypatch
     _check_mlflow_run(f"sqlite:///{(run / 'mlruns.db').resolve()}", run, result)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_mlflow_real_server(shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real ``mlflow server`` on a free loopback port, with MLFLOW_TRACKING_URI pointing at it."""
     pytest.importorskip("mlflow")
     import lensforge
 
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with mlflow_server(tmp_path) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         run = tmp_path / "run"
         result = lensforge.train(data=str(shapes_dir), out=str(run), track="mlflow", **TRACK_TRAIN)
         assert not (run / "mlruns.db").exists()  # the server's store, not a local one
-        _check_mlflow_run(uri, run, result)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        log.close()
+        _check_mlflow_run(server.uri, run, result)
 
 
 def test_a_failing_tracker_warns_once_and_the_run_finishes(shapes_dir: Path, tmp_path: Path,
@@ -195,3 +162,45 @@ def test_a_failing_tracker_warns_once_and_the_run_finishes(shapes_dir: Path, tmp
     assert (run / "bundle" / "lensforge.json").is_file()
     assert len(_csv_epochs(run, "val_acc")) == 2
 
+
+
+@pytest.mark.slow
+def test_mlflow_server_stopped_mid_run_warns_once_and_the_bundle_is_written(
+        shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real server is stopped during the fit (at the first metrics it is sent): one warning,
+    and the run finishes with its CSV log and bundle. Our HTTP defaults (runtime/remote.py:
+    2 retries, backoff factor 1) apply, so the dead server costs seconds, not MLflow's minutes."""
+    pytest.importorskip("mlflow")
+    import lensforge
+    from lensforge.tracking.loggers import Guarded
+    from lensforge.ui import Reporter
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    warnings: list[str] = []
+
+    class Recording(Reporter):
+        def warn(self, message: str) -> None:
+            warnings.append(message)
+
+    with mlflow_server(tmp_path) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        forward = Guarded.log_metrics
+        stopped: list[int] = []
+
+        def stop_then_log(self: Guarded, metrics: dict[str, float], step: int | None = None) -> None:
+            if self.name == "mlflow" and not stopped:
+                server.stop()  # gone between two calls of the fit, as a crashed server would be
+                stopped.append(1)
+            forward(self, metrics, step)
+
+        monkeypatch.setattr(Guarded, "log_metrics", stop_then_log)
+        run = tmp_path / "run"
+        lensforge.train(reporter=Recording(), data=str(shapes_dir), out=str(run), track="mlflow", **TRACK_TRAIN)
+    assert stopped
+    failed = [w for w in warnings if "mlflow tracking failed" in w]
+    assert len(failed) == 1, warnings
+    assert (run / "bundle" / "model.onnx").is_file() and len(_csv_epochs(run, "val_acc")) == 2
+    run_id = json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"]
+    # the run was made before the server went: the bundle still names it for a later evaluate
+    assert json.loads((run / "bundle" / "lensforge.json").read_text())["tracking"]["mlflow"]["run_id"] == run_id
