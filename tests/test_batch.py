@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,13 @@ from lensforge.errors import ConfigError, DataError
 from lensforge.runtime import Predictor
 
 
-def free_port() -> int:
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but not listening, held for the test: connections are refused
+    and no other process can start listening there meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +143,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     (["--engine", "local", "--output", "r.parquet", "--actors", "2"], "imgs", "are for --engine ray"),
 ])
 def test_cli_refuses_bad_batch_input_in_one_line(tmp_path: Path, bundle: Path, images: list[Path], extra: list[str],
-                                                 source: str, message: str) -> None:
+                                                 source: str, message: str, closed_port: int) -> None:
     (tmp_path / "empty").mkdir()
-    port = str(free_port())  # nothing listens there
+    port = str(closed_port)
     extra = [e.replace("{port}", port) for e in extra]
     proc = _cli("predict", str(bundle), source, *extra, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -21,6 +21,7 @@ SCRIPTS = sorted(p for p in BENCH.glob("[!_]*.py"))
 HEADERS = {
     "coco_eval": "method", "decode": "method", "detect": "detector", "int8": "model", "predictor": "case",
     "probe": "stage", "train_step": "loop", "finetune_defaults": "run", "fuzz_openapi": "operation", "serve_load": "server",
+    "ray_predict": "engine",
 }
 
 
