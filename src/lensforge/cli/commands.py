@@ -408,12 +408,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lensforge.runtime.explain import label_index, overlay_row
 
     bundle = load_bundle(args.bundle)
-    if bundle.task != "detect" and args.label is not None:
+    if args.label is not None:
         label_index(args.label, bundle.classes)  # a wrong label is one line before any image is read
     labels = None if args.label is None else [args.label]
-    if args.method in ("auto", "cam"):  # the exact CAM runs on ONNX Runtime alone
+    if bundle.task == "detect":  # per-box maps (EigenCAM), in torch
+        from lensforge.explain.detect import DetectionExplainer
+
+        box_explainer = DetectionExplainer(bundle, method=args.method, labels=labels)
+        explain = lambda src: [box_explainer.explain(src)]  # noqa: E731
+    elif args.method in ("auto", "cam", "attention", "rollout"):  # CAM (CNNs), attention (ViTs): ONNX Runtime alone
         predictor = make_predictor(args, bundle)
-        explain = lambda src: predictor.explain_labels(src, labels, k=args.top_k, method=args.method)  # noqa: E731
+        # attention: the head mean, then one map per head (the "last attention maps" picture)
+        explain = lambda src: predictor.explain_labels(src, labels, k=args.top_k, method=args.method,  # noqa: E731
+                                                       heads=True)
     else:
         from lensforge.explain import TorchExplainer
 

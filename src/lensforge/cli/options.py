@@ -340,16 +340,19 @@ def add_predict(sub: Any) -> None:
 
 
 def add_explain(sub: Any) -> None:
-    ex = sub.add_parser("explain", help="heat maps of what a classifier looks at (CAM, Grad-CAM, Grad-CAM++)",
+    ex = sub.add_parser("explain", help="heat maps of what a model looks at (CAM, Grad-CAM, ViT attention, per-box maps)",
                         description="Write each image with a heat map of the evidence for its top label (or --label) "
                                     "overlaid at its own resolution, with a colour bar, the label and the score. "
-                                    "cam (the exact class activation map) runs on ONNX Runtime alone from the bundle's "
-                                    "explain.onnx; gradcam and gradcam++ need torch (the train extra).")
+                                    "cam (the exact class activation map, CNNs) and attention / rollout (ViTs: the last "
+                                    "layer's CLS attention, averaged then per head; attention rollout) run on ONNX "
+                                    "Runtime alone from the bundle's explain.onnx; gradcam and gradcam++ need torch "
+                                    "(the train extra). For a detector: each confident box with its EigenCAM map (torch).")
     ex.add_argument("bundle")
     ex.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     ex.add_argument("--label", help="explain this class (default: the top one)")
-    ex.add_argument("--method", choices=("auto", "cam", "gradcam", "gradcam++"), default="auto",
-                    help="auto: cam where the head is pooling + linear (default)")
+    ex.add_argument("--method", choices=("auto", "cam", "gradcam", "gradcam++", "attention", "rollout", "eigencam"),
+                    default="auto",
+                    help="auto: cam where the head is pooling + linear, attention for ViTs, eigencam for detectors (default)")
     ex.add_argument("--top-k", type=positive_int, default=1, metavar="K",
                     help="a row of the top K labels' maps side by side (default 1)")
     ex.add_argument("--out", default="explained", help="folder for the overlays, <stem>.png (default ./explained)")

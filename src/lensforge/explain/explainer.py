@@ -12,10 +12,19 @@ from PIL import Image
 
 from lensforge.data.image import decode_image, to_rgb
 from lensforge.errors import ModelError
+from lensforge.explain.attention import AttentionGraph, attention_supported
 from lensforge.explain.cam import CamGraph, FeatureClassifier, methods_for
 from lensforge.models.classifier import Classifier, load_bundle_model
 from lensforge.runtime.bundle import Bundle, as_bundle
-from lensforge.runtime.explain import METHODS, Explanation, explanations, label_index, to_image
+from lensforge.runtime.explain import (
+    ATTENTION_METHODS,
+    METHODS,
+    Explanation,
+    attention_explanations,
+    explanations,
+    label_index,
+    to_image,
+)
 from lensforge.runtime.preprocess import InputSpec, preprocess
 
 
@@ -28,7 +37,8 @@ class TorchExplainer:
         self.spec = spec
         self.classes = tuple(classes)
         self.multilabel = multilabel
-        self.methods = methods_for(self.classifier)
+        # ViTs: attention maps; CNNs: CAM / Grad-CAM (methods_for)
+        self.methods = ATTENTION_METHODS if attention_supported(self.classifier) else methods_for(self.classifier)
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike[str] | Bundle) -> TorchExplainer:
@@ -43,13 +53,16 @@ class TorchExplainer:
         if method not in METHODS:
             raise ModelError(f"unknown explain method {method!r}; use one of {', '.join(METHODS)}")
         if not self.methods:
-            raise ModelError("this model has no spatial feature map (a ViT?); cam, gradcam and gradcam++ need a CNN "
-                             "backbone, and attention maps are not implemented yet")
+            raise ModelError("this model has neither a spatial feature map (cam, gradcam, gradcam++ need a CNN "
+                             "backbone) nor timm ViT attention (attention, rollout)")
         if method == "auto":
             return self.methods[0]
         if method not in self.methods:
-            raise ModelError(f"{method} does not fit this model (the exact CAM needs global average pooling + a linear "
-                             f"head); it supports: {', '.join(self.methods)}")
+            why = ("attention and rollout need a timm ViT backbone" if method in ATTENTION_METHODS
+                   else "a ViT has no convolutional feature map" if self.methods == ATTENTION_METHODS
+                   else "eigencam is for detectors" if method == "eigencam"
+                   else "the exact CAM needs global average pooling + a linear head")
+            raise ModelError(f"{method} does not fit this model ({why}); it supports: {', '.join(self.methods)}")
         return method
 
     def cams(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -72,13 +85,24 @@ class TorchExplainer:
                 out[:, j] = cam(input_tensor=batch, targets=[ClassifierOutputTarget(int(c))] * len(batch))
         return out
 
+    def attention(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 (N, 3, S, S) → attention (N, heads, h, w), rollout (N, 1, h, w), scores (N, C), in torch."""
+        with torch.no_grad():
+            attention, rollout, scores = AttentionGraph(self.classifier, self.multilabel)(batch)
+        return attention.numpy(), rollout.numpy(), scores.numpy()
+
     def explain(self, image: Image.Image | str | os.PathLike[str] | bytes, labels: Sequence[str | int] | None = None,
-                k: int = 1, method: str = "auto") -> list[Explanation]:
-        """Explanations of ``labels`` (default: the top ``k``) for one image (decoded like predict)."""
+                k: int = 1, method: str = "auto", heads: bool = False) -> list[Explanation]:
+        """Explanations of ``labels`` (default: the top ``k``) for one image (decoded like predict).
+        ``heads``: with attention, each label's head-mean map is followed by one map per head."""
         method = self.resolve(method)
         # the decoder's own mode policy (alpha over white, 16-bit scaled), as the Predictor applies it
         img = to_rgb(image) if isinstance(image, Image.Image) else decode_image(image, min_size=self.spec.resize)
         batch = torch.from_numpy(preprocess(img, self.spec)[None])
+        if method in ATTENTION_METHODS:
+            attention, rollout, scores = self.attention(batch)
+            return attention_explanations(img, attention[0], rollout[0], scores[0], self.classes, self.spec, method,
+                                          labels, k, heads)
         cams, scores = self.cams(batch)
         if method == "cam":
             return explanations(img, cams[0], scores[0], self.classes, self.spec, "cam", labels, k)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lensforge.errors import BundleError, ExportError
+from lensforge.explain.attention import attention_supported, export_attention
 from lensforge.explain.cam import CamGraph, cam_supported
 from lensforge.export.onnx import INPUT_NAME, OPSET
 from lensforge.models.classifier import Classifier, load_bundle_model
@@ -36,7 +37,10 @@ MAX_MAP_DIFF = 1e-3  # normalised maps (in [0, 1]) that differ more than this ar
 def export_explain(classifier: Classifier, multilabel: bool, size: int, path: Path) -> dict[str, Any] | None:
     """Write ``explain.onnx`` for ``classifier`` (input side ``size``) to ``path`` and check it
     against torch; returns the bundle's ``explain`` entry, or None (nothing written) when the
-    head is not pooling + linear. Raises ExportError when ONNX disagrees."""
+    head is not pooling + linear. Raises ExportError when ONNX disagrees. A ViT gets its
+    attention graph instead (:mod:`lensforge.explain.attention`)."""
+    if attention_supported(classifier):
+        return export_attention(classifier, multilabel, size, path)
     if not cam_supported(classifier):
         log.info("no explain graph: the exact CAM needs global average pooling + one linear layer")
         return None

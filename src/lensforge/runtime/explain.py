@@ -31,7 +31,13 @@ from lensforge.runtime.preprocess import InputSpec, preprocess
 log = logging.getLogger(__name__)
 
 EXPLAIN_OUTPUTS = ("cams", "scores")  # explain.onnx's outputs, in this order
-METHODS = ("auto", "cam", "gradcam", "gradcam++")  # what --method takes; cam is the one without torch
+# a ViT bundle's explain.onnx (lensforge.explain.attention): attention (N, heads, h, w), the last layer's CLS
+# query over the patches per head; rollout (N, 1, h, w), attention rollout through every layer; scores (N, C)
+ATTENTION_OUTPUTS = ("attention", "rollout", "scores")
+ATTENTION_METHODS = ("attention", "rollout")  # what a ViT explains with, the default first
+# what --method takes; cam, attention and rollout run without torch (from explain.onnx), eigencam is for detectors
+METHODS = ("auto", "cam", "gradcam", "gradcam++", "attention", "rollout", "eigencam")
+TORCH_METHODS = ("gradcam", "gradcam++", "eigencam")  # methods that need torch (the train extra)
 ALPHA = 0.45  # how strongly the heat map covers the image in overlays
 
 
@@ -43,8 +49,10 @@ class Explanation:
         may have been decoded at a reduced DCT scale, as for predict); 0 where the model's
         centre crop did not see the image.
     label, score: the class explained and its score (probability; sigmoid for multi-label).
-    method: "cam", "gradcam" or "gradcam++".
+    method: "cam", "gradcam", "gradcam++", "attention", "rollout" or "eigencam".
     image: the RGB image the map lies on (for :meth:`overlay`).
+    head: for ``attention``, the attention head shown (None: the mean over the heads). Attention
+        maps do not depend on the label: every label of an image gets the same map.
     """
 
     map: np.ndarray
@@ -52,6 +60,7 @@ class Explanation:
     score: float
     method: str
     image: Image.Image | None = field(default=None, repr=False)
+    head: int | None = None
 
     def __post_init__(self) -> None:
         m = self.map
@@ -81,7 +90,7 @@ class Explanation:
         small = Image.fromarray(self.map, "F").resize((max(1, round(w * scale)), max(1, round(h * scale))),
                                                       Image.Resampling.BILINEAR)
         return {"label": self.label, "score": round(float(self.score), 6), "method": self.method,
-                "width": w, "height": h, "map": np.round(np.clip(np.asarray(small), 0, 1), 3).tolist()}
+                **({"head": self.head} if self.head is not None else {}), "width": w, "height": h, "map": np.round(np.clip(np.asarray(small), 0, 1), 3).tolist()}
 
 
 # -- numbers: normalise a low-resolution map and lay it over the image --------------------------
@@ -157,7 +166,7 @@ def draw_overlay(e: Explanation, alpha: float = ALPHA, colorbar: bool = True) ->
     style = Style.for_size(w, h)
     fnt = font(style.font_size)
     draw = ImageDraw.Draw(out)
-    text = f"{e.label} {e.score:.2f} ({e.method})"
+    text = f"{e.label} {e.score:.2f} ({e.method}{'' if e.head is None else f', head {e.head}'})"
     x1, y1, x2, y2 = draw.textbbox((0, 0), text, font=fnt)
     box = (0, 0, min(w, x2 - x1 + 2 * style.pad), min(h, y2 + 2 * style.pad))
     region = out.crop(box)
@@ -207,12 +216,14 @@ def label_index(label: str | int, classes: Sequence[str]) -> int:
 
 
 def check_method(method: str) -> None:
-    """Without torch only the exact CAM runs; other methods say where they do run."""
+    """Without torch the exact CAM (CNNs) and attention / rollout (ViTs) run; the other methods
+    say where they do run. Whether the method fits the bundle's graph is the explainer's check."""
     if method not in METHODS:
         raise ConfigError(f"unknown explain method {method!r}; use one of {', '.join(METHODS)}")
-    if method not in ("auto", "cam"):
+    if method in TORCH_METHODS:
         raise ModelError(f"{method} needs torch (lensforge's train extra): use lensforge.explain.TorchExplainer or "
-                         "`lensforge explain --method ...`; without torch this bundle explains with: cam")
+                         "`lensforge explain --method ...`; without torch a bundle explains with: cam (CNNs), "
+                         "attention or rollout (ViTs)")
 
 
 class CamExplainer:
@@ -223,7 +234,8 @@ class CamExplainer:
         self.bundle = bundle
         self.classes = tuple(bundle.classes)
         if bundle.task == "detect":
-            raise ModelError(f"{bundle.path} holds a detector; explain handles classifiers (cam, gradcam, gradcam++)")
+            raise ModelError(f"{bundle.path} holds a detector; its per-box maps (eigencam) need torch: "
+                             f"lensforge explain {bundle.path} IMAGE")
         info = bundle.meta.get("explain")
         path = bundle.path / (info.get("file", EXPLAIN_FILE) if isinstance(info, dict) else EXPLAIN_FILE)
         if not isinstance(info, dict) or not path.is_file():
@@ -232,8 +244,14 @@ class CamExplainer:
         self.spec = bundle.input_spec
         self.session = open_session(str(path))
         names = tuple(o.name for o in self.session.get_outputs())
-        if names != EXPLAIN_OUTPUTS:
-            raise BundleError(f"{path} outputs {', '.join(names)}; an explain graph outputs {', '.join(EXPLAIN_OUTPUTS)}")
+        # the graph's outputs say which methods it carries (lensforge.json's explain.methods says the same)
+        if names == EXPLAIN_OUTPUTS:
+            self.methods: tuple[str, ...] = ("cam",)
+        elif names == ATTENTION_OUTPUTS:
+            self.methods = ATTENTION_METHODS
+        else:
+            raise BundleError(f"{path} outputs {', '.join(names)}; an explain graph outputs {', '.join(EXPLAIN_OUTPUTS)} "
+                              f"(CNNs) or {', '.join(ATTENTION_OUTPUTS)} (ViTs)")
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,10 +259,30 @@ class CamExplainer:
         cams, scores = self.session.run(list(EXPLAIN_OUTPUTS), {self.input_name: np.ascontiguousarray(batch, np.float32)})
         return cams, scores
 
-    def explain(self, img: Image.Image, labels: Sequence[str | int] | None = None, k: int = 1) -> list[Explanation]:
-        """One decoded RGB image → explanations of ``labels`` (default: the top ``k``), in order."""
-        cams, scores = self.run(preprocess(img, self.spec)[None])
-        return explanations(img, cams[0], scores[0], self.classes, self.spec, "cam", labels, k)
+    def resolve(self, method: str) -> str:
+        """``auto`` → this graph's default; a method the graph does not carry → ModelError naming those it does."""
+        check_method(method)
+        if method == "auto":
+            return self.methods[0]
+        if method not in self.methods:
+            kind = "a ViT" if self.methods == ATTENTION_METHODS else "a CNN"
+            raise ModelError(f"{method} does not fit this model ({kind}); it explains with: {', '.join(self.methods)}"
+                             + ("" if kind == "a ViT" else " (gradcam, gradcam++ with torch)"))
+        return method
+
+    def explain(self, img: Image.Image, labels: Sequence[str | int] | None = None, k: int = 1,
+                method: str = "auto", heads: bool = False) -> list[Explanation]:
+        """One decoded RGB image → explanations of ``labels`` (default: the top ``k``), in order.
+        ``heads``: for ``attention``, each label's head-mean map is followed by one map per head."""
+        method = self.resolve(method)
+        batch = preprocess(img, self.spec)[None]
+        if method == "cam":
+            cams, scores = self.run(batch)
+            return explanations(img, cams[0], scores[0], self.classes, self.spec, "cam", labels, k)
+        attention, rollout, scores = self.session.run(list(ATTENTION_OUTPUTS),
+                                                      {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return attention_explanations(img, attention[0], rollout[0], scores[0], self.classes, self.spec, method,
+                                      labels, k, heads)
 
 
 def explanations(img: Image.Image, grids: np.ndarray, scores: np.ndarray, classes: Sequence[str], spec: InputSpec,
@@ -254,3 +292,22 @@ def explanations(img: Image.Image, grids: np.ndarray, scores: np.ndarray, classe
               else [int(i) for i in np.argsort(-scores, kind="stable")[:max(1, k)]])
     return [Explanation(to_image(normalise(grids[i]), spec, img.size), classes[i], float(scores[i]), method, img)
             for i in wanted]
+
+
+def attention_explanations(img: Image.Image, attention: np.ndarray, rollout: np.ndarray, scores: np.ndarray,
+                           classes: Sequence[str], spec: InputSpec, method: str, labels: Sequence[str | int] | None,
+                           k: int, heads: bool = False) -> list[Explanation]:
+    """A ViT graph's outputs for one image (attention (heads, h, w), rollout (1, h, w), scores
+    (C,)) → :class:`Explanation` of each wanted class. The map does not depend on the class:
+    ``attention`` is the last layer's CLS attention averaged over the heads (each head's own
+    map follows when ``heads``), ``rollout`` the attention rollout."""
+    wanted = ([label_index(lab, classes) for lab in labels] if labels is not None
+              else [int(i) for i in np.argsort(-scores, kind="stable")[:max(1, k)]])
+    if method == "rollout":
+        grids: list[tuple[np.ndarray, int | None]] = [(rollout[0], None)]
+    elif method == "attention":
+        grids = [(attention.mean(0), None), *([(a, i) for i, a in enumerate(attention)] if heads else [])]
+    else:
+        raise ModelError(f"{method} is not an attention method; use one of {', '.join(ATTENTION_METHODS)}")
+    maps = [(to_image(normalise(g), spec, img.size), head) for g, head in grids]  # once: the same for every label
+    return [Explanation(m, classes[i], float(scores[i]), method, img, head) for i in wanted for m, head in maps]

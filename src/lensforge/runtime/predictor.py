@@ -318,18 +318,20 @@ class Predictor:
 
     def explain(self, source: ImageSource, label: str | int | None = None) -> Explanation:
         """Why the model scores ``label`` (default: its top label) for this image: the exact
-        class activation map from the bundle's ``explain.onnx``, float32 (H, W) in [0, 1] at the
+        class activation map (CNNs) or the CLS attention averaged over heads (ViTs) from the
+        bundle's ``explain.onnx``, float32 (H, W) in [0, 1] at the
         image's resolution. A bundle without the graph raises BundleError saying how to add it."""
         return self.explain_labels(source, None if label is None else [label])[0]
 
     def explain_labels(self, source: ImageSource, labels: Sequence[str | int] | None = None, k: int = 1,
-                       method: str = "auto") -> list[Explanation]:
+                       method: str = "auto", heads: bool = False) -> list[Explanation]:
         """Explanations of ``labels`` (names or indices; default the top ``k``) from one run of
-        the explain graph. ``method``: "auto" or "cam" (the others need torch)."""
+        the explain graph. ``method``: "auto", "cam" (CNNs), "attention" or "rollout" (ViTs; the
+        others need torch). ``heads``: with attention, each label's map is followed by one per head."""
         check_method(method)
         if self._explainer is None:
             self._explainer = CamExplainer(self.bundle, lambda path: self._session(path, self._opts, self.providers))
-        return self._explainer.explain(self.load(source), labels, k)
+        return self._explainer.explain(self.load(source), labels, k, method=method, heads=heads)
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.bundle.path)!r}, task={self.bundle.task}, classes={len(self.classes)}, "
