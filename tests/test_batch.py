@@ -19,7 +19,7 @@ from serving import conv_bundle
 
 import lensforge
 from lensforge.batch import list_sources, plan_actors, predict_many, predict_rows
-from lensforge.errors import ConfigError, DataError
+from lensforge.errors import ConfigError, DataError, ImageError
 from lensforge.runtime import Predictor
 
 
@@ -157,3 +157,40 @@ def test_cli_local_engine_writes_parquet(tmp_path: Path, bundle: Path, images: l
     proc = _cli("predict", str(bundle), "imgs", "--engine", "local", "--output", "r.parquet", "--threads", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert pq.read_table(tmp_path / "r.parquet").num_rows == 7 and "7 image(s)" in proc.stdout
+
+
+def test_the_readme_batch_commands_parse() -> None:
+    """The README's `predict --engine` lines use only options the CLI has (keeps the README true)."""
+    import shlex
+
+    from lensforge.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line.split("  #")[0] for line in readme.splitlines() if line.startswith("lensforge predict") and "--engine" in line]
+    assert len(lines) >= 3
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert args.engine in ("local", "ray") and args.output.endswith((".parquet", ".jsonl")), line
+
+
+def test_detector_rows_hold_the_boxes_above_the_threshold(tmp_path: Path, images: list[Path]) -> None:
+    from lensforge.batch import RowWriter
+    from lensforge.runtime import DetectionResult
+
+    found = DetectionResult(np.float32([[1, 2, 10, 12], [0, 0, 5, 5]]), np.float32([0.9, 0.2]), np.int64([1, 0]),
+                            ("cat", "dog"), threshold=0.5, image_size=(30, 20))
+
+    class Detector:  # the two things predict_rows asks of a Predictor
+        detector = True
+
+        def predict_many(self, sources: list[str], batch_size: int) -> object:  # as Predictor's: errors in place
+            return ((s, found if Path(s).is_file() else ImageError("unreadable", f"cannot read {s}")) for s in sources)
+
+    rows = predict_rows(Detector(), [str(images[0]), str(tmp_path / "gone.jpg")])  # type: ignore[arg-type]
+    assert rows[0] == {"path": str(images[0]), "labels": ["dog"], "scores": [pytest.approx(0.9)],
+                       "boxes": [[1.0, 2.0, 10.0, 12.0]], "error": None}
+    writer = RowWriter(tmp_path / "d.parquet", detector=True, classes=("cat", "dog"))
+    writer.write_rows(rows)
+    writer.close(complete=True)
+    back = pq.read_table(tmp_path / "d.parquet").to_pylist()
+    assert back[0]["boxes"] == [[1.0, 2.0, 10.0, 12.0]] and back[1]["boxes"] == [] and back[1]["error"]
