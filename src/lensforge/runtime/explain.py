@@ -146,12 +146,22 @@ _TURBO = np.array([
 ])
 
 
+def _turbo(x: np.ndarray) -> np.ndarray:
+    """float (...) in [0, 1] → float (..., 3) in [0, 1]: the polynomial itself."""
+    x = np.clip(np.asarray(x, np.float64), 0, 1)[..., None]
+    powers = np.concatenate([x ** k for k in range(6)], axis=-1)
+    return np.clip(powers @ _TURBO.T, 0, 1)
+
+
+# the polynomial at 256 levels: an overlay is 8-bit anyway, and a look-up is ~50x cheaper than
+# evaluating six powers per pixel (80 ms of a 640x427 overlay's 85 ms, measured in-process)
+_TURBO_LUT = (_turbo(np.linspace(0, 1, 256)) * 255 + 0.5).astype(np.uint8)
+
+
 def colorize(m: np.ndarray) -> np.ndarray:
-    """float (H, W) in [0, 1] → uint8 (H, W, 3) in the turbo colour map."""
-    x = np.clip(np.asarray(m, np.float32), 0, 1)[..., None]
-    powers = np.concatenate([x ** k for k in range(6)], axis=-1)  # (H, W, 6)
-    rgb = np.clip(powers @ _TURBO.T.astype(np.float32), 0, 1)
-    return (rgb * 255 + 0.5).astype(np.uint8)
+    """float (H, W) in [0, 1] → uint8 (H, W, 3) in the turbo colour map (256 levels)."""
+    idx = (np.clip(np.asarray(m, np.float32), 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+    return np.take(_TURBO_LUT, idx, axis=0)  # take: ~3x faster than fancy indexing here
 
 
 def draw_overlay(e: Explanation, alpha: float = ALPHA, colorbar: bool = True) -> Image.Image:

@@ -246,8 +246,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "Explain the prediction as a heat map over the image", "web",
         {"200": _EXPLAIN_OK, **_errors(_seed_error, (*_IMAGE_ERRORS, 406)), **_EXPLAIN_REFUSED},
         description="Multipart `file` or `data`, or the raw image as the body. The exact class activation map "
-                    "from the bundle's `explain.onnx` (classifiers whose head is pooling + linear). PNG by default, "
-                    "JPEG with `Accept: image/jpeg` or `?format=jpeg`, JSON with `?format=json`. Errors in the seed "
+                    "from the bundle's `explain.onnx` (classifiers whose head is pooling + linear). JPEG by default, "
+                    "PNG with `?format=png` or `Accept: image/png`, JSON with `?format=json`. Errors in the seed "
                     "shape; a detector (422) or a bundle without the explain graph (409) still serves `/predict`.",
         parameters=[_MODEL_QUERY, *_EXPLAIN_QUERY], body=_image_body(("file", "data"))),
     ("post", "/explain/{}"): _op(
