@@ -105,7 +105,9 @@ class Cluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.groups: dict[str, int] = {}
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+        # auth mode stated, not inherited: a token left in ~/.ray by an earlier local `ray.init` would
+        # otherwise turn token auth on for the head but not for the second node
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 
     def _start(self, name: str, *args: str) -> None:
         log = self.dir / f"{name}.log"

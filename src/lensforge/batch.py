@@ -48,6 +48,7 @@ PATH_COLUMNS = ("path", "uri", "url", "image", "image_path", "filepath", "file",
 TABLE_SUFFIXES = (".parquet", ".csv")
 SCALE_EXTRA = 'pip install "lensforge[scale]"'
 LOCAL_CHUNK = 256  # paths the local engine reads per step: bounded memory on a million-image list
+MAX_BLOCKS = 20_000  # Ray Data tasks per job at most (millions of images: blocks grow past 8 batches)
 CONNECT_TIMEOUT_S = 5.0  # a Ray address that does not accept a TCP connection by then is refused
 
 
@@ -456,7 +457,10 @@ def _run_ray(bundle: Any, paths: list[str], out: Path | None, address: str | Non
     t0 = time.perf_counter()
     kept: list[dict[str, Any]] = []
     done = failed = 0
-    ds = ray.data.from_items([{"path": p} for p in paths]).map_batches(
+    # blocks of ~8 batches: a task is long enough to hide Ray's per-task cost, short enough that a lost
+    # node costs little redone work and rows reach the output steadily
+    blocks = min(max(len(paths) // (batch_size * 8), actors * 4), MAX_BLOCKS)
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks).map_batches(
         PredictActor, batch_size=batch_size, batch_format="numpy", num_cpus=threads,
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"files": bundle_files(bundle), "threads": threads, "batch_size": batch_size, "options": options},
