@@ -278,7 +278,7 @@ def predict_batch(args: argparse.Namespace) -> int:
             bar[0](done - shown[0])
             shown[0] = done
 
-        run = predict_many(args.bundle, args.inputs, engine=args.engine, output=args.output, address=args.address,
+        run = predict_many(local_bundle(args.bundle), args.inputs, engine=args.engine, output=args.output, address=args.address,
                            actors=args.actors, threads=args.threads, batch_size=args.batch_size, providers=providers,
                            optimization=args.optimization, progress=progress)
     render.print_batch_run(run, console)
