@@ -57,13 +57,24 @@ class ClassifierModule(L.LightningModule):
         )
         self._val_scores: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        # the compiled training forward (cfg.compile), or None: eager. A plain attribute, not a
+        # submodule: the compiled wrapper shares the parameters, and registering it would add
+        # "_orig_mod." copies of every weight to each checkpoint
+        object.__setattr__(self, "train_forward", None)
+
+    def compile_training(self) -> None:
+        """Run the training steps through ``torch.compile`` (inductor). Validation, the best
+        checkpoint and export keep the eager model: validation runs fp32 outside autocast, which
+        would be a second graph to compile for a few batches."""
+        object.__setattr__(self, "train_forward", torch.compile(self.model, dynamic=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss_fn(self.model(x.contiguous(memory_format=torch.channels_last)), y)
+        model = self.train_forward if self.train_forward is not None else self.model
+        loss = self.loss_fn(model(x.contiguous(memory_format=torch.channels_last)), y)
         # sync_dist: under DDP the epoch's figure is the mean over every process (no-op alone)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
         return loss
@@ -402,6 +413,8 @@ def fit(
         # checked after validation: a max_steps stop mid-epoch ends the epoch without one
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
     precision = precision or choose_precision(cfg.precision)
+    if cfg.compile and hasattr(module, "compile_training"):
+        module.compile_training()
     tracker = active_tracker()
     trainer = L.Trainer(
         **trainer_settings(cfg),  # one process, or DDP (README "Scaling out")
@@ -431,4 +444,6 @@ def fit(
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format)
+    if getattr(module, "train_forward", None) is not None:
+        object.__setattr__(module, "train_forward", None)  # frees the compiled graphs; export runs eager
     return module, FitResult(best, epochs.history, precision, trainer.current_epoch)
