@@ -237,8 +237,9 @@ def _from_seed_keys(d: dict[str, Any], source: str) -> dict[str, Any]:
     """``d`` with seed-style keys renamed to ours. The run directory is ``checkpoint_dir/run_name``
     (either alone: ``checkpoint_dir``, or ``runs/run_name``), so checkpoints land where the old
     script put them and the trackers name the run ``run_name`` (they name it after the run
-    directory); ``project`` is kept in ``extra`` (the trackers' project comes from
-    ``MLFLOW_EXPERIMENT_NAME`` / ``WANDB_PROJECT``). Two keys for one setting is an error."""
+    directory); ``project`` is kept in ``extra``, where the trackers take it as the MLflow experiment /
+    W&B project (``MLFLOW_EXPERIMENT_NAME`` / ``WANDB_PROJECT`` win when set: ``tracking.project_name``).
+    Two keys for one setting is an error."""
     out: dict[str, Any] = {}
     named_by: dict[str, str] = {}
     for key, value in d.items():

@@ -10,7 +10,13 @@ Where each one writes:
 - ``tensorboard``: event files in ``RUN/logs/tensorboard/`` (``tensorboard --logdir RUN/logs``).
 - ``mlflow``: ``MLFLOW_TRACKING_URI`` when set, else a sqlite store beside the run
   (``RUN/mlruns.db``, artifacts in ``RUN/mlartifacts``); the run id is kept in ``RUN/tracking.json``.
-- ``wandb``: ``RUN/wandb``; ``WANDB_MODE=offline`` works without an account.
+- ``wandb``: ``WANDB_DIR/wandb`` when ``WANDB_DIR`` is set, else ``RUN/wandb``; ``WANDB_MODE=offline``
+  works without an account (the run is then its ``offline-run-*/run-<id>.wandb`` log; ``wandb sync``
+  uploads it later). Training returns only once W&B's service has written the whole run.
+
+The MLflow experiment / W&B project: ``MLFLOW_EXPERIMENT_NAME`` / ``WANDB_PROJECT`` when set (a
+session's setting, as a sweep agent or CI job sets it, wins over the file), else the config's
+``project`` (a seed-style ``config.yaml`` key, kept in ``TrainConfig.extra``), else ``lensforge``.
 
 A tracker that is not installed, or an MLflow server that does not answer, is a ConfigError
 before training starts; one that fails during the run warns once and is dropped, and training
@@ -24,7 +30,9 @@ import importlib.util
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lensforge.errors import ConfigError
 from lensforge.runtime.remote import check_reachable
@@ -35,7 +43,7 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 # the module each tracker imports, and the pip package that provides it
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 TRACKING_FILE = "tracking.json"  # RUN/tracking.json: where each tracker put this run (MLflow's run id)
-EXPERIMENT = "lensforge"  # MLflow experiment / W&B project unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT say otherwise
+EXPERIMENT = "lensforge"  # MLflow experiment / W&B project unless the env or the config names one (project_name)
 
 
 def parse_track(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -54,6 +62,15 @@ def parse_track(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+def project_name(env_var: str, params: Mapping[str, Any]) -> str:
+    """The MLflow experiment or W&B project of a run: ``env_var`` (``MLFLOW_EXPERIMENT_NAME`` /
+    ``WANDB_PROJECT``) when set, else ``params["extra"]["project"]`` (the resolved config's
+    seed-style ``project``), else :data:`EXPERIMENT`."""
+    extra = params.get("extra")
+    project = extra.get("project") if isinstance(extra, Mapping) else None
+    return os.environ.get(env_var) or (str(project) if project else EXPERIMENT)
 
 
 def mlflow_uri(run_dir: Path) -> str:

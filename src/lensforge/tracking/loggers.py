@@ -21,7 +21,7 @@ from lensforge.hardware import describe
 from lensforge.runtime.bundle import META_FILE, SPLIT_FILE
 from lensforge.runtime.cache import cache_root
 from lensforge.runtime.remote import quick_http_defaults
-from lensforge.tracking import EXPERIMENT, TRACKING_FILE, mlflow_uri
+from lensforge.tracking import TRACKING_FILE, mlflow_uri, project_name
 from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Tracker:
     def start(self) -> None:
         for name in self.names:
             guarded = Guarded(name, self.reporter)
-            inner = guarded.call("start", lambda name=name: _make_logger(name, self.run_dir))  # type: ignore[misc]
+            inner = guarded.call("start", lambda name=name: make_logger(name, self.run_dir, self.params))  # type: ignore[misc]
             if inner is None:
                 continue
             guarded.inner = inner
@@ -66,7 +66,10 @@ class Tracker:
         for g in self.loggers:
             if not g.ok:
                 continue
-            g.log_metrics(final, step=None)
+            if g.name == "wandb":  # the summary holds W&B's final numbers: its history keeps one row per log call of the fit
+                g.call("summary", lambda g=g: g.inner.experiment.summary.update(final))
+            else:
+                g.log_metrics(final, step=None)
             g.call("facts", lambda g=g: _log_facts(g, facts))
             if g.name == "mlflow":
                 g.call("artifacts", lambda g=g: _mlflow_artifacts(g.inner, run_dir, bundle_dir))
@@ -76,15 +79,13 @@ class Tracker:
                         self.registered = {"name": str(self.params["register"]), "version": str(version)}
                         self.reporter.step(f"Registered the bundle as models:/{self.registered['name']}/{version}")
                         self._record()
-            elif g.name == "wandb":
-                g.call("summary", lambda g=g: g.inner.experiment.summary.update(final))
 
     def close(self, status: str) -> None:
         for g in self.loggers:
             if g.ok:
                 g.finalize(status)
                 if g.name == "wandb":
-                    g.call("finish", lambda g=g: g.inner.experiment.finish(exit_code=0 if status == "success" else 1))
+                    g.call("finish", lambda g=g: _finish_wandb(g.inner.experiment, 0 if status == "success" else 1))
 
     def mlflow_run(self) -> dict[str, str]:
         """``{"tracking_uri", "experiment_id", "run_id"}`` of the MLflow run ({} without one): what the
@@ -110,7 +111,7 @@ class Tracker:
             (self.run_dir / TRACKING_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _make_logger(name: str, run_dir: Path) -> Any:
+def make_logger(name: str, run_dir: Path, params: Mapping[str, Any]) -> Any:
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -125,7 +126,7 @@ def _make_logger(name: str, run_dir: Path) -> Any:
         if local and not (run_dir / "mlruns.db").exists():
             _copy_empty_store(run_dir / "mlruns.db")
         logger = MLFlowLogger(
-            experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), run_name=run_dir.resolve().name,
+            experiment_name=project_name("MLFLOW_EXPERIMENT_NAME", params), run_name=run_dir.resolve().name,
             tracking_uri=mlflow_uri(run_dir),
             artifact_location=(run_dir / "mlartifacts").resolve().as_uri() if local else None,
             tags={"lensforge.run_dir": str(run_dir.resolve())},
@@ -136,12 +137,41 @@ def _make_logger(name: str, run_dir: Path) -> Any:
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        (run_dir / "wandb").mkdir(exist_ok=True)
-        wb = WandbLogger(project=os.environ.get("WANDB_PROJECT", EXPERIMENT), name=run_dir.resolve().name,
-                         save_dir=str(run_dir))
+        # WANDB_DIR when the user set it (wandb's own setting; our explicit dir would override it), else the run
+        save_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
+        (save_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        wb = WandbLogger(project=project_name("WANDB_PROJECT", params), name=run_dir.resolve().name,
+                         save_dir=str(save_dir))
         wb.experiment  # noqa: B018
         return wb
     raise ConfigError(f"unknown tracker {name!r}")
+
+
+def _finish_wandb(run: Any, exit_code: int) -> None:
+    """Finish the W&B run, and return once wandb's service has written all of it.
+
+    ``run.finish()`` returns when the service (wandb-core, a separate process) has *handled* the
+    exit record, not when it is on disk: the service keeps the run's transaction log (the
+    ``.wandb`` file, all an offline run has) in a 32 KiB block buffer that it writes out when it
+    closes the run's stream, asynchronously after ``finish``. Read right after training, an
+    offline run lacked its final config, summary and exit records. ``wandb.teardown()`` waits
+    for the service to shut down, closing every stream; wandb starts a new one for the next run.
+    It would also finish any other run this process has open, so with one open it is skipped
+    (that run's session then completes the log when it ends)."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    run.finish(exit_code=exit_code)
+    setup = getattr(wandb_setup, "_singleton", None)  # None: the service is gone already
+    if setup is None:
+        return
+    if getattr(setup, "most_recent_active_run", None) is not None:
+        log.info("another W&B run is open in this process: W&B writes the end of run %s when it closes", run.id)
+        return
+    try:
+        wandb.teardown()
+    except SystemExit as e:  # wandb exits the process when its service failed; here that is a tracker failure
+        raise RuntimeError(f"wandb's service ended with exit code {e.code}") from None
 
 
 def _copy_empty_store(path: Path) -> None:

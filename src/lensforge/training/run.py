@@ -124,6 +124,7 @@ def train(cfg: TrainConfig | None = None, reporter: Reporter | None = None, **ov
     check_trackers(trackers)  # a tracker not installed or a server not answering: before anything is written
     prewarm(trackers)  # their imports (~3 s for MLflow) overlap reading the data and building the model
     torch.set_num_threads(threads_per_process(cfg) if world_size(cfg) > 1 else cfg.threads or cpu_count())
+    cfg.threads = cfg.threads or torch.get_num_threads()  # resolved before the trackers log the config (as config.yaml has it)
 
     ds = read_dataset(cfg.data, fmt=cfg.format, task=cfg.task,
                       outside_root="allow" if cfg.allow_outside_root else "refuse")
