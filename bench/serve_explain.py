@@ -2,7 +2,10 @@
 
 One run, one machine, loopback, one client (keep-alive), requests alternated so both see the same
 machine load: median and p90 of each over ``--requests`` requests after a warm-up, and the ratio of
-the medians. /explain is timed as PNG overlay (what the web page asks for) and as JSON.
+the medians. /explain is timed as JPEG overlay (the default), PNG overlay (``?format=png``, what the web
+page asks for) and JSON. Then a 12-MP photo (4000x3000 JPEG, the sample photo resized up) end to end,
+/predict and /explain JPEG: the server decodes it at a reduced DCT scale (Pillow's draft) and draws the
+overlay at that size, the 7x7 map upsampled for display only.
 
     python bench/serve_explain.py [BUNDLE] [--image PATH] [--requests 50] [--smoke]
 
@@ -38,6 +41,17 @@ def sample_jpeg() -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(load_sample_images().images[0]).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def twelve_mp_jpeg() -> bytes:
+    """scikit-learn's china.jpg resized up to 4000x3000 (12 MP), JPEG quality 90."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_images().images[0]).resize((4000, 3000), Image.Resampling.BICUBIC).save(
+        buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -87,30 +101,48 @@ def generated_bundle(dest: Path, size: int) -> Path:
     return dest
 
 
+def timed(session: requests.Session, url: str, routes: dict[str, str], data: bytes, rounds: int,
+          warmup: int) -> dict[str, list[float]]:
+    """Seconds per request of each route, routes alternated round by round, after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in routes}
+    for i in range(rounds + warmup):  # the warm-up rounds also open the explain session (lazily)
+        for name, path in routes.items():
+            t = time.perf_counter()
+            r = session.post(url + path, data=data, timeout=120)
+            elapsed = time.perf_counter() - t
+            if r.status_code != 200:
+                raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]]) -> None:
+    base = statistics.median(times["predict"])
+    print(f"{title:<20}{'p50 ms':>9}{'p90 ms':>9}{'x predict':>11}")
+    for name, ts in times.items():
+        p50 = statistics.median(ts)
+        p90 = statistics.quantiles(ts, n=10)[-1] if len(ts) > 1 else ts[0]
+        print(f"{name:<20}{p50 * 1e3:>9.1f}{p90 * 1e3:>9.1f}{p50 / base:>11.2f}")
+
+
 def run(args: argparse.Namespace) -> None:
     data = args.image.read_bytes() if args.image else sample_jpeg()
+    big = twelve_mp_jpeg()
     url, server, thread = serve(args.bundle)
-    routes = {"predict": "/predict/m", "explain png": "/explain/m", "explain json": "/explain/m?format=json"}
-    times: dict[str, list[float]] = {name: [] for name in routes}
+    routes = {"predict": "/predict/m", "explain jpeg": "/explain/m", "explain png": "/explain/m?format=png",
+              "explain json": "/explain/m?format=json"}
     with requests.Session() as session:
-        for i in range(args.requests + 5):  # the first 5 rounds warm up (the explain session opens lazily)
-            for name, path in routes.items():
-                t = time.perf_counter()
-                r = session.post(url + path, data=data, timeout=60)
-                elapsed = time.perf_counter() - t
-                if r.status_code != 200:
-                    raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
-                if i >= 5:
-                    times[name].append(elapsed)
+        small_times = timed(session, url, routes, data, args.requests, 5)
+        big_times = timed(session, url, {"predict": "/predict/m", "explain jpeg": "/explain/m"}, big,
+                          max(3, args.requests // 5), 1)
     server.should_exit = True
     thread.join(timeout=15)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-    print(f"# bundle {args.bundle}, image {len(data)} bytes, {args.requests} requests per route, alternated")
-    base = statistics.median(times["predict"])
-    print(f"{'route':<14}{'p50 ms':>9}{'p90 ms':>9}{'x predict':>11}")
-    for name, ts in times.items():
-        p50, p90 = statistics.median(ts), statistics.quantiles(ts, n=10)[-1]
-        print(f"{name:<14}{p50 * 1e3:>9.1f}{p90 * 1e3:>9.1f}{p50 / base:>11.2f}")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"# bundle {args.bundle}, {args.requests} requests per route, alternated")
+    report(f"image {len(data) // 1000} kB", small_times)
+    report(f"12 MP {len(big) // 1000} kB", big_times)
 
 
 if __name__ == "__main__":
