@@ -7,13 +7,18 @@ batch 1 and 8 with :func:`~lensforge.export.quantize.throughput` (the models tak
 machine noise hits all alike). Accuracy needs trained weights and real held-out images: the
 export measures and records it itself, and `lensforge export BUNDLE --to all` tabulates it.
 
-    python bench/int8.py [--backbones efficientnet_lite0 resnet50] [--size 224] [--rounds 10] [--smoke]
+Calibration: ``--method`` (default minmax: ``auto`` needs held-out images to choose on, and
+speed does not depend on the calibration). The load average before and after is printed: on
+a shared machine only the ratios, measured side by side, mean something.
+
+    python bench/int8.py [--backbones efficientnet_lite0 resnet50] [--size 224] [--rounds 10] [--method minmax] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -44,12 +49,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile", "dynamic"))
     ap.add_argument("--smoke", action="store_true", help="smallest sizes, a few seconds: checks the script still runs and prints its table")
     args = ap.parse_args()
     if args.smoke:
         args.backbones, args.size, args.rounds, args.calib = ["efficientnet_lite0"], 64, 1, 4
 
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp_str:
         tmp = Path(tmp_str)
         rng = np.random.default_rng(0)
@@ -62,16 +69,19 @@ def main() -> None:
             fp32 = tmp / f"{name}-fp32"
             make_bundle(name, args.size, fp32)
             fp16 = export_fp16(fp32, tmp / f"{name}-fp16")
-            int8 = export_int8(fp32, tmp / f"{name}-int8", calib_dir=calib, calib=args.calib, force=True)
+            int8 = export_int8(fp32, tmp / f"{name}-int8", calib_dir=calib, calib=args.calib, force=True,
+                               method=args.method)
             preds = {"fp32": Predictor(fp32), "fp16": Predictor(fp16), "int8": Predictor(int8)}
             x = np.stack([preds["fp32"].prepare(p) for p in sorted(calib.glob("*.jpg"))])
             for batch in (1, 8):
                 rows.append((name, batch, throughput(preds, x[:batch], rounds=args.rounds)))
             settings = json.loads((int8 / "lensforge.json").read_text())["export"]
 
-    print(f"# int8 (QDQ, U8S8 per-channel, reduce_range={settings['reduce_range']}) and fp16 vs ORT fp32 "
-          f"at {args.size}px, model only")
-    print(f"# {describe()} | onnxruntime threads {cpu_count()}")
+    calibration = settings.get("calibrate_method", settings["method"])
+    print(f"# int8 ({settings['method']} {calibration}, U8S8 per-channel, reduce_range={settings['reduce_range']}) "
+          f"and fp16 vs ORT fp32 at {args.size}px, model only")
+    print(f"# {describe()} | onnxruntime threads {cpu_count()} | load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
     print(f"{'model':20} {'batch':>5} {'fp32 img/s':>11} {'fp16 img/s':>11} {'int8 img/s':>11} "
           f"{'fp16/fp32':>10} {'int8/fp32':>10}")
     for name, batch, s in rows:

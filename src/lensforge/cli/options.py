@@ -241,9 +241,12 @@ def add_export(sub: Any) -> None:
     x.add_argument("--calib", type=positive_int, default=DEFAULT_CALIB,
                    help=f"int8: calibration images from the training split (default {DEFAULT_CALIB}, or all there are)")
     x.add_argument("--calib-dir", help="int8: calibrate on the images in this folder instead")
-    x.add_argument("--max-drop", type=finite_float, default=1.0, help="int8: refuse if accuracy drops more points than this (default 1.0)")
-    x.add_argument("--force", action="store_true", help="int8: keep the model even past --max-drop")
-    x.add_argument("--method", choices=("static", "dynamic"), default="static", help="int8 quantisation (default static QDQ)")
+    x.add_argument("--max-drop", type=finite_float, default=1.0,
+                   help="int8 / fp16: refuse if accuracy (mAP50 for detectors) drops more points than this (default 1.0)")
+    x.add_argument("--force", action="store_true", help="int8 / fp16: keep the model even past --max-drop")
+    x.add_argument("--method", choices=("auto", "minmax", "entropy", "percentile", "dynamic", "static"), default="auto",
+                   help="int8: activation calibration of the static QDQ model, or dynamic (weights only); auto "
+                        "(default) tries each and keeps the best on the val split (static = minmax)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     k = x.add_argument_group("kserve (Kubernetes Deployment + Service + PDB, KServe InferenceService, HPA)")
     k.add_argument("--image", default="lensforge-serve:latest",

@@ -110,7 +110,7 @@ def export_all(
     *,
     calib: int = DEFAULT_CALIB,
     calib_dir: str | os.PathLike[str] | None = None,
-    method: str = "static",
+    method: str = "auto",
     max_drop: float = 1.0,
     force: bool = False,
     name: str | None = None,
@@ -129,8 +129,8 @@ def export_all(
     ui = reporter or Reporter()
     src = as_bundle(bundle)
     if src.task == "detect":
-        raise ExportError(f"{src.path} is a detector: --to all compares fp16/int8 classifiers; "
-                          "export a detector with --to triton or --to torchserve")
+        raise ExportError(f"{src.path} is a detector: --to all compares classifiers' scores; export a detector "
+                          "with --to onnx-int8, --to onnx-fp16 (each checked on held-out mAP50), --to triton or --to torchserve")
     out_root = Path(out_root)
     existing = [str(out_root / t) for t in TARGETS if (out_root / t).exists()]
     if existing and not overwrite:
@@ -199,8 +199,11 @@ def _decided(bundle: Path, precision: str) -> dict[str, Any]:
     drop = record.get("drop_points")
     if drop is None and isinstance(fp32, (int, float)) and isinstance(own, (int, float)):
         drop = round(fp32 - own, 2)
-    return {"checked_on": record.get("checked_on"), "metric": record.get("metric"), "fp32": fp32, precision: own,
-            "drop_points": drop, "kept": True}
+    decided = {"checked_on": record.get("checked_on"), "metric": record.get("metric"), "fp32": fp32, precision: own,
+               "drop_points": drop, "kept": True}
+    # how int8 was made: the calibration --method auto chose, and on which figures
+    decided.update({k: record[k] for k in ("calibrate_method", "float_head", "chosen_by") if k in record})
+    return decided
 
 
 def _parity_images(src: Bundle, ref: Predictor) -> tuple[list[Record], np.ndarray, str | None, str]:

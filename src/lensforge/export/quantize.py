@@ -2,9 +2,14 @@
 
     export_fp16   fp16 weights and compute, fp32 inputs/outputs (so the Predictor and every
                   client stay unchanged); max |Δscore| and accuracy of both recorded.
-    export_int8   static QDQ quantisation calibrated on the bundle's train images; accuracy
-                  (or mAP) of fp32 and int8 and their speed recorded, and the export refused
-                  when the drop exceeds ``max_drop`` points.
+    export_int8   static QDQ quantisation calibrated on the bundle's train images (MinMax,
+                  entropy or percentile ranges; ``auto`` tries each, with the classifier head
+                  in int8 and in float, and keeps the best on the val split); accuracy (mAP,
+                  mAP50 for detectors) of fp32 and int8 and their speed recorded, and the
+                  export refused when the drop exceeds ``max_drop`` points.
+
+Detectors: int8 quantises the backbone + FPN convolutions; proposals, RoIAlign, the box head
+and NMS stay float32. fp16 is refused for detectors (its converter breaks their If subgraphs).
 
 Both are judged on the same images (:func:`check_records`): the saved test split (else val),
 up to :data:`CHECK_IMAGES`, and the record says which (``"checked_on": {"split": "test",
@@ -27,6 +32,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +41,12 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from lensforge.data.records import Record
 from lensforge.errors import DataError, ExportError, ImageError
-from lensforge.evaluation import headline_metric, metric_points, score_records
+from lensforge.evaluation import headline_metric
 from lensforge.export import DEFAULT_CALIB
 from lensforge.hardware import describe, has_int8_dot
 from lensforge.heldout import held_out, saved_splits
 from lensforge.runtime.bundle import (
+    EXPLAIN_FILE,
     META_FILE,
     MODEL_FILE,
     SPLIT_FILE,
@@ -51,6 +58,8 @@ from lensforge.runtime.bundle import (
     write_meta,
 )
 from lensforge.runtime.predictor import Predictor
+from lensforge.tasks import get_task
+from lensforge.tasks.base import Scored
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +69,48 @@ log = logging.getLogger(__name__)
 # about 2 × 500 model calls: seconds for the classifiers this exports on a CPU.
 CHECK_IMAGES = 500
 SPEED_BATCH = 8
-METHODS = ("static", "dynamic")
+CALIBRATIONS = ("minmax", "entropy", "percentile")  # how static int8 sets activation ranges
+METHODS = ("auto", *CALIBRATIONS, "dynamic")  # --method; "static" is still read as "minmax"
+_BACKBONE = "/backbone/"  # torchvision detectors' backbone + FPN nodes, as torch.onnx names them
+
+
+def _ort_method(name: str) -> Any:
+    """ORT's CalibrationMethod for one of :data:`CALIBRATIONS` (imported late: CLI import cost)."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
 
 
 # -- public API --------------------------------------------------------------------------------
 
 
-def _refuse_detectors(src: Bundle) -> None:
-    if src.task == "detect":
-        raise ExportError(
-            f"{src.path} is a detector: fp16 and int8 conversion is built for classifiers (accuracy-checked); "
-            "serve the verified fp32 model.onnx, or export it with --to triton / --to torchserve"
-        )
-
-
-def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[str], *, max_drop: float | None = None,
+                force: bool = False, overwrite: bool = False) -> Path:
     """Write an fp16 copy of ``bundle`` to ``out``; returns ``out``.
 
-    The graph's weights and arithmetic are float16; its input ``images`` and output ``scores``
-    stay float32 (N, 3, S, S) → (N, C), so the bundle loads in :class:`Predictor` unchanged.
+    The graph's weights and arithmetic are float16; its input ``images`` and outputs stay
+    float32, so the bundle loads in :class:`Predictor` unchanged. Detectors are refused (see
+    the comment in the body): their int8 export is the faster format that works.
     Verified right away on :func:`check_records` (the saved test, else val, split, up to
-    :data:`CHECK_IMAGES` images): the max absolute score difference, the accuracy (or mAP) of
-    each model on those images, which images (``checked_on``) and their speed (model only,
-    batch 8) go to ``lensforge.json["export"]``. On CPUs without native fp16 arithmetic
-    ORT casts around most kernels, so expect it to be slower than fp32 there: it is measured.
+    :data:`CHECK_IMAGES` images): the max absolute score difference (classifiers), the
+    accuracy (or mAP, mAP50 for detectors) of each model on those images, which images
+    (``checked_on``) and their speed go to ``lensforge.json["export"]``. With ``max_drop``
+    a drop above it raises :class:`AccuracyRefused` unless ``force``. On CPUs without native
+    fp16 arithmetic ORT casts around most kernels, so expect it to be slower than fp32 there:
+    it is measured.
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     src = as_bundle(bundle)
     out = Path(out)
-    _refuse_detectors(src)
+    if src.task == "detect":
+        # tried: converting the backbone + FPN only (every other node blocked) still breaks the
+        # graph: the converter retypes the If subgraphs' outer-scope inputs to fp16 while their
+        # nodes stay fp32, and ORT refuses to load it (type mismatch in If/Add)
+        raise ExportError(f"{src.path} is a detector: fp16 conversion breaks its box-decoding subgraphs; "
+                          "export it with --to onnx-int8 (backbone + FPN int8, checked on held-out mAP50)")
     _check_out(src, out, overwrite)
     records, split_name, split_size = check_records(src)
     # the check serve and predict make: a truncated or hostile model.onnx (external data
@@ -108,21 +128,13 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
         cand = Predictor(Bundle(tmp, new))
         record: dict[str, Any] = {"converter": "onnxruntime.transformers.float16 (keep_io_types=True)", "cpu": describe()}
         if records:
-            y, s32, s16 = _scores_pair(ref, cand, src, records)
-            name = headline_metric(src)
-            record.update({
-                "checked_on": checked_on(split_name, len(s32), split_size),
-                "max_abs_diff": float(np.abs(s32 - s16).max()) if len(s32) else None,
-                "metric": name,
-                "fp32": metric_points(src, y, s32),
-                "fp16": metric_points(src, y, s16),
-            })
-            batch = _speed_batch(ref, records)
+            record.update(_compare(src, ref, cand, records, "fp16"))
+            record["checked_on"] = checked_on(split_name, record.pop("images"), split_size)
+            _guard(record, "fp16", max_drop, force, hint="serve the fp32 model")
         else:
             log.warning("%s has no saved val/test images (or its data is gone): fp16 scores not checked", src.path)
             record["checked_on"] = None
-            batch = _random_batch(src)
-        record["images_per_s"] = {"batch": SPEED_BATCH, **throughput({"fp32": ref, "fp16": cand}, batch)}
+        record.update(_speed(src, ref, cand, records, "fp16"))
         new["export"] = record
         write_meta(tmp, new)
     log.info("fp16 bundle written to %s", out)
@@ -137,46 +149,55 @@ def export_int8(
     calib_dir: str | os.PathLike[str] | None = None,
     max_drop: float = 1.0,
     force: bool = False,
-    method: str = "static",
+    method: str = "auto",
     overwrite: bool = False,
 ) -> Path:
     """Write an int8 copy of ``bundle`` to ``out``; returns ``out``.
 
-    method "static": QDQ graph (QuantizeLinear/DequantizeLinear around each quantised op),
-        activations uint8 per tensor, weights int8 per output channel (ORT's recommended
-        U8S8 for x86 CPUs), MinMax ranges from up to ``calib`` images of the bundle's train
-        split (or of ``calib_dir``), preprocessed exactly as the Predictor does.
+    method "minmax" / "entropy" / "percentile" (:data:`CALIBRATIONS`): static QDQ graph
+        (QuantizeLinear/DequantizeLinear around each quantised op), activations uint8 per
+        tensor, weights int8 per output channel (ORT's recommended U8S8 for x86 CPUs), the
+        activation ranges calibrated that way on up to ``calib`` images of the bundle's train
+        split (or of ``calib_dir``), preprocessed exactly as the Predictor does. The first
+        convolution stays float; detectors quantise the backbone and FPN convolutions only.
+    method "auto" (default): every calibration, and for classifiers each with the head in
+        int8 and in float, scored on the val split (:func:`_pick`); the best is kept and the
+        candidates' figures recorded (``export["auto"]``). Chosen on val, judged on test: the
+        drop recorded is not flattered by the choice (when the bundle has only one held-out
+        split, both are the same images, and ``auto["chosen_on"]`` says so).
     method "dynamic": weights only (``quantize_dynamic``), activations quantised at run time
-        per batch; needs no calibration images.
+        per batch; needs no calibration images. "static" is the old name of "minmax".
 
     The fp32 and int8 models are then scored on :func:`check_records` (the saved test, else
-    val, split, up to :data:`CHECK_IMAGES` images); accuracy (mAP for multi-label) in points,
-    the drop, which images (``checked_on``) and the speed of both (model only, batch 8,
-    measured side by side) go to ``lensforge.json["export"]``. A drop above ``max_drop``
+    val, split, up to :data:`CHECK_IMAGES` images); accuracy (mAP for multi-label, mAP50 for
+    detectors) in points, the drop, which images (``checked_on``) and the speed of both
+    (measured side by side) go to ``lensforge.json["export"]``. A drop above ``max_drop``
     points raises :class:`AccuracyRefused` (an :class:`ExportError` carrying those figures)
     and writes nothing, unless ``force``; the decision and the record use the same images.
     """
+    method = "minmax" if method == "static" else method
     if method not in METHODS:
         raise ExportError(f"unknown int8 method {method!r}; use one of {', '.join(METHODS)}")
-    if method == "static" and calib < 1:
+    if method != "dynamic" and calib < 1:
         raise ExportError(f"calib must be at least 1 image, got {calib}")
     src = as_bundle(bundle)
     out = Path(out)
-    _refuse_detectors(src)
     _check_out(src, out, overwrite)
-    calib_images = _calibration_images(src, calib, calib_dir) if method == "static" else ([], "")
+    calib_images = _calibration_images(src, calib, calib_dir) if method != "dynamic" else ([], "")
     records, split_name, split_size = check_records(src)
     if not records and not force:
         raise ExportError(
             f"{src.path} has no saved test/val images to check int8 accuracy on (or its data is gone); "
             "pass --force to export unchecked"
         )
+    if method == "auto" and not records:  # nothing to choose on (--force): the cheapest calibration
+        log.warning("%s has no held-out images to choose a calibration on: int8 calibrated by minmax", src.path)
+        method = "minmax"
     ref = Predictor(src)
     # scratch beside the output, not in the system temp dir: a kill -9 leaves it where the next
     # export there sweeps it (see staging_directory)
     with staging_directory(out.parent, f"{out.name}.work") as work, _tempfiles_in(work):
-        model_file = work / MODEL_FILE
-        settings = _quantize(src, ref, calib_images, method, model_file)
+        model_file, settings = _quantize(src, ref, calib_images, method, work, (records, split_name, split_size))
         with atomic_directory(out, overwrite=overwrite) as tmp:
             shutil.copyfile(model_file, tmp / MODEL_FILE)
             _copy_files(src, tmp)
@@ -184,34 +205,18 @@ def export_int8(
             cand = Predictor(Bundle(tmp, new))
             record: dict[str, Any] = {**settings, "cpu": describe(), "int8_dot": has_int8_dot()}
             if records:
-                y, s32, s8 = _scores_pair(ref, cand, src, records)
-                fp32, int8 = metric_points(src, y, s32), metric_points(src, y, s8)
-                drop = None if fp32 is None or int8 is None else round(fp32 - int8, 2)
-                name = headline_metric(src)
-                record.update({
-                    "checked_on": checked_on(split_name, len(s32), split_size),
-                    "metric": name, "fp32": fp32, "int8": int8, "drop_points": drop,
-                    "max_abs_diff": float(np.abs(s32 - s8).max()) if len(s32) else None,
-                })
-                if drop is not None and drop > max_drop and not force:
-                    hint = "--calib more images" if method == "static" else "method static with calibration images"
-                    raise AccuracyRefused(
-                        f"int8 {name} {int8:.1f} vs fp32 {fp32:.1f}: drop {drop:.1f} points > --max-drop {max_drop:g} "
-                        f"({describe_checked(record['checked_on'])}); pass --force to keep it, or {hint}",
-                        {k: record[k] for k in ("checked_on", "metric", "fp32", "int8", "drop_points")},
-                    )
-                batch = _speed_batch(ref, records)
+                record.update(_compare(src, ref, cand, records, "int8"))
+                record["checked_on"] = checked_on(split_name, record.pop("images"), split_size)
+                hint = "--calib more images" if method != "dynamic" else "a calibrated --method"
+                _guard(record, "int8", max_drop, force, hint=hint)
             else:
                 record["checked_on"] = None
-                batch = _random_batch(src)
-            speed = throughput({"fp32": ref, "int8": cand}, batch)
-            record["images_per_s"] = {"batch": SPEED_BATCH, **speed}
-            record["speedup"] = round(speed["int8"] / speed["fp32"], 3)
+            record.update(_speed(src, ref, cand, records, "int8"))
             if not has_int8_dot():
                 record["note"] = "no VNNI/AMX int8 dot product on this CPU: int8 runs on AVX2 u8*s8, speed measured here"
             new["export"] = record
             write_meta(tmp, new)
-    log.info("int8 bundle written to %s", out)
+    log.info("int8 bundle written to %s (%s)", out, settings.get("chosen_by", settings["method"]))
     return out
 
 
@@ -229,10 +234,7 @@ def check_records(src: Bundle) -> tuple[list[Record], str | None, int]:
     split). The saved test split, else val; beyond :data:`CHECK_IMAGES`, that many spread
     evenly over it (the split is sorted by path, so evenly spread keeps every class)."""
     records, split = held_out(src, ("test", "val"))
-    if len(records) <= CHECK_IMAGES:
-        return records, split, len(records)
-    idx = np.unique(np.linspace(0, len(records) - 1, CHECK_IMAGES).round().astype(int))
-    return [records[i] for i in idx], split, len(records)
+    return _spread(records, CHECK_IMAGES), split, len(records)
 
 
 def checked_on(split: str | None, images: int, of: int) -> dict[str, Any]:
@@ -250,6 +252,19 @@ def describe_checked(checked: Any) -> str:
         return "unchecked"
     n, of, split = checked["images"], checked.get("of"), checked.get("split")
     return f"{n} of the {of} {split} images" if isinstance(of, int) and of > n else f"{n} {split} images"
+
+
+def _guard(record: dict[str, Any], precision: str, max_drop: float | None, force: bool, hint: str) -> None:
+    """Raise :class:`AccuracyRefused` when ``record``'s drop exceeds ``max_drop`` (and not ``force``)."""
+    drop = record.get("drop_points")
+    if max_drop is None or drop is None or drop <= max_drop or force:
+        return
+    name, fp32, own = record["metric"], record["fp32"], record[precision]
+    raise AccuracyRefused(
+        f"{precision} {name} {own:.1f} vs fp32 {fp32:.1f}: drop {drop:.1f} points > --max-drop {max_drop:g} "
+        f"({describe_checked(record['checked_on'])}); pass --force to keep it, or {hint}",
+        {k: record[k] for k in ("checked_on", "metric", "fp32", precision, "drop_points")},
+    )
 
 
 def throughput(predictors: dict[str, Predictor], batch: np.ndarray, rounds: int = 10, warmup: int = 2) -> dict[str, float]:
@@ -274,22 +289,26 @@ def throughput(predictors: dict[str, Predictor], batch: np.ndarray, rounds: int 
 
 
 class _CalibrationReader(CalibrationDataReader):
-    """Feeds images preprocessed by the Predictor to ORT's calibrator, ``batch`` at a time;
-    unreadable images are skipped with a warning and not counted in ``used``."""
+    """Feeds images preprocessed by the Predictor to ORT's calibrator, ``batch`` at a time
+    (detectors: one image, their graph takes (1, 3, h, w)); unreadable images are skipped
+    with a warning and not counted in ``used``."""
 
     def __init__(self, predictor: Predictor, paths: Sequence[Path], batch: int = SPEED_BATCH) -> None:
-        self.predictor, self.paths, self.batch = predictor, list(paths), batch
+        self.predictor, self.paths = predictor, list(paths)
+        self.batch = 1 if predictor.detector else batch
         self.used = 0
-        self._it: Iterator[dict[str, np.ndarray]] = self._batches()
+        self._it: Iterator[dict[str, np.ndarray]] = self.batches()
 
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
         arrays: list[np.ndarray] = []
+        self.used = 0
         for p in self.paths:
             try:
-                arrays.append(self.predictor.prepare(p))
+                x = self.predictor.prepare(p)
             except ImageError as e:
                 log.warning("calibration image %s skipped: %s", p, e)
                 continue
+            arrays.append(np.asarray(getattr(x, "pixels", x), dtype=np.float32))
             self.used += 1
             if len(arrays) == self.batch:
                 yield {self.predictor.input_name: np.stack(arrays)}
@@ -301,74 +320,229 @@ class _CalibrationReader(CalibrationDataReader):
         return next(self._it, None)
 
     def rewind(self) -> None:
-        self.used, self._it = 0, self._batches()
+        self._it = self.batches()
+
+
+class _OneBatch(CalibrationDataReader):
+    """A reader of a single batch: what each ``collect_data`` call of :func:`_calibrate` gets."""
+
+    def __init__(self, batch: dict[str, np.ndarray]) -> None:
+        self._batch: dict[str, np.ndarray] | None = batch
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch, self._batch = self._batch, None
+        return batch
+
+
+def _calibrate(model_in: Path, calibration: str, reader: _CalibrationReader, op_types: list[str] | None, cache: Path) -> None:
+    """Activation ranges of ``model_in`` by ``calibration`` into ``cache`` (ORT's JSON calibration
+    cache, which ``quantize_static(calibration_cache_path=...)`` then reads).
+
+    One ``collect_data`` call per batch, not one for the whole reader as ``quantize_static``
+    makes: the entropy and percentile collectors ``np.asarray`` the list of a call's batches,
+    which fails when the last batch is shorter (ORT's uneven-batch problem) or when detector
+    images differ in size, and they hold every activation of every batch of a call in memory
+    (GBs for 1000 images). Per batch, histograms merge across calls and MinMax keeps the
+    running min/max, so the result is the same as one call over equal batches.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(model_in, op_types, augmented_model_path=str(cache.with_suffix(".augmented.onnx")),
+                                   calibrate_method=_ort_method(calibration))
+    try:
+        for batch in reader.batches():
+            calibrator.collect_data(_OneBatch(batch))
+        if reader.used == 0:
+            raise ExportError(f"none of the {len(reader.paths)} calibration images could be read")
+        save_tensors_data(calibrator.compute_data(), cache)
+    finally:
+        del calibrator  # its InferenceSession holds the augmented model open
+
+
+@dataclass
+class _Plan:
+    """What a static int8 export quantises: ``op_types`` (None: every op ORT can), ``nodes``
+    (None: all of those), ``float_nodes`` always kept float, ``head`` the nodes a candidate
+    may also keep float (the classifier's last Gemm/MatMul)."""
+
+    op_types: list[str] | None
+    nodes: list[str] | None
+    float_nodes: list[str]
+    head: list[str]
+
+
+def _plan(src: Bundle, model_path: Path) -> _Plan:
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    stem = _input_convs(graph)
+    if src.task == "detect":
+        # backbone + FPN convolutions only (~all of a Faster R-CNN's FLOPs at 800 px); the RPN
+        # and box heads' outputs are regressed box offsets, and the rest is proposal / RoIAlign
+        # / NMS bookkeeping ORT has no int8 kernels for
+        convs = [n.name for n in graph.node if n.op_type == "Conv" and _BACKBONE in n.name and n.name not in stem]
+        return _Plan(["Conv"], convs, stem, [])
+    return _Plan(None, None, stem, _head_nodes(graph))
 
 
 def _quantize(
-    src: Bundle, ref: Predictor, calib: tuple[list[Path], str], method: str, dest: Path
-) -> dict[str, Any]:
-    """Quantise ``src``'s model into ``dest``; returns the settings to record."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    src: Bundle, ref: Predictor, calib: tuple[list[Path], str], method: str, work: Path,
+    check: tuple[list[Record], str | None, int],
+) -> tuple[Path, dict[str, Any]]:
+    """Quantise ``src``'s model in ``work``; returns (the int8 model file, the settings to record)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    calib_paths, calib_source = calib
     # ORT's docs suggest 7-bit weights (reduce_range) on CPUs without VNNI, against u8*s8
     # saturation in AVX2's vpmaddubsw; measured on this AVX2 machine it cost accuracy instead
     # (colour probe, 40 images: 87.5% with reduce_range vs 97.5% without, fp32 100%), so full 8 bits.
     reduce_range = False
-    prepped = dest.with_name("preprocessed.onnx")
+    prepped = work / "preprocessed.onnx"
     try:
-        # symbolic shape inference + graph optimisation (BN folding etc.), as the ORT docs advise
-        quant_pre_process(str(src.model_path), str(prepped), skip_symbolic_shape=False)
+        # symbolic shape inference + graph optimisation (BN folding etc.), as the ORT docs advise;
+        # not the symbolic shapes of a detector: on the Faster R-CNN graph (data-dependent box
+        # counts) it ran past 100 s without finishing, while the optimisation alone takes 0.6 s
+        quant_pre_process(str(src.model_path), str(prepped), skip_symbolic_shape=src.task == "detect")
         model_in = prepped
     except Exception as e:  # noqa: BLE001 - a graph the pre-processor cannot handle still quantises without it
         log.warning("quant_pre_process failed (%s: %s); quantising the model as exported", type(e).__name__, e)
         model_in = src.model_path
+    plan = _plan(src, model_in)
     try:
         if method == "dynamic":
+            dest = work / "dynamic.onnx"
             # ConvInteger has only a u8×u8 kernel in ORT's CPU provider, hence QUInt8 weights
             quantize_dynamic(str(model_in), str(dest), weight_type=QuantType.QUInt8, per_channel=False,
-                             reduce_range=reduce_range)
-            return {"method": "dynamic", "weight": "QUInt8", "per_channel": False, "reduce_range": reduce_range}
-        reader = _CalibrationReader(ref, calib_paths)
-        float_nodes = _input_convs(Path(model_in))
-        quantize_static(
-            str(model_in), str(dest), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
-            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_nodes,
-        )
+                             reduce_range=reduce_range, nodes_to_quantize=plan.nodes, nodes_to_exclude=plan.float_nodes)
+            return dest, {"method": "dynamic", "weight": "QUInt8", "per_channel": False, "reduce_range": reduce_range}
+        reader = _CalibrationReader(ref, calib[0])
+        calibrations = list(CALIBRATIONS) if method == "auto" else [method]
+        candidates = []
+        for c in calibrations:
+            cache = work / f"ranges-{c}.json"
+            _calibrate(model_in, c, reader, plan.op_types, cache)
+            heads = (False, True) if method == "auto" and plan.head else (False,)
+            candidates += [_Candidate(c, h, _quantize_static(model_in, plan, c, h, cache, work)) for h in heads]
     except ExportError:
         raise
     except Exception as e:  # ORT raises plain RuntimeError/ValueError/its own Fail types
         raise ExportError(f"int8 quantisation of {src.model_path} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    if reader.used == 0:
-        raise ExportError(f"none of the {len(calib_paths)} calibration images could be read")
-    return {
+    chosen, auto = _pick(src, ref, candidates, check) if len(candidates) > 1 else (candidates[0], None)
+    settings: dict[str, Any] = {
         "method": "static", "format": "QDQ", "activation": "QUInt8", "weight": "QInt8", "per_channel": True,
-        "reduce_range": reduce_range, "calibrate_method": "MinMax", "float_nodes": float_nodes,
-        "calibration": {"images": reader.used, "source": calib_source},
+        "reduce_range": reduce_range, "calibrate_method": chosen.calibration, "float_head": chosen.float_head,
+        "float_nodes": plan.float_nodes + (plan.head if chosen.float_head else []),
+        "quantized": "backbone + FPN convolutions" if src.task == "detect" else "all but the float nodes",
+        "calibration": {"images": reader.used, "source": calib[1]},
+    }
+    if auto is not None:
+        settings["auto"] = auto
+        settings["chosen_by"] = auto["chosen_by"]
+    return chosen.path, settings
+
+
+def _quantize_static(model_in: Path, plan: _Plan, calibration: str, float_head: bool, cache: Path, work: Path) -> Path:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    dest = work / f"int8-{calibration}{'-float-head' if float_head else ''}.onnx"
+    quantize_static(
+        str(model_in), str(dest), None, quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
+        calibrate_method=_ort_method(calibration), calibration_cache_path=str(cache),
+        op_types_to_quantize=plan.op_types, nodes_to_quantize=plan.nodes,
+        nodes_to_exclude=plan.float_nodes + (plan.head if float_head else []),
+    )
+    return dest
+
+
+@dataclass
+class _Candidate:
+    calibration: str
+    float_head: bool
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.calibration + (" + float head" if self.float_head else "")
+
+
+def _pick(
+    src: Bundle, ref: Predictor, candidates: list[_Candidate], check: tuple[list[Record], str | None, int]
+) -> tuple[_Candidate, dict[str, Any]]:
+    """The candidate with the best held-out metric on the val split (else the check images),
+    ties to the smaller mean |Δscore| against fp32 (classifiers), then to the earlier (fewer
+    float nodes, MinMax first). Returns it and the ``auto`` record: each candidate's figures."""
+    records, split = held_out(src, ("val",))
+    if not records or split == check[1]:
+        records, split = check[0], check[1]
+    records = _spread(records, CHECK_IMAGES)
+    if not records:
+        return candidates[0], {"chosen_by": f"{candidates[0].name} (no held-out images to choose on)", "candidates": []}
+    task = get_task(src.task)
+    base = task.score(ref, records)
+    rows = []
+    for i, c in enumerate(candidates):
+        cand = Predictor(Bundle(c.path.parent, {**src.meta, "model": {**src.meta.get("model", {}), "file": c.path.name}}))
+        scored = task.score(cand, base.records)
+        points = task.points(src, scored)
+        diff = _mean_abs_diff(task, base, scored, len(src.classes))
+        rows.append(({"calibration": c.calibration, "float_head": c.float_head, "points": points,
+                      "mean_abs_diff": diff}, (-(points if points is not None else -1.0), diff if diff is not None else 0.0, i)))
+    best = min(range(len(rows)), key=lambda i: rows[i][1])
+    fp32 = task.points(src, base)
+    name = headline_metric(src)
+    figures = ", ".join(f"{c.name} {r[0]['points']}" for c, r in zip(candidates, rows))
+    return candidates[best], {
+        "chosen_on": checked_on(split, len(base.records), len(records)),
+        "metric": name, "fp32": fp32,
+        "candidates": [r[0] for r in rows],
+        "chosen_by": f"auto: {candidates[best].name}, best {name} on {len(base.records)} {split} images "
+                     f"(fp32 {fp32}; {figures})",
     }
 
 
-def _input_convs(model_path: Path) -> list[str]:
+def _mean_abs_diff(task: Any, a: Scored, b: Scored, n_classes: int) -> float | None:
+    """Mean |Δscore| between two classifiers' scores on the same images; None for detectors."""
+    if not hasattr(task, "arrays") or not a.records:
+        return None
+    return round(float(np.abs(task.arrays(a, n_classes)[1] - task.arrays(b, n_classes)[1]).mean()), 6)
+
+
+def _input_convs(graph: Any) -> list[str]:
     """The convolutions reading the image input directly: kept in float.
 
     Quantising the stem convolution costs the most accuracy for the least speed (3 input
     channels, a few % of the FLOPs). Measured on a probe on sklearn digits at 64 px (80 test
     images): all layers int8 83.75% vs fp32 87.5%; the stem in float 87.5%, mean |Δscore|
-    0.017 → 0.012. Keeping the classifier head in float instead changed nothing (83.75%).
+    0.017 → 0.012.
     """
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
     return [n.name for n in graph.node if n.op_type == "Conv" and n.input and n.input[0] in inputs]
+
+
+# ops between a classifier's head and its output that compute nothing a quantiser would touch
+_PASS_THROUGH = {"Softmax", "Sigmoid", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Add", "Mul", "Div", "Sub", "Cast"}
+
+
+def _head_nodes(graph: Any) -> list[str]:
+    """The classifier head: the Gemm/MatMul nodes the outputs reach back to through
+    :data:`_PASS_THROUGH` ops only. A linear probe folds feature standardisation into its
+    weights (large, uneven columns), which per-tensor activation ranges can serve badly; so
+    ``auto`` also tries it in float."""
+    producer = {o: n for n in graph.node for o in n.output}
+    heads: list[str] = []
+    todo = [o.name for o in graph.output]
+    seen: set[str] = set()
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("Gemm", "MatMul"):
+            heads.append(node.name)
+        elif node.op_type in _PASS_THROUGH:
+            todo += list(node.input)
+    return heads
 
 
 def _calibration_images(
@@ -402,13 +576,67 @@ def _calibration_images(
 # -- held-out images, scores, metrics -----------------------------------------------------------
 
 
-def _scores_pair(ref: Predictor, cand: Predictor, src: Bundle, records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Targets and both models' scores on the records both could read."""
-    done, y, s_ref, failed = score_records(ref, records)
-    if failed:
-        log.warning("%d held-out image(s) could not be read, e.g. %s", len(failed), failed[0][0].path)
-    _, _, s_cand, _ = score_records(cand, done)
-    return y, s_ref, s_cand
+def _spread(records: list[Record], n: int) -> list[Record]:
+    """Up to ``n`` of ``records`` spread evenly (sorted by path, so every class keeps some)."""
+    if len(records) <= n:
+        return list(records)
+    idx = np.unique(np.linspace(0, len(records) - 1, n).round().astype(int))
+    return [records[i] for i in idx]
+
+
+def _compare(src: Bundle, ref: Predictor, cand: Predictor, records: list[Record], precision: str) -> dict[str, Any]:
+    """Both models' headline metric on ``records`` (the ones the reference could read): the
+    metric's name, ``fp32``, ``precision``'s figure, ``drop_points``, ``images`` scored and
+    (classifiers) ``max_abs_diff``, the max |Δscore|."""
+    task = get_task(src.task)
+    base = task.score(ref, records)
+    if base.failed:
+        log.warning("%d held-out image(s) could not be read, e.g. %s", len(base.failed), base.failed[0][0].path)
+    scored = task.score(cand, base.records)
+    fp32, own = task.points(src, base), task.points(src, scored)
+    out: dict[str, Any] = {"images": len(base.records), "metric": headline_metric(src), "fp32": fp32, precision: own,
+                           "drop_points": None if fp32 is None or own is None else round(fp32 - own, 2)}
+    if hasattr(task, "arrays") and base.records:
+        n = len(src.classes)
+        out["max_abs_diff"] = float(np.abs(task.arrays(base, n)[1] - task.arrays(scored, n)[1]).max())
+    return out
+
+
+def _speed(src: Bundle, ref: Predictor, cand: Predictor, records: list[Record], precision: str) -> dict[str, Any]:
+    """Model-only speed of both, side by side: classifiers images/s at batch 8, detectors
+    seconds per image (the graph includes proposals and NMS) on a real held-out image."""
+    if ref.detector:
+        x = _detector_input(ref, records)
+        secs = latency({"fp32": ref, precision: cand}, x)
+        return {"seconds_per_image": secs, "speedup": round(secs["fp32"] / secs[precision], 3)}
+    batch = _speed_batch(ref, records) if records else _random_batch(src)
+    speed = throughput({"fp32": ref, precision: cand}, batch)
+    return {"images_per_s": {"batch": SPEED_BATCH, **speed}, "speedup": round(speed[precision] / speed["fp32"], 3)}
+
+
+def latency(predictors: dict[str, Predictor], x: Any, rounds: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each detector's model on one prepared image, the predictors
+    taking turns within each round (as :func:`throughput`)."""
+    for _ in range(warmup):
+        for p in predictors.values():
+            p.run_detector(x)
+    times: dict[str, list[float]] = {k: [] for k in predictors}
+    for _ in range(rounds):
+        for k, p in predictors.items():
+            t = time.perf_counter()
+            p.run_detector(x)
+            times[k].append(time.perf_counter() - t)
+    return {k: round(statistics.median(v), 4) for k, v in times.items()}
+
+
+def _detector_input(ref: Predictor, records: list[Record]) -> Any:
+    for r in records[:SPEED_BATCH]:
+        try:
+            return ref.prepare(r.path)
+        except ImageError:
+            continue
+    spec = ref.bundle.detect_spec
+    return np.random.default_rng(0).random((3, spec.min_size, spec.min_size), dtype=np.float32)
 
 
 def _speed_batch(ref: Predictor, records: list[Record]) -> np.ndarray:
@@ -462,6 +690,13 @@ def _copy_files(src: Bundle, tmp: Path) -> None:
     for name in (SPLIT_FILE, WEIGHTS_FILE):  # the torch weights stay fp32: they are for further training
         if (src.path / name).is_file():
             shutil.copyfile(src.path / name, tmp / name)
+    # the explain graph comes along in fp32 (meta["explain"] is copied with the rest of the metadata;
+    # without its file the new bundle would claim a graph it lacks and /explain would answer 409): maps
+    # and their scores stay the fp32 model's, the label /predict gives may differ where the two disagree
+    info = src.meta.get("explain")
+    name = info.get("file", EXPLAIN_FILE) if isinstance(info, dict) else None
+    if name and (src.path / name).is_file():
+        shutil.copyfile(src.path / name, tmp / name)
 
 
 def _meta_for(src: Bundle, tmp: Path, precision: str) -> dict[str, Any]:
