@@ -130,7 +130,7 @@ def export_all(
     src = as_bundle(bundle)
     if src.task == "detect":
         raise ExportError(f"{src.path} is a detector: --to all compares classifiers' scores; export a detector "
-                          "with --to onnx-int8, --to onnx-fp16 (each checked on held-out mAP50), --to triton or --to torchserve")
+                          "with --to onnx-int8 (checked on held-out mAP50), --to triton or --to torchserve")
     out_root = Path(out_root)
     existing = [str(out_root / t) for t in TARGETS if (out_root / t).exists()]
     if existing and not overwrite:
