@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,8 @@ from lensforge.errors import ConfigError
 from lensforge.runtime import Predictor, load_bundle
 from lensforge.training import distributed
 from lensforge.training.distributed import check_distributed, whole_set
-from lensforge.training.finetune import quick_metrics
+from lensforge.training.finetune import EpochReport, quick_metrics
+from lensforge.ui import Reporter
 
 LENSFORGE = Path(sys.executable).parent / "lensforge"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -44,7 +49,6 @@ RUN_TIMEOUT_S = 400  # two processes of torch on a shared 2-core machine
     (["--devices", "2", "--strategy", "ddp_turbo"], "unknown strategy 'ddp_turbo': Lightning knows no such strategy"),
     (["--devices", "2", "--strategy", "ddp_spawn"], "strategy 'ddp_spawn' is not supported by lensforge train"),
     (["--devices", "0"], "devices = 0 is out of range"),
-    (["--accelerator", "tpu"], "accelerator must be auto, cpu or gpu"),
 ])
 def test_bad_distributed_options_are_one_line_exit_2_before_any_work(
         options: list[str], message: str, shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -55,6 +59,25 @@ def test_bad_distributed_options_are_one_line_exit_2_before_any_work(
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not out.exists()  # nothing written, nothing started
+
+
+def test_accelerator_choices_are_the_parsers_and_the_configs(shapes_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--accelerator {auto,cpu,gpu}" in capsys.readouterr().out  # listed like --precision's
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as usage:  # an argparse usage error, as for any other choice
+        main(["train", str(shapes_dir), "--out", str(out), "--accelerator", "tpu"])
+    assert usage.value.code == 2
+    assert "argument --accelerator: invalid choice: 'tpu'" in capsys.readouterr().err
+    # a config file skips argparse: TrainConfig.validate still says it in one line
+    config = tmp_path / "train.yaml"
+    config.write_text("accelerator: tpu\n")
+    assert main(["train", str(shapes_dir), "--out", str(out), "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: accelerator must be auto, cpu or gpu, got 'tpu'", err
+    assert not out.exists()
 
 
 def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,11 +166,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(cmd: list[str], logs: Path, name: str) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` with its output in files (never an unread pipe)."""
+def _start(cmd: list[str], logs: Path, name: str, *, own_group: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` with its output in files (never an unread pipe); ``own_group``: in a process
+    group of its own, which the DDP processes it launches join, as in a terminal's foreground job."""
     out, err = (logs / f"{name}.out").open("wb"), (logs / f"{name}.err").open("wb")
     with out, err:
-        return subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=logs)
+        return subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=logs, start_new_session=own_group)
 
 
 def _finished(proc: subprocess.Popen[bytes], logs: Path, name: str) -> str:
@@ -180,9 +204,10 @@ def _check_bundle(run: Path, data: Path, metric: str, bundle_key: str) -> dict[s
     assert result is not None
     assert {"val", "test"} <= set(b.meta["metrics"])
     assert (run / "eval" / "metrics.json").is_file() and (run / "training_curves.png").is_file()
-    history = [r for r in b.meta["training"]["history"] if metric in r]
-    assert history, "no validation figure recorded"
-    assert history[-1][metric] == pytest.approx(b.meta["metrics"]["val"][bundle_key], abs=1e-6)
+    best = [r for r in b.meta["training"]["history"] if metric in r and r.get("best")]
+    assert best, "no validation figure recorded"
+    # the bundle holds the best epoch's weights (the last epoch's when there was one)
+    assert best[-1][metric] == pytest.approx(b.meta["metrics"]["val"][bundle_key], abs=1e-6)
     return b.meta
 
 
@@ -228,3 +253,72 @@ def test_two_nodes_through_torchrun_on_loopback(shapes_dir: Path, tmp_path: Path
     assert "Fine-tuning" in outs[0] and "Fine-tuning" not in outs[1]  # only rank 0 reports and writes
     assert "effective batch 8 × 2 = 16" in outs[0]
     _check_bundle(run, shapes_dir, "val_acc", "accuracy")
+
+
+class _Rows(Reporter):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+
+def test_an_epoch_resumed_from_its_middle_reports_no_timing_it_did_not_measure() -> None:
+    """Resuming from a Ctrl-C checkpoint, Lightning ends the interrupted epoch without starting
+    it in this process (its remaining batches skipped): no rate, duration or ETA from a clock
+    never read (it showed "0.0 img/s  3h46m  ETA 11h19m", the time since boot)."""
+    rows = _Rows()
+    report = EpochReport(rows, "val_acc", batch_size=4)
+    trainer = SimpleNamespace(callback_metrics={"val_acc": torch.tensor(0.5)}, current_epoch=0, max_epochs=3,
+                              num_training_batches=3, max_steps=-1, global_step=2, world_size=1)
+    report.on_train_epoch_end(trainer, None)  # type: ignore[arg-type]
+    assert "seconds" not in rows.rows[0] and "img_per_s" not in rows.rows[0] and rows.rows[0]["eta_s"] is None
+    assert rows.rows[0]["best"] and report.history == [{k: v for k, v in rows.rows[0].items() if k != "eta_s"}]
+    trainer.current_epoch = 1  # the next epoch runs here: timed as usual
+    t0 = time.perf_counter()
+    report.on_train_epoch_start(trainer, None)  # type: ignore[arg-type]
+    report.on_train_batch_end(trainer, None, None, (torch.zeros(4, 3, 8, 8), torch.zeros(4)), 0)  # type: ignore[arg-type]
+    report.on_train_epoch_end(trainer, None)  # type: ignore[arg-type]
+    assert 0 <= rows.rows[1]["seconds"] <= round(time.perf_counter() - t0, 3) + 1e-3  # this epoch's, measured here
+    assert rows.rows[1]["img_per_s"] is not None and rows.rows[1]["eta_s"] is not None
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_both_processes_and_resume_finishes_as_two(shapes_dir: Path, tmp_path: Path) -> None:
+    """What Ctrl-C in a terminal does to a 2-process run (SIGINT to its whole process group),
+    then ``--resume`` (tests/test_train.py and test_cli.py check one process)."""
+    run, epochs = tmp_path / "run", 3  # epochs to spare after the first progress line, on a fast machine too
+    proc = _start([str(LENSFORGE), "train", str(shapes_dir), "--out", str(run), "--image-size", "64",
+                   "--epochs", str(epochs), "--batch-size", "4", "--patience", "0",
+                   "--devices", "2", "--accelerator", "cpu"], tmp_path, "train", own_group=True)
+    try:
+        # "epoch 1/3  8/24 img (33%)": a third of the first epoch trained (a line by count, not time)
+        log, deadline = tmp_path / "train.out", time.monotonic() + RUN_TIMEOUT_S
+        while f"epoch 1/{epochs}  " not in log.read_text(errors="replace"):
+            assert proc.poll() is None, f"exited {proc.returncode} before training\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no training after {RUN_TIMEOUT_S} s\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:  # stuck: nothing of the group may outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = (tmp_path / "train.err").read_text(errors="replace")
+    assert rc == 130, f"exit {rc}\n{err[-5000:]}"
+    stopped = [line for line in err.splitlines() if "training interrupted" in line]
+    assert len(stopped) == 1, err  # rank 0 says it; rank 1, interrupted too, says nothing
+    assert stopped[0].startswith("error: training interrupted in epoch ") and "Traceback" not in err, err
+    assert f"Resume with: lensforge train {shapes_dir} --out {run} --resume" in stopped[0]
+    epoch = int(re.search(r"interrupted in epoch (\d+)", stopped[0]).group(1))  # type: ignore[union-attr]
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not (run / "bundle").exists()  # resumable, and no half-written bundle
+    # written at the interruption, not left by the end of an earlier epoch
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == epoch - 1
+
+    resumed = _start([str(LENSFORGE), "train", str(shapes_dir), "--out", str(run), "--resume"], tmp_path, "resume")
+    out = _finished(resumed, tmp_path, "resume")
+    assert "DDP: 2 processes" in out and out.count("Fine-tuning") == 1  # the run's own settings: two processes
+    assert _saved_distributed(run)["processes"] == 2
+    meta = _check_bundle(run, shapes_dir, "val_acc", "accuracy")
+    assert [row["epoch"] for row in meta["training"]["history"]] == list(range(1, epochs + 1))

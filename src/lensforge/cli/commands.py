@@ -104,11 +104,22 @@ def quiet_lightning() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lensforge.errors import TrainingInterrupted
     from lensforge.training import train
+    from lensforge.training.distributed import is_primary
 
     quiet_lightning()
     cfg = train_config(args)
-    result = train(cfg, reporter=ConsoleReporter(quiet=args.quiet))
+    try:
+        result = train(cfg, reporter=ConsoleReporter(quiet=args.quiet))
+    except TrainingInterrupted:
+        # Ctrl-C reaches every DDP process (the terminal signals the whole group); rank 0 alone
+        # says where the checkpoint is, as it alone saved it, and exits 130. The others exit 0:
+        # Lightning's launcher in rank 0 SIGKILLs itself when a child it started exits non-zero
+        # (a 5 s poll), which could cut rank 0's checkpoint or exit short (seen: exit -9)
+        if not is_primary(cfg):
+            return 0
+        raise
     if result.rank:  # another DDP process: rank 0 prints the summary
         return 0
     test = result.metrics.get("test") or result.metrics.get("val")

@@ -19,7 +19,7 @@ from typing import Any
 
 from lensforge import __version__
 from lensforge.cli import commands
-from lensforge.config import HEADS, PRECISIONS, TrainConfig, field_help
+from lensforge.config import ACCELERATORS, HEADS, PRECISIONS, TrainConfig, field_help
 from lensforge.data.formats import FORMATS
 from lensforge.data.records import TASKS
 from lensforge.export import DEFAULT_CALIB
@@ -91,7 +91,7 @@ def int_list(text: str) -> list[int]:
 # the one-off actions (explicit below) and the free-form notes (YAML only).
 NOT_GENERATED = frozenset({"data", "test_fraction", "val_fraction", "overwrite", "resume", "finish", "extra"})
 # Values the option accepts, where the annotation (str) says less than the config checks.
-CHOICES = {"task": TASKS, "format": FORMATS, "head": HEADS, "precision": PRECISIONS}
+CHOICES = {"task": TASKS, "format": FORMATS, "head": HEADS, "precision": PRECISIONS, "accelerator": ACCELERATORS}
 # Settings argparse refuses before anything runs (usage error, exit 2), as it always has; the
 # others are range-checked by TrainConfig.validate, which says the valid range.
 STRICT_TYPES: dict[str, Callable[[str], Any]] = {

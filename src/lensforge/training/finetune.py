@@ -223,11 +223,16 @@ class EpochReport(Callback):
         row["best"] = cur is not None and (self.best is None or cur > self.best)
         if row["best"]:
             self.best = cur
-        train_s = self._train_end - self._epoch_start
-        row["seconds"] = round(now - self._epoch_start, 3)  # training and validation
-        row["img_per_s"] = round(self._images / train_s, 2) if train_s > 0 else None
+        if self._epoch_start:
+            train_s = self._train_end - self._epoch_start
+            row["seconds"] = round(now - self._epoch_start, 3)  # training and validation
+            row["img_per_s"] = round(self._images / train_s, 2) if train_s > 0 else None
+            self._epoch_seconds.append((now - self._epoch_start, max(1, self._batches)))
+        # else: an epoch resumed from a checkpoint saved in its middle (Ctrl-C) ends without
+        # starting here, as Lightning skips its remaining batches: no timing, not one from
+        # perf_counter's zero (it showed "0.0 img/s  3h46m  ETA 11h19m")
+        self._epoch_start = 0.0
         self.history.append(row)
-        self._epoch_seconds.append((now - self._epoch_start, max(1, self._batches)))
         self.reporter.epoch({**row, "eta_s": self.eta(trainer)})
 
     def eta(self, trainer: L.Trainer) -> float | None:
