@@ -96,6 +96,18 @@ def test_overlay_is_the_image_size() -> None:
         Explanation(np.full((2, 2), 2, np.float32), "cat", 0.9, "cam")
 
 
+def test_colour_map_lookup_follows_the_turbo_polynomial() -> None:
+    """The 256-entry look-up (the overlay's fast path) against the polynomial it samples: within
+    one quantisation step of the map (turbo's steepest channel moves ~6 levels per step)."""
+    from lensforge.runtime.explain import _turbo, colorize
+
+    x = np.random.default_rng(0).random((50, 60)).astype(np.float32)
+    exact = (_turbo(x) * 255 + 0.5).astype(np.int16)
+    assert colorize(x).dtype == np.uint8 and colorize(x).shape == (50, 60, 3)
+    assert np.abs(colorize(x).astype(np.int16) - exact).max() <= 8
+    assert (colorize(np.array([[0.0, 1.0]], np.float32)) == (_turbo(np.array([[0.0, 1.0]])) * 255 + 0.5).astype(np.uint8)).all()
+
+
 def test_bad_label_is_a_config_error(shapes_bundle: Path, images: list[Path]) -> None:
     with pytest.raises(ConfigError, match="not one of this model's 4 classes"):
         Predictor(shapes_bundle).explain(images[0], label="giraffe")
@@ -121,6 +133,17 @@ def test_old_bundle_says_how_to_add_the_graph(shapes_bundle: Path, images: list[
     assert got.label == want.label and np.abs(got.map - want.map).max() < 1e-4
 
 
+def test_fp16_export_carries_the_explain_graph(shapes_bundle: Path, images: list[Path], tmp_path: Path) -> None:
+    """``--to onnx-fp16`` (and int8: the same copying) keeps explain.onnx, which the metadata it
+    copies names: before, the new bundle claimed a graph it did not have."""
+    from lensforge.export.quantize import export_fp16
+
+    out = export_fp16(shapes_bundle, tmp_path / "fp16")
+    assert (out / EXPLAIN_FILE).is_file()
+    got, want = Predictor(out).explain(images[0]), Predictor(shapes_bundle).explain(images[0])
+    assert got.label == want.label and np.abs(got.map - want.map).max() < 1e-4
+
+
 def test_cli_explain_top_k_and_a_refused_image(shapes_bundle: Path, images: list[Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "broken.jpg"
@@ -136,35 +159,113 @@ def test_cli_explain_top_k_and_a_refused_image(shapes_bundle: Path, images: list
     assert main(["explain", str(shapes_bundle), str(images[0]), "--method", "gradcam", "--out", str(out)]) == 0
 
 
-def test_randomising_the_head_changes_the_map(shapes_bundle: Path, images: list[Path]) -> None:
-    """Model-randomisation sanity check (Adebayo et al. 2018): a map that survives random
-    head weights shows the image, not what the model learned."""
-    explainer = TorchExplainer.from_bundle(shapes_bundle)
-    label = explainer.explain(images[0])[0].label
-    before = {m: explainer.explain(images[0], [label], method=m)[0].map for m in ("cam", "gradcam")}
+def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps; 0 when either is constant (nothing left to rank:
+    the map is gone, which counts as changed)."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a.ravel(), b.ravel())[0])
+
+
+def _reinitialise(*modules: torch.nn.Module) -> None:
+    """Every layer in ``modules`` back to its default initialisation (BatchNorm: running stats too)."""
+    for module in modules:
+        for layer in module.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+
+
+def test_cascading_randomisation_changes_the_map() -> None:
+    """Model-randomisation sanity check (Adebayo et al. 2018, cascading from the top): a map that
+    survives random weights shows the image, not what the model learned.
+
+    Pretrained Lite0 at 224 px (a 7x7 map) with a linear head fitted to the disc images; Spearman
+    correlations of each map with the trained model's, median over images, CAM compared on its own
+    7x7 grid (upsampled, the tied zeros outside the centre crop would inflate it). Measured (this
+    seed): random head: CAM -0.15, Grad-CAM -0.34; + the last stage (blocks[-1], conv_head, bn2): CAM
+    0.15, Grad-CAM 0.21; the trained model against itself: 1. CAM after the head alone depends on the
+    draw (0.42 with another seed, 0.93 on the 64 px shapes bundle): the feature map, not the head,
+    decides where the disc is, and random weights only re-mix it, so CAM's bound is checked after the
+    last stage."""
+    from sklearn.linear_model import LogisticRegression
+
+    from lensforge.runtime.preprocess import preprocess
+
+    backbone, cfg = create_backbone("efficientnet_lite0", pretrained=True)
+    spec = InputSpec.for_size(224, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    classifier = Classifier(backbone, 2, head="linear").eval()
+    rng = np.random.default_rng(0)
+    images, classes = [], []
+    for i in range(14):
+        img = Image.new("RGB", (96, 96), (128, 128, 128))
+        cx, cy = rng.uniform(19, 77, 2)
+        ImageDraw.Draw(img).ellipse((cx - 11, cy - 11, cx + 11, cy + 11),
+                                    fill=(230, 20, 20) if i % 2 == 0 else (20, 20, 230))
+        images.append(img)
+        classes.append(i % 2)
+    train, test, test_classes = images[:10], images[10:], classes[10:]
+    with torch.no_grad():  # the probe's head: logistic regression on pooled features
+        pooled = backbone.forward_head(backbone.forward_features(torch.from_numpy(np.stack([preprocess(i, spec) for i in train]))))
+        fit = LogisticRegression(max_iter=1000).fit(pooled.numpy(), classes[:10])
+        linear = classifier.final_linear()
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[1] = torch.from_numpy(fit.coef_[0])
+        linear.bias[1] = float(fit.intercept_[0])
+    explainer = TorchExplainer(classifier, spec, ["red", "blue"])
+    batch = torch.from_numpy(np.stack([preprocess(i, spec) for i in test]))
+
+    def maps() -> dict[str, list[np.ndarray]]:
+        cams = explainer.cams(batch)[0]
+        return {"cam": [normalise(cams[j, c]) for j, c in enumerate(test_classes)],
+                "gradcam": [explainer.gradcam(batch[j:j + 1], [c])[0, 0] for j, c in enumerate(test_classes)]}
+
+    trained = maps()
+    assert all(m.max() > 0 for m in trained["cam"])
+    rho = {}
     torch.manual_seed(0)
-    with torch.no_grad():
-        explainer.classifier.final_linear().weight.normal_(0, 0.05)
-    for method, old in before.items():
-        new = explainer.explain(images[0], [label], method=method)[0].map
-        corr = float(np.corrcoef(old.ravel(), new.ravel())[0, 1])
-        print(f"{method}: trained vs randomised head: correlation {corr:.2f}, mean abs diff {np.abs(old - new).mean():.3f}")
-        assert corr < 0.97 and np.abs(old - new).mean() > 0.05
+    for step, modules in (("head", (classifier.head,)),
+                          ("last stage", (backbone.blocks[-1], backbone.conv_head, backbone.bn2))):
+        _reinitialise(*modules)
+        now = maps()
+        rho[step] = {m: float(np.median([_rank_corr(a, b) for a, b in zip(trained[m], now[m])])) for m in trained}
+        print(f"randomised up to the {step}: median Spearman vs trained {rho[step]}")
+    assert rho["head"]["gradcam"] < 0.5  # Grad-CAM's weights are the head's gradients: gone with the head
+    assert rho["last stage"]["cam"] < 0.5 and rho["last stage"]["gradcam"] < 0.5
 
 
 # -- do maps point at the object? ---------------------------------------------------------------
+#
+# What makes the CAM localise (a linear probe on pretrained Lite0; peak inside the disc; issue 14):
+# 1. The object must be the only class evidence. On colour noise the background's own colour features
+#    vary from place to place and speak for a class too: 29 % at 224 px, 47 % at 448.
+# 2. The object must be larger than a map cell. At 224 px the map is 7x7 (32 px cells) and a 51 px disc
+#    is missed mostly by one cell toward the image centre (each cell's receptive field leans inward,
+#    away from the zero padding): 30 % on a plain background. At 448 px (14x14) a one-cell lean stays
+#    inside the disc: 92-100 % (bilinear resize).
+# 3. No resampling of the object's edge: 96 px images upscaled bicubically (Lite0's pretrained
+#    interpolation) put a ringing halo round saturated blue/green discs, and their maps' peaks moved
+#    ~2 cells off: 70 % in the same experiment with bicubic, 56-62 % end to end. Images drawn at the
+#    model's resize size (512 px for 448) pass through the resize untouched and are cropped exactly:
+#    75 % end to end with 80 training images, 78 % with 120 (the pipeline's standardised probe, C chosen
+#    on validation). Issue 14's goal is 80 %: not met end to end; the test holds what is reached.
 
-DISC_R, SIDE = 11, 96
+SIDE, LOC_SIZE = 512, 448  # SIDE = round(LOC_SIZE / 0.875): the resize is a no-op, only the centre crop acts
+DISC_R = 59  # 11/96 of the side, as before: chance 4.1 %
+MARGIN = (SIDE - LOC_SIZE) // 2  # the crop's border
 
 
 def _discs(root: Path, n: int, seed: int = 0) -> list[tuple[Path, str, float, float]]:
-    """Colour noise with one red or blue disc (the class) at a random place inside the centre crop."""
+    """A plain grey image with one red or blue disc (the class, and the only thing in the image
+    that differs between classes) at a random place inside the centre crop."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         cls = ("red", "blue")[i % 2]
-        img = Image.fromarray(rng.integers(60, 200, (SIDE, SIDE, 3), dtype=np.uint8))
-        cx, cy = rng.uniform(8 + DISC_R, SIDE - 8 - DISC_R, 2)
+        img = Image.new("RGB", (SIDE, SIDE), (128, 128, 128))
+        cx, cy = rng.uniform(MARGIN + 2 + DISC_R, SIDE - MARGIN - 2 - DISC_R, 2)  # inside the centre crop
         ImageDraw.Draw(img).ellipse((cx - DISC_R, cy - DISC_R, cx + DISC_R, cy + DISC_R),
                                     fill=(230, 20, 20) if cls == "red" else (20, 20, 230))
         path = root / cls / f"{i:03d}.png"
@@ -176,13 +277,15 @@ def _discs(root: Path, n: int, seed: int = 0) -> list[tuple[Path, str, float, fl
 
 @pytest.mark.slow
 def test_cam_peak_falls_on_the_object(tmp_path: Path) -> None:
+    """Issue 14's goal: the peak inside the object for >= 80 % of correctly classified unseen images
+    (chance: the disc's share of the image, 4.2 %). Measured 78 % (31/40); asserted >= 70 %."""
     import lensforge
 
     _discs(tmp_path / "discs", 120)
-    run = lensforge.train(data=str(tmp_path / "discs"), out=str(tmp_path / "run"), probe=True, image_size=224)
+    run = lensforge.train(data=str(tmp_path / "discs"), out=str(tmp_path / "run"), probe=True, image_size=LOC_SIZE)
     predictor = Predictor(run.bundle_dir)
     hits = correct = 0
-    for path, cls, cx, cy in _discs(tmp_path / "held_out", 60, seed=1):  # images the model never saw
+    for path, cls, cx, cy in _discs(tmp_path / "held_out", 40, seed=1):  # images the model never saw
         e = predictor.explain(path)
         if e.label != cls:
             continue
@@ -192,4 +295,4 @@ def test_cam_peak_falls_on_the_object(tmp_path: Path) -> None:
     chance = np.pi * DISC_R ** 2 / SIDE ** 2
     rate = hits / max(correct, 1)
     print(f"CAM peak inside the disc: {hits}/{correct} = {rate:.0%} of correctly classified images (chance {chance:.1%})")
-    assert correct >= 10 and rate >= 3 * chance
+    assert correct >= 30 and rate >= 0.7
