@@ -189,8 +189,8 @@ def test_detector_rows_hold_the_boxes_above_the_threshold(tmp_path: Path, images
     rows = predict_rows(Detector(), [str(images[0]), str(tmp_path / "gone.jpg")])  # type: ignore[arg-type]
     assert rows[0] == {"path": str(images[0]), "labels": ["dog"], "scores": [pytest.approx(0.9)],
                        "boxes": [[1.0, 2.0, 10.0, 12.0]], "error": None}
-    writer = RowWriter(tmp_path / "d.parquet", detector=True, classes=("cat", "dog"))
-    writer.write_rows(rows)
-    writer.close(complete=True)
+    with RowWriter(tmp_path / "d.parquet", detector=True, classes=("cat", "dog")) as writer:
+        writer.write_rows(rows)
+    assert (writer.done, writer.failed) == (2, 1)
     back = pq.read_table(tmp_path / "d.parquet").to_pylist()
     assert back[0]["boxes"] == [[1.0, 2.0, 10.0, 12.0]] and back[1]["boxes"] == [] and back[1]["error"]

@@ -24,14 +24,14 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import unquote, urlparse
 
-from lensforge.data.formats import list_images
 from lensforge.data.files import is_image_file
+from lensforge.data.formats import list_images
 from lensforge.errors import ConfigError, DataError, ImageError
 from lensforge.hardware import cpu_count
 from lensforge.runtime.bundle import WEIGHTS_FILE, load_bundle
@@ -226,14 +226,19 @@ def row_schema(detector: bool) -> Any:
 
 
 class RowWriter:
-    """Rows → a Parquet file (one row group per write) or JSON lines, chosen by the suffix.
-    Written to ``<name>.partial`` and renamed when complete: a stopped job leaves no output
-    that looks finished."""
+    """Rows → a Parquet file (one row group per write) or JSON lines, chosen by the suffix, or
+    kept in memory when there is no file; counts rows and failures for the run's summary.
+    A file is written to ``<name>.partial`` and renamed when the ``with`` block completes: a
+    stopped job leaves no output that looks finished."""
 
-    def __init__(self, path: Path, detector: bool, classes: Sequence[str]) -> None:
+    def __init__(self, path: Path | None, detector: bool, classes: Sequence[str]) -> None:
         self.path = path
+        self.kept: list[dict[str, Any]] = []
+        self.done = self.failed = 0
+        self.parquet = path is not None and path.suffix.lower() == ".parquet"
+        if path is None:
+            return
         self.partial = path.with_name(path.name + ".partial")
-        self.parquet = path.suffix.lower() == ".parquet"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if self.parquet:
@@ -246,8 +251,18 @@ class RowWriter:
         except OSError as e:
             raise DataError(f"cannot write --output {path}: {e.strerror or e}") from None
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.close(complete=kind is None)
+
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
-        if self.parquet:
+        self.done += len(rows)
+        self.failed += sum(r["error"] is not None for r in rows)
+        if self.path is None:
+            self.kept.extend(rows)
+        elif self.parquet:
             import pyarrow as pa
 
             self._pq.write_table(pa.Table.from_pylist(rows, schema=self.schema))
@@ -256,12 +271,16 @@ class RowWriter:
 
     def write_table(self, table: Any) -> None:
         """A pyarrow table of rows (what Ray hands back)."""
-        if self.parquet:
-            self._pq.write_table(table.select(self.schema.names).cast(self.schema))
-        else:
+        if not self.parquet:
             self.write_rows(table.to_pylist())
+            return
+        self.done += table.num_rows
+        self.failed += table.num_rows - table.column("error").null_count
+        self._pq.write_table(table.select(self.schema.names).cast(self.schema))
 
     def close(self, complete: bool) -> None:
+        if self.path is None:
+            return
         (self._pq if self.parquet else self._file).close()
         if complete:
             os.replace(self.partial, self.path)
@@ -335,28 +354,13 @@ def _run_local(bundle: Any, paths: list[str], out: Path | None, threads: int | N
                options: dict[str, Any], progress: Callable[[int, int], None] | None) -> BatchRun:
     threads = threads or cpu_count()
     predictor = Predictor(bundle, threads=threads, **options)
-    writer = RowWriter(out, predictor.detector, predictor.classes) if out else None
-    kept: list[dict[str, Any]] = []
-    done = failed = 0
     t0 = time.perf_counter()
-    try:
+    with RowWriter(out, predictor.detector, predictor.classes) as rows_out:
         for start in range(0, len(paths), LOCAL_CHUNK):
-            rows = predict_rows(predictor, paths[start:start + LOCAL_CHUNK], batch_size)
-            failed += sum(r["error"] is not None for r in rows)
-            done += len(rows)
-            if writer:
-                writer.write_rows(rows)
-            else:
-                kept.extend(rows)
+            rows_out.write_rows(predict_rows(predictor, paths[start:start + LOCAL_CHUNK], batch_size))
             if progress:
-                progress(done, len(paths))
-    except BaseException:
-        if writer:
-            writer.close(complete=False)
-        raise
-    if writer:
-        writer.close(complete=True)
-    return BatchRun(out, done, failed, time.perf_counter() - t0, "local", 1, threads, kept)
+                progress(rows_out.done, len(paths))
+    return BatchRun(out, rows_out.done, rows_out.failed, time.perf_counter() - t0, "local", 1, threads, rows_out.kept)
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -365,7 +369,7 @@ def _run_local(bundle: Any, paths: list[str], out: Path | None, threads: int | N
 def _ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401  (the data library is the part the engine runs on)
+        import ray.data
     except ImportError:
         raise ConfigError(f"--engine ray needs Ray Data, which is not installed: {SCALE_EXTRA}") from None
     return ray
@@ -452,11 +456,8 @@ def _run_ray(bundle: Any, paths: list[str], out: Path | None, address: str | Non
     ray = _connect(address)
     actors, threads = plan_actors(int(ray.cluster_resources().get("CPU", 0)), actors, threads)
     probe = Predictor(bundle, threads=1, **options)  # fails here, once, on a bundle or provider problem
-    writer = RowWriter(out, probe.detector, probe.classes) if out else None
     log.info("Ray: %d image(s), %d actor(s) x %d thread(s), batches of %d", len(paths), actors, threads, batch_size)
     t0 = time.perf_counter()
-    kept: list[dict[str, Any]] = []
-    done = failed = 0
     # blocks of ~8 batches: a task is long enough to hide Ray's per-task cost, short enough that a lost
     # node costs little redone work and rows reach the output steadily
     blocks = min(max(len(paths) // (batch_size * 8), actors * 4), MAX_BLOCKS)
@@ -465,18 +466,7 @@ def _run_ray(bundle: Any, paths: list[str], out: Path | None, address: str | Non
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"files": bundle_files(bundle), "threads": threads, "batch_size": batch_size, "options": options},
     )
-    try:
+    with RowWriter(out, probe.detector, probe.classes) as rows_out:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            done += table.num_rows
-            failed += table.num_rows - table.column("error").null_count
-            if writer:
-                writer.write_table(table)
-            else:
-                kept.extend(table.to_pylist())
-    except BaseException:
-        if writer:
-            writer.close(complete=False)
-        raise
-    if writer:
-        writer.close(complete=True)
-    return BatchRun(out, done, failed, time.perf_counter() - t0, "ray", actors, threads, kept)
+            rows_out.write_table(table)
+    return BatchRun(out, rows_out.done, rows_out.failed, time.perf_counter() - t0, "ray", actors, threads, rows_out.kept)
