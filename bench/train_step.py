@@ -10,7 +10,9 @@ median step counts; a shared machine is noisy). Rows:
   AVX512-BF16 get; not run where bf16 is emulated, ~10x slower there)
 - + compile: the row lensforge picks for this CPU with ``--compile`` (torch.compile, inductor)
 
-"step" is the median steady-state step (after the first); "first" is the first step (for the
+"step" is the median steady-state step (after the first), "ratio" the plain loop's step over
+it; "cpu ratio" the same on this process's CPU seconds per step, steadier than wall time where
+other work competes for the cores (the load average in the header says so); "first" is the first step (for the
 compile row: compiling, from an empty inductor cache as on a user's first run); "total" is the
 whole ``fit`` call (Trainer set-up, every step, the final checkpoint). "break-even" is the
 number of steps after which compiling has paid for itself.
@@ -53,6 +55,7 @@ class Timing:
 
     def __init__(self) -> None:
         self.steps: list[float] = []
+        self.cpu: list[float] = []  # this process's CPU seconds per step: steadier than wall on a shared machine
         self.total = 0.0
 
 
@@ -63,12 +66,13 @@ def plain_loop(data: torch.utils.data.DataLoader, lr: float) -> Timing:
     model = Classifier(create_backbone(pretrained=False)[0], 10).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for x, y in data:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         out.steps.append(time.perf_counter() - t)
+        out.cpu.append(time.process_time() - c)
     out.total = time.perf_counter() - t0
     return out
 
@@ -80,10 +84,11 @@ class TimedModule(ClassifierModule):
     timing: Timing
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.timing.steps.append(time.perf_counter() - self._t)
+        self.timing.cpu.append(time.process_time() - self._c)
 
 
 def lensforge_fit(data: torch.utils.data.DataLoader, lr: float, precision: str, compile: bool) -> Timing:
@@ -140,11 +145,12 @@ def main() -> None:
     print(f"# {describe()} | torch {torch.__version__} | load average {load_before or 0:.1f} → {load_after or 0:.1f} "
           f"| lensforge picks precision {chosen}, channels_last")
 
-    def step(name: str) -> float:
-        return statistics.median(s for t in results[name] for s in (t.steps[1:] or t.steps))
+    def step(name: str, what: str = "steps") -> float:
+        return statistics.median(s for t in results[name] for s in (getattr(t, what)[1:] or getattr(t, what)))
 
-    base = step("plain fp32 PyTorch")
-    print(f"{'loop':28} {'img/s':>8} {'ratio':>7} {'step s':>8} {'first s':>8} {'total s':>8} {'break-even':>10}")
+    base, base_cpu = step("plain fp32 PyTorch"), step("plain fp32 PyTorch", "cpu")
+    print(f"{'loop':28} {'img/s':>8} {'ratio':>7} {'step s':>8} {'cpu ratio':>9} {'first s':>8} {'total s':>8} "
+          f"{'break-even':>10}")
     for name in rows:
         s = step(name)
         first = max(t.steps[0] for t in results[name])
@@ -155,7 +161,8 @@ def main() -> None:
             eager = eager if eager in rows else "lensforge fp32"
             saved, extra = step(eager) - s, first - max(t.steps[0] for t in results[eager])
             even = f"{extra / saved:.0f} steps" if saved > 0 else "never"
-        print(f"{name:28} {args.batch / s:8.1f} {base / s:6.2f}x {s:8.3f} {first:8.2f} {total:8.2f} {even:>10}")
+        print(f"{name:28} {args.batch / s:8.1f} {base / s:6.2f}x {s:8.3f} {base_cpu / step(name, 'cpu'):8.2f}x "
+              f"{first:8.2f} {total:8.2f} {even:>10}")
 
 
 if __name__ == "__main__":
