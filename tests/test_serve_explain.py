@@ -20,7 +20,7 @@ from lensforge.errors import RequestError
 from lensforge.runtime import Predictor
 from lensforge.runtime.bundle import EXPLAIN_FILE
 from lensforge.serve import create_app
-from lensforge.serve.explain import negotiate
+from lensforge.serve.explain import encode_png, negotiate
 
 CAP = 1_000_000
 
@@ -83,6 +83,23 @@ def test_overlay_has_the_image_size(live: LiveServer, photo: Path, path: str, kw
     # a heat map, not the image sent back: the overlay differs from the original almost everywhere
     original = np.asarray(Image.open(photo).convert("RGB"), np.int16)
     assert (np.abs(np.asarray(out, np.int16) - original).sum(axis=2) > 30).mean() > 0.5
+
+
+@pytest.mark.parametrize("size", [(640, 427), (1, 1), (1, 7), (9, 1), (33, 20)])
+def test_png_is_exact(size: tuple[int, int]) -> None:
+    """encode_png (Sub filter + zlib RLE, instead of Pillow's slower writer) decodes to the same pixels,
+    for a real photo, a flat image and odd sizes (one pixel wide: no left neighbour anywhere)."""
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[1]).resize(size)
+    flat = Image.new("RGB", size, (90, 200, 30))
+    for img in (photo, flat, photo.convert("L")):
+        data = encode_png(img)
+        Image.open(io.BytesIO(data)).verify()  # chunk CRCs and structure
+        out = decoded(data)
+        assert out.format == "PNG" and out.mode == "RGB" and out.size == size
+        assert (np.asarray(out) == np.asarray(img.convert("RGB"))).all()
+    assert len(encode_png(Image.new("RGB", (640, 427), (90, 200, 30)))) < 5000  # runs compress
 
 
 def test_json_equals_the_predictor(live: LiveServer, photo: Path, shapes_bundle: Path) -> None:

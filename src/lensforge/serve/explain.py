@@ -26,10 +26,12 @@ inference thread (between predict batches, never on the event loop), at most
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
+import struct
+import zlib
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -126,25 +128,50 @@ def check_label(model: Model, label: str) -> None:
         raise RequestError(400, "unknown_label", str(e)[:500]) from None
 
 
-PNG_COMPRESS_LEVEL = 1  # zlib's fastest: ~25 % faster than level 3 on a 640x427 overlay for a few % more bytes
+PNG_LEVEL = 1  # with Z_RLE the level barely matters (runs only); 1 is the fastest that still compresses
 
 
 def render(explanation: Explanation, fmt: str) -> bytes:
-    """The overlay encoded as ``fmt`` ("png" | "jpeg"); runs in the decode pool. PNG at zlib level 1:
-    an overlay is sent once and shown, so encode time (the route's largest cost) beats bytes."""
+    """The overlay encoded as ``fmt`` ("png" | "jpeg"); runs in the decode pool. JPEG as ``/annotate``
+    encodes (quality 90: 0.7 ms at 640x427); PNG through :func:`encode_png` (lossless, the web page's)."""
     if fmt == "png":
-        buf = io.BytesIO()
-        explanation.overlay().save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        return buf.getvalue()
+        return encode_png(explanation.overlay())
     return encode_image(explanation.overlay(), fmt)
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """``img`` as an 8-bit RGB PNG: every row with the Sub filter (each byte minus the pixel to its
+    left, one numpy subtraction for the whole image) deflated with zlib's run-length strategy.
+
+    Why not Pillow's PNG writer: it picks a filter per row by trying all five (~10 ms of a 640x427
+    overlay) and then runs full deflate (~10 ms more at level 1); the overlay's PNG was ~20 ms, most of
+    ``/explain?format=png``'s cost over ``/predict``. Sub + Z_RLE: ~8 ms and ~10 % fewer bytes on a
+    photo overlay, ~1 ms and a few kB on flat images (runs of equal pixels become runs of zeros).
+    Any PNG decoder reads it (filter method 0, no interlace); the pixels are exact."""
+    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    h, w = rgb.shape[:2]
+    rows = rgb.reshape(h, w * 3)
+    raw = np.empty((h, 1 + w * 3), np.uint8)
+    raw[:, 0] = 1  # filter type Sub
+    raw[:, 1:4] = rows[:, :3]  # the first pixel of a row has no left neighbour (0)
+    np.subtract(rows[:, 3:], rows[:, :-3], out=raw[:, 4:])  # uint8: wraps modulo 256, as PNG defines
+    deflate = zlib.compressobj(PNG_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = deflate.compress(raw) + deflate.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, filter 0, no interlace
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def negotiate(query: str | None, accept: str | None) -> str:
     """``?format=`` (png | jpeg | jpg | json) or else ``Accept`` → "png" | "jpeg" | "json".
 
     JPEG unless the client asks for PNG or JSON (``?format=``, or ranked above JPEG in ``Accept``):
-    encoding the overlay as PNG costs ~20x JPEG's time and was most of the route's latency (issue 14's
-    goal, /explain <= 1.5x /predict); PNG stays exact for those who want it (the web page asks for it).
+    encoding the overlay as PNG costs ~10x JPEG's time (8 vs 0.7 ms at 640x427, :func:`encode_png`) and
+    is sent as ~5x the bytes (issue 14's goal, /explain <= 1.5x /predict); PNG stays exact for those who
+    want it (the web page asks for it).
     400 for an unknown ``format``, 406 when ``Accept`` allows none of the three."""
     return negotiate_media(query, accept, MEDIA_TYPES, default="jpeg", route="/explain")
 
