@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-import lensforge.training.finetune as finetune  # noqa: E402
-from lensforge.config import TrainConfig  # noqa: E402
-from lensforge.training.finetune import ClassifierModule, fit  # noqa: E402
+from lensforge.config import TrainConfig
+from lensforge.training import finetune
+from lensforge.training.finetune import ClassifierModule, fit
 
 
 class _Net(nn.Module):

@@ -76,8 +76,8 @@ class TrainConfig:
     workers: int = 0  # data-loader processes; 0 decodes in the main process
     threads: int | None = None  # torch intra-op threads (default: every core this process may use)
     precision: str = "auto"  # auto = bf16 only where the CPU/GPU has it natively
-    compile: bool = False  # classifiers: train through torch.compile (inductor). Minutes of compiling before the first
-    # step buy ~1.2x per step after it on CPU (bench/train_step.py), so it pays only in runs of hundreds of steps
+    compile: bool = False  # classifiers: train through torch.compile (inductor). On CPU it compiles for minutes before
+    # the first step and no steady per-step gain was measured (bench/train_step.py), so it is off by default
     devices: int = 1  # training processes on this machine (one per GPU, or CPU processes); more than one in all
     # trains with DDP, launched by Lightning itself (README "Scaling out")
     num_nodes: int = 1  # machines taking part; start the same command on each (torchrun or SLURM, README "Scaling out")

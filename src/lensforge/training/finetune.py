@@ -46,6 +46,8 @@ class ClassifierModule(L.LightningModule):
     linear warmup then cosine decay, stepped per batch; the head learns 10x faster than the
     pretrained backbone."""
 
+    train_forward: Callable[[torch.Tensor], torch.Tensor] | None
+
     def __init__(self, model: nn.Module, multilabel: bool, cfg: TrainConfig, steps_per_epoch: int) -> None:
         super().__init__()
         self.model = model
@@ -418,7 +420,7 @@ def fit(
         # checked after validation: a max_steps stop mid-epoch ends the epoch without one
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
     precision = precision or choose_precision(cfg.precision)
-    if cfg.compile and hasattr(module, "compile_training"):
+    if cfg.compile and isinstance(module, ClassifierModule):  # detectors' varying image sizes would recompile
         module.compile_training()
     tracker = active_tracker()
     trainer = L.Trainer(
@@ -449,6 +451,6 @@ def fit(
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format)
-    if getattr(module, "train_forward", None) is not None:
+    if isinstance(module, ClassifierModule):
         object.__setattr__(module, "train_forward", None)  # frees the compiled graphs; export runs eager
     return module, FitResult(best, epochs.history, precision, trainer.current_epoch)
