@@ -9,6 +9,9 @@ overlay at that size, the 7x7 map upsampled for display only.
 
     python bench/serve_explain.py [BUNDLE] [--image PATH] [--requests 50] [--smoke]
 
+Last, the same image in-process (no HTTP, no threads between steps), median ms of each step of an
+explanation next to predict's: where the route's time over /predict goes.
+
 Without BUNDLE it builds one (EfficientNet-Lite0, random weights, with its explain graph);
 ``--smoke``: a 64 px one and 5 requests per route, seconds.
 
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 import uvicorn
@@ -126,9 +130,46 @@ def report(title: str, times: dict[str, list[float]]) -> None:
         print(f"{name:<20}{p50 * 1e3:>9.1f}{p90 * 1e3:>9.1f}{p50 / base:>11.2f}")
 
 
+def steps(bundle: Path, data: bytes, rounds: int) -> dict[str, float]:
+    """Median ms of each step of one explanation in-process, beside predict's: decode, the explain graph
+    vs the predict graph, the map brought to the image (to_image), the overlay, JPEG and PNG encoding."""
+    from lensforge.runtime import Predictor
+    from lensforge.runtime.explain import explanations
+    from lensforge.runtime.preprocess import preprocess
+    from lensforge.serve.explain import encode_png, render
+
+    predictor = Predictor(bundle)
+    img = predictor.load(data)
+    predictor.explain(img)  # opens the explain session
+    explainer = predictor._explainer
+    assert explainer is not None
+    batch = preprocess(img, explainer.spec)[None]
+    times: dict[str, list[float]] = {}
+
+    def timed_step(name: str, fn: Any, *a: Any) -> Any:
+        t = time.perf_counter()
+        out = fn(*a)
+        times.setdefault(name, []).append(time.perf_counter() - t)
+        return out
+
+    for _ in range(rounds):
+        timed_step("predict (all)", predictor.predict, data)
+        timed_step("decode", predictor.load, data)
+        timed_step("predict graph", predictor.run, batch)
+        cams, scores = timed_step("explain graph", explainer.run, batch)
+        e = timed_step("map to image", explanations, img, cams[0], scores[0], explainer.classes, explainer.spec,
+                       "cam", None, 1)[0]
+        overlay = timed_step("overlay", e.overlay)
+        timed_step("overlay + jpeg", render, e, "jpeg")  # as the route renders it
+        timed_step("png encode", encode_png, overlay)  # the encoding alone
+        timed_step("explain (all)", lambda: render(predictor.explain(data), "jpeg"))
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
 def run(args: argparse.Namespace) -> None:
     data = args.image.read_bytes() if args.image else sample_jpeg()
     big = twelve_mp_jpeg()
+    load_before = os.getloadavg()[0]
     url, server, thread = serve(args.bundle)
     routes = {"predict": "/predict/m", "explain jpeg": "/explain/m", "explain png": "/explain/m?format=png",
               "explain json": "/explain/m?format=json"}
@@ -138,11 +179,16 @@ def run(args: argparse.Namespace) -> None:
                           max(3, args.requests // 5), 1)
     server.should_exit = True
     thread.join(timeout=15)
+    in_process = steps(args.bundle, data, args.requests)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"# bundle {args.bundle}, {args.requests} requests per route, alternated")
     report(f"image {len(data) // 1000} kB", small_times)
     report(f"12 MP {len(big) // 1000} kB", big_times)
+    print(f"in-process, image   {'p50 ms':>9}")
+    for name, ms in in_process.items():
+        print(f"{name:<20}{ms:>9.2f}")
+    print(f"explain (all) / predict (all) in-process: {in_process['explain (all)'] / in_process['predict (all)']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def draw_overlay(e: Explanation, alpha: float = ALPHA, colorbar: bool = True) ->
     fnt = font(style.font_size)
     draw = ImageDraw.Draw(out)
     text = f"{e.label} {e.score:.2f} ({e.method}{'' if e.head is None else f', head {e.head}'})"
-    x1, y1, x2, y2 = draw.textbbox((0, 0), text, font=fnt)
+    x1, _, x2, y2 = (int(v) for v in draw.textbbox((0, 0), text, font=fnt))
     box = (0, 0, min(w, x2 - x1 + 2 * style.pad), min(h, y2 + 2 * style.pad))
     region = out.crop(box)
     out.paste(Image.blend(region, Image.new("RGB", region.size, (0, 0, 0)), PANEL_ALPHA), box)

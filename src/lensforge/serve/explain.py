@@ -156,7 +156,7 @@ def encode_png(img: Image.Image) -> bytes:
     raw[:, 1:4] = rows[:, :3]  # the first pixel of a row has no left neighbour (0)
     np.subtract(rows[:, 3:], rows[:, :-3], out=raw[:, 4:])  # uint8: wraps modulo 256, as PNG defines
     deflate = zlib.compressobj(PNG_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    data = deflate.compress(raw) + deflate.flush()
+    data = deflate.compress(raw.data) + deflate.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, filter 0, no interlace
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
