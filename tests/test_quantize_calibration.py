@@ -59,14 +59,53 @@ def test_auto_picks_the_best_candidate_on_val_and_is_judged_on_test(colour_bundl
     rec = _meta(out)["export"]
     auto = rec["auto"]
     assert auto["chosen_on"]["split"] == "val" and rec["checked_on"]["split"] == "test"
-    got = {(c["calibration"], c["float_head"]) for c in auto["candidates"]}
-    assert got == {(c, h) for c in CALIBRATIONS for h in (False, True)}  # every calibration, head int8 and float
+    got = {(c["calibration"], c["float_head"], c["float_first_block"]) for c in auto["candidates"]}
+    # every calibration, head int8 and float, first block int8 and float
+    assert got == {(c, h, b) for c in CALIBRATIONS for h in (False, True) for b in (False, True)}
     best = max(c["points"] for c in auto["candidates"])
-    chosen = next(c for c in auto["candidates"] if (c["calibration"], c["float_head"]) == (rec["calibrate_method"], rec["float_head"]))
+    key = ("calibration", "float_head", "float_first_block")
+    chosen = next(c for c in auto["candidates"]
+                  if tuple(c[k] for k in key) == (rec["calibrate_method"], rec["float_head"], rec["float_first_block"]))
     assert chosen["points"] == best
     assert rec["chosen_by"].startswith(f"auto: {rec['calibrate_method']}") and rec["chosen_by"] == auto["chosen_by"]
     head = [n for n in rec["float_nodes"] if "Gemm" in n or "MatMul" in n]
     assert bool(head) == rec["float_head"]  # a float head is named among the float nodes, and only then
+
+
+def test_first_block_is_found_by_graph_inspection(colour_bundle: Path, tmp_path: Path) -> None:
+    from lensforge.export.quantize import _first_block, _input_convs
+
+    graph = onnx.load(str(colour_bundle / "model.onnx")).graph
+    # rename every node: the block must be found by the graph's shape, not by timm's names
+    for i, n in enumerate(graph.node):
+        n.name = f"n{i}"
+    nodes = {n.name: n for n in graph.node}
+    block = _first_block(graph, _input_convs(graph))
+    weights = {t.name: t for t in graph.initializer}
+
+    def group(n: onnx.NodeProto) -> int:
+        return next((a.i for a in n.attribute if a.name == "group"), 1)
+
+    # EfficientNet-Lite0's first block: a depthwise conv (group == channels, one input channel
+    # per filter) then the pointwise conv that ends the block
+    assert [nodes[b].op_type for b in block] == ["Conv", "Conv"]
+    dw, pw = nodes[block[0]], nodes[block[1]]
+    assert group(dw) > 1 and weights[dw.input[1]].dims[1] == 1 and weights[dw.input[1]].dims[0] == group(dw)
+    assert group(pw) == 1
+    assert _first_block(graph, []) == []  # no stem, no block
+
+
+def test_float_first_block_candidate_keeps_those_convs_float(colour_bundle: Path, tmp_path: Path) -> None:
+    out = export_int8(colour_bundle, tmp_path / "auto", calib=8, max_drop=50)
+    rec = _meta(out)["export"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    weights = {t.name for t in graph.initializer}
+    dq_weights = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
+    float_convs = {name for name, n in convs.items() if n.input[1] not in dq_weights}
+    first = [n for n in rec["float_nodes"] if "blocks.0.0" in n]
+    assert bool(first) == rec["float_first_block"]
+    assert set(first) <= float_convs  # recorded float nodes really run on float weights
 
 
 def test_static_is_read_as_minmax(colour_bundle: Path, tmp_path: Path) -> None:
