@@ -88,3 +88,15 @@ def test_a_refused_int8_says_on_which_images(shapes_bundle: Path, tmp_path: Path
     console = Console(file=io.StringIO(), width=200)
     print_report(report, console)
     assert "refused" in console.file.getvalue()
+
+
+def test_parity_table_carries_how_int8_was_made(tmp_path: Path) -> None:
+    """The int8 row says which calibration --method auto chose, including the float first block."""
+    from lensforge.export.parity import _decided  # the record reader behind ParityReport.decided
+
+    record = {"fp32": 77.2, "int8": 78.0, "metric": "accuracy", "calibrate_method": "minmax", "float_head": False,
+              "float_first_block": True, "chosen_by": "val accuracy: minmax + float first block", "unrelated": 1}
+    (tmp_path / "lensforge.json").write_text(json.dumps({"export": record}))
+    got = _decided(tmp_path, "int8")
+    assert got["float_first_block"] is True and got["calibrate_method"] == "minmax" and got["drop_points"] == -0.8
+    assert "unrelated" not in got

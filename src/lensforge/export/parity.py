@@ -202,7 +202,8 @@ def _decided(bundle: Path, precision: str) -> dict[str, Any]:
     decided = {"checked_on": record.get("checked_on"), "metric": record.get("metric"), "fp32": fp32, precision: own,
                "drop_points": drop, "kept": True}
     # how int8 was made: the calibration --method auto chose, and on which figures
-    decided.update({k: record[k] for k in ("calibrate_method", "float_head", "chosen_by") if k in record})
+    decided.update({k: record[k] for k in ("calibrate_method", "float_head", "float_first_block", "chosen_by")
+                    if k in record})
     return decided
 
 
