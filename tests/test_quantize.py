@@ -20,29 +20,6 @@ from lensforge.errors import BundleError, ExportError
 from lensforge.export.quantize import export_fp16, export_int8
 from lensforge.runtime import Predictor
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
-
-@pytest.fixture(scope="module")
-def colour_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A linear probe on EfficientNet-Lite0 features over 4 noisy colour classes x 10 PNGs.
-
-    Not the shapes fixture: three fine-tuning steps leave that at chance (25%), where a
-    broken int8 model cannot score lower. The probe reaches 100% on its 8 test images, so
-    a quantisation drop is visible.
-    """
-    import lensforge
-
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / "data" / name / f"{i}.png")
-    run = lensforge.train(data=str(root / "data"), out=str(root / "run"), image_size=64, probe=True)
-    return Path(run.bundle_dir)
-
 
 @pytest.fixture(scope="module")
 def black_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
 from lensforge.errors import ExportError
 from lensforge.export.quantize import (
@@ -19,28 +18,9 @@ from lensforge.export.quantize import (
 )
 from lensforge.runtime import Predictor
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
 
 def _meta(bundle: Path) -> dict:
     return json.loads((bundle / "lensforge.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def colour_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A linear probe on EfficientNet-Lite0 features over 4 noisy colour classes x 10 PNGs
-    (train / val / test saved in split.json)."""
-    import lensforge
-
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / "data" / name / f"{i}.png")
-    run = lensforge.train(data=str(root / "data"), out=str(root / "run"), image_size=64, probe=True)
-    return Path(run.bundle_dir)
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
