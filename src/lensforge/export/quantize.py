@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -325,6 +326,20 @@ class _CalibrationReader(CalibrationDataReader):
         self._it = self.batches()
 
 
+@contextlib.contextmanager
+def _quiet_ort() -> Iterator[None]:
+    """ORT's histogram calibrators print() a line per batch ("Collecting tensor data and making
+    histogram ...") and their thresholds: 1000 images flooded the terminal around the progress
+    bar. Their stdout goes to the debug log instead (only around ORT's calls, not our bars)."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        if buf.getvalue().strip():
+            log.debug("onnxruntime calibration: %s", buf.getvalue().strip())
+
+
 class _OneBatch(CalibrationDataReader):
     """A reader of a single batch: what each ``collect_data`` call of :func:`_calibrate` gets."""
 
@@ -353,10 +368,12 @@ def _calibrate(model_in: Path, calibration: str, reader: _CalibrationReader, op_
                                    calibrate_method=_ort_method(calibration))
     try:
         for batch in reader.batches():
-            calibrator.collect_data(_OneBatch(batch))
+            with _quiet_ort():
+                calibrator.collect_data(_OneBatch(batch))
         if reader.used == 0:
             raise ExportError(f"none of the {len(reader.paths)} calibration images could be read")
-        save_tensors_data(calibrator.compute_data(), cache)
+        with _quiet_ort():
+            save_tensors_data(calibrator.compute_data(), cache)
     finally:
         del calibrator  # its InferenceSession holds the augmented model open
 
