@@ -96,6 +96,16 @@ def test_overlay_is_the_image_size() -> None:
         Explanation(np.full((2, 2), 2, np.float32), "cat", 0.9, "cam")
 
 
+def test_overlay_label_fits_a_small_image() -> None:
+    """On a 64 px image "3 0.75 (cam)" is wider than the image: the label drops the method
+    instead of being cut off mid-word, so its dark panel stops short of the right edge."""
+    img = Image.new("RGB", (64, 64), (200, 200, 200))
+    e = Explanation(np.zeros((64, 64), np.float32), "3", 0.75, "cam", img)
+    out = e.overlay(colorbar=False)
+    assert out.getpixel((63, 4)) == out.getpixel((63, 60))  # no panel at the top-right corner
+    assert out.getpixel((2, 4)) != out.getpixel((2, 60))  # the panel is there, at the left
+
+
 def test_colour_map_lookup_follows_the_turbo_polynomial() -> None:
     """The 256-entry look-up (the overlay's fast path) against the polynomial it samples: within
     one quantisation step of the map (turbo's steepest channel moves ~6 levels per step)."""

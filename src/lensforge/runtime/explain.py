@@ -208,7 +208,10 @@ def draw_overlay(e: Explanation, alpha: float = ALPHA, colorbar: bool = True) ->
     style = Style.for_size(w, h)
     fnt = font(style.font_size)
     draw = ImageDraw.Draw(out)
-    text = f"{e.label} {e.score:.2f} ({e.method}{'' if e.head is None else f', head {e.head}'})"
+    # the longest of these that fits the width: on a small image "(cam)" was cut off mid-word
+    texts = [f"{e.label} {e.score:.2f} ({e.method}{'' if e.head is None else f', head {e.head}'})",
+             f"{e.label} {e.score:.2f}", str(e.label)]
+    text = next((t for t in texts if draw.textlength(t, font=fnt) + 2 * style.pad <= w), texts[-1])
     x1, _, x2, y2 = (int(v) for v in draw.textbbox((0, 0), text, font=fnt))
     box = (0, 0, min(w, x2 - x1 + 2 * style.pad), min(h, y2 + 2 * style.pad))
     region = out.crop(box)
