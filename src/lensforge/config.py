@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 0  # split and training seed
     workers: int = 0  # data-loader processes; 0 decodes in the main process
     threads: int | None = None  # torch intra-op threads (default: every core this process may use)
-    precision: str = "auto"  # auto = bf16 only where the CPU/GPU has it natively
+    precision: str = "auto"  # auto = mixed precision on a GPU, fp32 on a CPU (bf16 there is faster with AMX/AVX512-BF16 but scored lower)
     compile: bool = False  # classifiers: train through torch.compile (inductor). On CPU it compiles for minutes before
     # the first step and no steady per-step gain was measured (bench/train_step.py), so it is off by default
     devices: int = 1  # training processes on this machine (one per GPU, or CPU processes); more than one in all
