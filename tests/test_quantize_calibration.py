@@ -154,3 +154,55 @@ def test_detector_fp16_is_refused_in_one_line(detect_bundle: Path, tmp_path: Pat
     with pytest.raises(ExportError, match="fp16 conversion breaks its box-decoding subgraphs; export it with --to onnx-int8"):
         export_fp16(detect_bundle, tmp_path / "fp16")
     assert not (tmp_path / "fp16").exists()
+
+
+def _resnet_bundle(tmp_path: Path) -> Path:
+    """A random-init ResNet-18 classifier bundle at 64 px: its freshly folded batch norms give
+    every convolution the same all-zero bias, which torch's exporter merges into one tensor."""
+    import torch
+    from PIL import Image
+
+    from lensforge.export.onnx import export_onnx
+    from lensforge.models import Classifier, ScoresModel, create_backbone
+    from lensforge.runtime import InputSpec
+    from lensforge.runtime.bundle import write_meta
+
+    backbone, _ = create_backbone("resnet18", pretrained=False)
+    model = ScoresModel(Classifier(backbone, 3), multilabel=False).eval()
+    bundle = tmp_path / "fp32"
+    bundle.mkdir()
+    export_onnx(model, torch.zeros(1, 3, 64, 64), bundle / "model.onnx")
+    write_meta(bundle, {"task": "classify", "classes": ["a", "b", "c"], "input": InputSpec.for_size(64).to_dict()})
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((80, 80)).save(calib / f"{i}.png")
+    return bundle
+
+
+def test_resnet_int8_keeps_the_stem_and_its_pool_float_and_unshared(tmp_path: Path) -> None:
+    fp32 = _resnet_bundle(tmp_path)
+    out = export_int8(fp32, tmp_path / "int8", method="minmax", calib_dir=tmp_path / "calib", calib=4, force=True)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    weights = {t.name for t in graph.initializer}
+    stem = next(n for n in graph.node if n.op_type == "Conv" and n.input[0] == "images")
+    # every input but the image is a float initializer of its own: no DequantizeLinear at run
+    # time, which kept ORT from fusing the stem into its blocked layout
+    assert all(i in weights for i in stem.input[1:])
+    pool = next(n for n in graph.node if n.op_type == "MaxPool")
+    assert pool.name in _meta(out)["export"]["float_nodes"]
+
+    # the Predictor leaves the quantiser after the pool: ORT's optimised graph keeps the pool float
+    pred = Predictor(out, cache_optimized=True)
+    assert pred.optimized_path is not None
+    opt = onnx.load(str(pred.optimized_path)).graph
+    producer = {o: n for n in opt.node for o in n.output}
+    pool = next(n for n in opt.node if n.op_type == "MaxPool")
+    assert producer[pool.input[0]].op_type != "QuantizeLinear"
+    # and it changes no score: max-pooling commutes with the monotonic quantiser
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    default = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(pred.session.run(None, {"images": x})[0], default.run(None, {"images": x})[0])

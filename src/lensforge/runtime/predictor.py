@@ -118,6 +118,7 @@ class Predictor:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         self.optimized_path: Path | None = None  # the cached optimised graph this session came from
+        self._disabled = disabled_optimizers(self.bundle)
         self.session = self._open(opts, wanted, optimization, cache_optimized)
         self._opts = opts
         self._explainer: CamExplainer | None = None  # explain.onnx's session, opened by the first explain()
@@ -178,7 +179,8 @@ class Predictor:
             # the saved graph is already optimised: loading it skips that work (the point of the cache)
             load_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                session = ort.InferenceSession(str(target), load_opts, providers=providers)
+                session = ort.InferenceSession(str(target), load_opts, providers=providers,
+                                               disabled_optimizers=self._disabled)
             except Exception as e:  # noqa: BLE001 - a truncated or foreign file: optimise again
                 log.warning("cached optimised model %s could not be loaded (%s); optimising again", target, _first_line(e))
             else:
@@ -189,7 +191,8 @@ class Predictor:
         save_opts = _copy_options(opts)
         save_opts.optimized_model_filepath = str(tmp)
         try:
-            session = ort.InferenceSession(str(source), save_opts, providers=providers)
+            session = ort.InferenceSession(str(source), save_opts, providers=providers,
+                                           disabled_optimizers=self._disabled)
             os.replace(tmp, target)
             sidecar.write_text(json.dumps(stamp) + "\n")
         except Exception as e:  # noqa: BLE001 - e.g. compiled nodes (TensorRT, OpenVINO) cannot be serialised
@@ -202,7 +205,7 @@ class Predictor:
 
     def _session(self, path: str, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(path, opts, providers=providers)
+            return ort.InferenceSession(path, opts, providers=providers, disabled_optimizers=self._disabled)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
             raise BundleError(f"{path} could not be loaded by onnxruntime: {_first_line(e)}") from None
 
@@ -407,6 +410,19 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def disabled_optimizers(bundle: Bundle) -> list[str]:
+    """ORT graph optimisers to leave out for ``bundle``'s model.
+
+    int8 bundles: ``QDQPropagationTransformer``, which moves a QuantizeLinear up through
+    max-pools and reshapes. The int8 export keeps a ResNet's stem convolution and its max-pool
+    float and quantises after the pool; propagated, the pool ran on uint8 in NCHW (ORT's slow
+    path) and the stem left the blocked NCHWc layout for it. ResNet-50 int8, 224 px, batch 8,
+    2 threads on an AVX-512 VNNI EPYC: 310 → 287 ms, outputs identical (max-pooling commutes
+    with the monotonic quantiser); EfficientNet-Lite0 int8 (no pool there): unchanged.
+    """
+    return ["QDQPropagationTransformer"] if bundle.meta.get("precision") == "int8" else []
 
 
 def _copy_options(opts: ort.SessionOptions) -> ort.SessionOptions:
