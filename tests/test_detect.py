@@ -356,3 +356,27 @@ def test_cli_predict_detection_filters_need_a_detector(shapes_bundle: Path, shap
     image = next(shapes_dir.rglob("*.jpg"))
     assert main(["predict", str(shapes_bundle), str(image), "--max-det", "2"]) == 2
     assert "--max-det filter detections" in capsys.readouterr().err
+
+
+def test_exported_roi_pool_gathers_instead_of_scattering(detect_bundle: Path) -> None:
+    """The export-time RoI pool puts the per-level RoIAlign outputs back in proposal order with
+    one Gather; torchvision's traced merge scattered them (ScatterElements per level)."""
+    import onnx
+    import torch
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from lensforge.models.detector import _GatheredRoIAlign
+
+    ops = {n.op_type for n in onnx.load(str(detect_bundle / "model.onnx")).graph.node}
+    assert "RoiAlign" in ops and "ScatterElements" not in ops
+
+    torch.manual_seed(0)
+    features = {str(i): torch.rand(1, 8, 1024 // 2 ** (i + 2), 1024 // 2 ** (i + 2)) for i in range(4)}
+    sides = torch.cat([torch.full((15, 1), s) for s in (20.0, 120.0, 300.0, 700.0)])[torch.randperm(60)]
+    xy = torch.rand(60, 2) * (1024 - sides)
+    boxes = [torch.cat([xy, xy + sides * (0.8 + 0.4 * torch.rand(60, 2))], dim=1).clamp(max=1023)]
+    reference = MultiScaleRoIAlign(list(features), 7, 2)
+    expected = reference(features, boxes, [(1024, 1024)])
+    assert set(reference.map_levels(boxes).flatten().tolist()) == {0, 1, 2, 3}  # interleaved over every level
+    gathered = _GatheredRoIAlign(MultiScaleRoIAlign(list(features), 7, 2))
+    torch.testing.assert_close(gathered(features, boxes, [(1024, 1024)]), expected, rtol=0, atol=0)

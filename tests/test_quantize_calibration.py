@@ -126,20 +126,34 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def test_detector_int8_quantises_backbone_and_fpn_only(detect_bundle: Path, tmp_path: Path) -> None:
+def test_detector_int8_quantises_backbone_fpn_and_inner_heads(detect_bundle: Path, tmp_path: Path) -> None:
     out = export_int8(detect_bundle, tmp_path / "int8", method="minmax", calib=4, max_drop=100)
     graph = onnx.load(str(out / "model.onnx")).graph
     users = _consumers(graph)
+    producer = {o: n for n in graph.node for o in n.output}
     weights = {i.name for i in graph.initializer}
     # the ops that run on int8 weights: consumers of a DequantizeLinear of an initializer
     quantised = {u.name: u.op_type for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
                  for u in users.get(n.output[0], [])}
-    assert quantised and set(quantised.values()) == {"Conv"}
-    assert all("/backbone/" in name for name in quantised)  # the RPN and box heads keep float weights
-    assert not any(n.op_type == "QuantizeLinear" and "roi_heads" in n.name for n in graph.node)  # box head, NMS: float
+    assert set(quantised.values()) == {"Conv", "Gemm"}
+    inner = ("/backbone/", "/rpn/head/conv/", "/roi_heads/box_head/")
+    assert all(any(part in name for part in inner) for name in quantised)  # logits, box offsets: float weights
+    assert any("/rpn/head/conv/" in name for name in quantised) and any("box_head/fc6" in name for name in quantised)
+    assert not any(part in name for name in quantised for part in ("cls_logits", "bbox_pred", "box_predictor"))
+    # int8 tensors flow from convolution to convolution: every add, pool and upsampling in the
+    # backbone + FPN reads a DequantizeLinear and feeds a QuantizeLinear (ORT runs them in uint8),
+    # and the activations were folded into the convolutions' output ranges
+    between = [n for n in graph.node if "/backbone/" in n.name and n.op_type in ("Add", "MaxPool", "Resize")]
+    assert between
+    for n in between:
+        assert producer[n.input[0]].op_type == "DequantizeLinear", n.name
+        assert {u.op_type for u in users[n.output[0]]} == {"QuantizeLinear"}, n.name
+    stem = _meta(out)["export"]["float_nodes"]
+    assert not [n.name for n in graph.node if "/backbone/" in n.name and n.op_type in ("Relu", "Clip")
+                and not any(producer.get(n.input[0]) is not None and producer[n.input[0]].name == s for s in stem)]
     rec = _meta(out)["export"]
     assert rec["metric"] == "map50" and rec["checked_on"]["split"] == "test" and rec["int8"] is not None
-    assert set(rec["seconds_per_image"]) == {"fp32", "int8"} and rec["quantized"] == "backbone + FPN convolutions"
+    assert set(rec["seconds_per_image"]) == {"fp32", "int8"} and rec["quantized"] == "backbone + FPN + RPN conv + box head"
     boxes, scores, labels = Predictor(out).run_detector(np.random.default_rng(0).random((3, 96, 128), dtype=np.float32))
     assert boxes.shape[1:] == (4,) and boxes.dtype == np.float32 and len(scores) == len(labels)
 

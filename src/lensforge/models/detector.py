@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import _setup_scales  # private; export parity tests guard it
 
 from lensforge.errors import ModelError
 from lensforge.models.backbones import create_backbone, load_weights_file
@@ -216,9 +218,48 @@ class ExportableDetector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         transform = self.model.transform
+        heads = self.model.roi_heads
+        pool = heads.box_roi_pool
         transform.resize = _keep_size  # an instance attribute shadows the method while tracing
+        if isinstance(pool, MultiScaleRoIAlign):
+            heads.box_roi_pool = _GatheredRoIAlign(pool)
         try:
             out = self.model([images[0]])[0]
         finally:
             del transform.resize
+            heads.box_roi_pool = pool
         return out["boxes"], out["scores"], out["labels"] - 1
+
+
+class _GatheredRoIAlign(nn.Module):
+    """torchvision's MultiScaleRoIAlign as the exported graph should compute it: the
+    per-level RoIAlign outputs are concatenated and put back in proposal order with one
+    Gather, instead of torchvision's traced merge (a zero tensor, one ScatterElements per
+    level with a (K, C, 7, 7) int64 index built by Expand).
+
+    Same values, less work: Lite0-FPN at 512x764, 300 proposals, 2 threads (AVX-512 EPYC),
+    ORT profile: ScatterElements 6-12 ms + Expand 3.5 ms + ConstantOfShape 1.5 ms of an
+    80-120 ms run.
+    """
+
+    def __init__(self, pool: MultiScaleRoIAlign) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        pool = self.pool
+        features = [x[k] for k in pool.featmap_names if k in x]
+        if len(features) == 1:
+            return pool(x, boxes, image_shapes)  # one level: nothing to merge
+        if pool.scales is None or pool.map_levels is None:  # what torchvision's first call does
+            pool.scales, pool.map_levels = _setup_scales(features, image_shapes, pool.canonical_scale, pool.canonical_level)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        levels = pool.map_levels(boxes)
+        pooled, order = [], []
+        for level, (feature, scale) in enumerate(zip(features, pool.scales)):
+            idx = torch.where(levels == level)[0]
+            pooled.append(roi_align(feature, rois[idx], pool.output_size, spatial_scale=scale,
+                                    sampling_ratio=pool.sampling_ratio))
+            order.append(idx)
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
