@@ -225,3 +225,27 @@ def test_resnet_int8_keeps_the_stem_and_its_pool_float_and_unshared(tmp_path: Pa
     x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
     default = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(pred.session.run(None, {"images": x})[0], default.run(None, {"images": x})[0])
+
+
+def test_int8_export_reports_progress_of_each_stage(colour_bundle: Path, tmp_path: Path) -> None:
+    """A detector's int8 export on full-size photos takes minutes: each stage is tracked, every
+    item counted once."""
+    import contextlib
+
+    from lensforge.ui import Reporter
+
+    class Recording(Reporter):
+        def __init__(self) -> None:
+            self.tracks: list[tuple[str, int, int]] = []
+
+        @contextlib.contextmanager
+        def track(self, description: str, total: int, *, unit: str = "img", every: float | None = None):  # type: ignore[override]
+            done = [0]
+            yield lambda n=1: done.__setitem__(0, done[0] + n)
+            self.tracks.append((description, total, done[0]))
+
+    ui = Recording()
+    export_int8(colour_bundle, tmp_path / "int8", method="minmax", calib=13, reporter=ui)
+    assert [t[0] for t in ui.tracks] == ["calibrating (minmax)", "checking: fp32", "checking: int8"]
+    assert ui.tracks[0][1:] == (13, 13)
+    assert all(total == done > 0 for _, total, done in ui.tracks)

@@ -364,7 +364,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         from lensforge.export.quantize import export_int8
 
         written = export_int8(bundle.path, out, calib=args.calib, calib_dir=Path(args.calib_dir) if args.calib_dir else None,
-                              max_drop=args.max_drop, force=args.force, method=args.method, overwrite=args.overwrite)
+                              max_drop=args.max_drop, force=args.force, method=args.method, overwrite=args.overwrite,
+                              reporter=ui)
     elif args.to == "all":
         from lensforge.export.parity import export_all
 

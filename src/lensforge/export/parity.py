@@ -147,7 +147,7 @@ def export_all(
     decided = {"fp16": _decided(fp16, "fp16")}
     try:
         int8 = export_int8(src, out_root / "int8", calib=calib, calib_dir=Path(calib_dir) if calib_dir else None,
-                           method=method, max_drop=max_drop, force=force, overwrite=overwrite)
+                           method=method, max_drop=max_drop, force=force, overwrite=overwrite, reporter=ui)
         decided["int8"] = _decided(int8, "int8")
     except ExportError as e:
         if force:

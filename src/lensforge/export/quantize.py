@@ -34,7 +34,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from lensforge.runtime.bundle import (
 from lensforge.runtime.predictor import Predictor
 from lensforge.tasks import get_task
 from lensforge.tasks.base import Scored
+from lensforge.ui import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def export_int8(
     force: bool = False,
     method: str = "auto",
     overwrite: bool = False,
+    reporter: Reporter | None = None,
 ) -> Path:
     """Write an int8 copy of ``bundle`` to ``out``; returns ``out``.
 
@@ -183,6 +185,9 @@ def export_int8(
     method "dynamic": weights only (``quantize_dynamic``), activations quantised at run time
         per batch; needs no calibration images. "static" is the old name of "minmax".
 
+    ``reporter`` shows progress: calibration, each candidate scored, the final check (minutes
+    for a detector on full-size photos).
+
     The fp32 and int8 models are then scored on :func:`check_records` (the saved test, else
     val, split, up to :data:`CHECK_IMAGES` images); accuracy (mAP for multi-label, mAP50 for
     detectors) in points, the drop, which images (``checked_on``) and the speed of both
@@ -191,6 +196,7 @@ def export_int8(
     and writes nothing, unless ``force``; the decision and the record use the same images.
     """
     method = "minmax" if method == "static" else method
+    ui = reporter or Reporter()
     if method not in METHODS:
         raise ExportError(f"unknown int8 method {method!r}; use one of {', '.join(METHODS)}")
     if method != "dynamic" and calib < 1:
@@ -212,7 +218,7 @@ def export_int8(
     # scratch beside the output, not in the system temp dir: a kill -9 leaves it where the next
     # export there sweeps it (see staging_directory)
     with staging_directory(out.parent, f"{out.name}.work") as work, _tempfiles_in(work):
-        model_file, settings = _quantize(src, ref, calib_images, method, work, (records, split_name, split_size))
+        model_file, settings = _quantize(src, ref, calib_images, method, work, (records, split_name, split_size), ui)
         with atomic_directory(out, overwrite=overwrite) as tmp:
             shutil.copyfile(model_file, tmp / MODEL_FILE)
             _copy_files(src, tmp)
@@ -220,7 +226,7 @@ def export_int8(
             cand = Predictor(Bundle(tmp, new))
             record: dict[str, Any] = {**settings, "cpu": describe(), "int8_dot": has_int8_dot()}
             if records:
-                record.update(_compare(src, ref, cand, records, "int8"))
+                record.update(_compare(src, ref, cand, records, "int8", ui))
                 record["checked_on"] = checked_on(split_name, record.pop("images"), split_size)
                 hint = "--calib more images" if method != "dynamic" else "a calibrated --method"
                 _guard(record, "int8", max_drop, force, hint=hint)
@@ -363,7 +369,8 @@ class _OneBatch(CalibrationDataReader):
         return batch
 
 
-def _calibrate(model_in: Path, calibration: str, reader: _CalibrationReader, op_types: list[str] | None, cache: Path) -> None:
+def _calibrate(model_in: Path, calibration: str, reader: _CalibrationReader, op_types: list[str] | None, cache: Path,
+               advance: Callable[[int], None] = lambda n: None) -> None:
     """Activation ranges of ``model_in`` by ``calibration`` into ``cache`` (ORT's JSON calibration
     cache, which ``quantize_static(calibration_cache_path=...)`` then reads).
 
@@ -382,6 +389,7 @@ def _calibrate(model_in: Path, calibration: str, reader: _CalibrationReader, op_
         for batch in reader.batches():
             with _quiet_ort():
                 calibrator.collect_data(_OneBatch(batch))
+            advance(len(next(iter(batch.values()))))
         if reader.used == 0:
             raise ExportError(f"none of the {len(reader.paths)} calibration images could be read")
         with _quiet_ort():
@@ -423,7 +431,7 @@ def _plan(src: Bundle, model_path: Path) -> _Plan:
 
 def _quantize(
     src: Bundle, ref: Predictor, calib: tuple[list[Path], str], method: str, work: Path,
-    check: tuple[list[Record], str | None, int],
+    check: tuple[list[Record], str | None, int], ui: Reporter,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantise ``src``'s model in ``work``; returns (the int8 model file, the settings to record)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -458,7 +466,8 @@ def _quantize(
         candidates = []
         for c in calibrations:
             cache = work / f"ranges-{c}.json"
-            _calibrate(model_in, c, reader, plan.op_types, cache)
+            with ui.track(f"calibrating ({c})", len(reader.paths)) as advance:
+                _calibrate(model_in, c, reader, plan.op_types, cache, advance)
             heads = (False, True) if method == "auto" and plan.head else (False,)
             firsts = (False, True) if method == "auto" and plan.first_block else (False,)
             candidates += [_Candidate(c, h, b, _quantize_static(model_in, plan, c, h, b, cache, work))
@@ -467,7 +476,7 @@ def _quantize(
         raise
     except Exception as e:  # ORT raises plain RuntimeError/ValueError/its own Fail types
         raise ExportError(f"int8 quantisation of {src.model_path} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    chosen, auto = _pick(src, ref, candidates, check) if len(candidates) > 1 else (candidates[0], None)
+    chosen, auto = _pick(src, ref, candidates, check, ui) if len(candidates) > 1 else (candidates[0], None)
     settings: dict[str, Any] = {
         "method": "static", "format": "QDQ", "activation": "QUInt8", "weight": "QInt8", "per_channel": True,
         "reduce_range": reduce_range, "calibrate_method": chosen.calibration, "float_head": chosen.float_head,
@@ -513,7 +522,8 @@ class _Candidate:
 
 
 def _pick(
-    src: Bundle, ref: Predictor, candidates: list[_Candidate], check: tuple[list[Record], str | None, int]
+    src: Bundle, ref: Predictor, candidates: list[_Candidate], check: tuple[list[Record], str | None, int],
+    ui: Reporter | None = None,
 ) -> tuple[_Candidate, dict[str, Any]]:
     """The candidate with the best held-out metric on the val split (else the check images),
     ties to the smaller mean |Δscore| against fp32 (classifiers), then to the earlier (fewer
@@ -525,11 +535,14 @@ def _pick(
     if not records:
         return candidates[0], {"chosen_by": f"{candidates[0].name} (no held-out images to choose on)", "candidates": []}
     task = get_task(src.task)
-    base = task.score(ref, records)
+    ui = ui or Reporter()
+    with ui.track(f"choosing: fp32 on {split}", len(records)) as advance:
+        base = task.score(ref, records, advance)
     rows = []
     for i, c in enumerate(candidates):
         cand = Predictor(Bundle(c.path.parent, {**src.meta, "model": {**src.meta.get("model", {}), "file": c.path.name}}))
-        scored = task.score(cand, base.records)
+        with ui.track(f"choosing: {c.name} ({i + 1}/{len(candidates)}) on {split}", len(base.records)) as advance:
+            scored = task.score(cand, base.records, advance)
         points = task.points(src, scored)
         diff = _mean_abs_diff(task, base, scored, len(src.classes))
         rows.append(({"calibration": c.calibration, "float_head": c.float_head,
@@ -741,15 +754,19 @@ def _spread(records: list[Record], n: int) -> list[Record]:
     return [records[i] for i in idx]
 
 
-def _compare(src: Bundle, ref: Predictor, cand: Predictor, records: list[Record], precision: str) -> dict[str, Any]:
+def _compare(src: Bundle, ref: Predictor, cand: Predictor, records: list[Record], precision: str,
+             ui: Reporter | None = None) -> dict[str, Any]:
     """Both models' headline metric on ``records`` (the ones the reference could read): the
     metric's name, ``fp32``, ``precision``'s figure, ``drop_points``, ``images`` scored and
     (classifiers) ``max_abs_diff``, the max |Δscore|."""
     task = get_task(src.task)
-    base = task.score(ref, records)
+    ui = ui or Reporter()
+    with ui.track("checking: fp32", len(records)) as advance:
+        base = task.score(ref, records, advance)
     if base.failed:
         log.warning("%d held-out image(s) could not be read, e.g. %s", len(base.failed), base.failed[0][0].path)
-    scored = task.score(cand, base.records)
+    with ui.track(f"checking: {precision}", len(base.records)) as advance:
+        scored = task.score(cand, base.records, advance)
     fp32, own = task.points(src, base), task.points(src, scored)
     out: dict[str, Any] = {"images": len(base.records), "metric": headline_metric(src), "fp32": fp32, precision: own,
                            "drop_points": None if fp32 is None or own is None else round(fp32 - own, 2)}
