@@ -169,10 +169,49 @@ def test_detector_int8_past_max_drop_is_refused(detect_bundle: Path, tmp_path: P
     assert not (tmp_path / "int8").exists()
 
 
-def test_detector_fp16_is_refused_in_one_line(detect_bundle: Path, tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="fp16 conversion breaks its box-decoding subgraphs; export it with --to onnx-int8"):
-        export_fp16(detect_bundle, tmp_path / "fp16")
-    assert not (tmp_path / "fp16").exists()
+def test_detector_fp16_converts_backbone_and_fpn_only(detect_bundle: Path, tmp_path: Path) -> None:
+    out = export_fp16(detect_bundle, tmp_path / "fp16")
+    model = onnx.load(str(out / "model.onnx"))
+    graph = model.graph
+    halves = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    in_half = {n.name for n in convs if n.input[1] in halves}
+    assert in_half == {n.name for n in convs if "/backbone/" in n.name}  # RPN and heads: float32
+    # the box-decoding subgraphs are untouched: every If's outer-scope inputs are still float32
+    assert any(n.op_type == "If" for n in graph.node)
+    outs = [o.name for o in graph.output]
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.FLOAT] * 2 + [onnx.TensorProto.INT64]
+    rec = _meta(out)["export"]
+    assert rec["converter"].startswith("lensforge.export.half") and rec["metric"] == "map50"
+    assert rec["fp16"] is not None and rec["checked_on"]["split"] == "test"
+    fp32 = Predictor(detect_bundle).run_detector(np.random.default_rng(0).random((3, 96, 128), dtype=np.float32))
+    half = Predictor(out).run_detector(np.random.default_rng(0).random((3, 96, 128), dtype=np.float32))
+    assert half[0].dtype == np.float32 and len(half[0]) == len(half[1]) == len(half[2]) and outs[0] == "boxes"
+    if len(fp32[1]) and len(half[1]):  # same top detection, up to float16 rounding
+        assert abs(float(fp32[1][0]) - float(half[1][0])) < 0.02
+
+
+def test_half_island_casts_at_its_border_only() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lensforge.export.half import half_island
+
+    w = numpy_helper.from_array(np.full((2, 2, 1, 1), 0.5, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="c1"), helper.make_node("Relu", ["a"], ["b"], name="r1"),
+         helper.make_node("Conv", ["b", "w"], ["y"], name="c2")],  # c2 shares w and reads b from outside
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])], [w])
+    model = half_island(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"c1", "r1"})
+    kinds = [(n.op_type, n.name) for n in model.graph.node]
+    assert kinds == [("Cast", "x__to_fp16"), ("Conv", "c1"), ("Relu", "r1"), ("Cast", "b__to_fp32"), ("Conv", "c2")]
+    assert {t.name: t.data_type for t in model.graph.initializer} == {"w": TensorProto.FLOAT, "w__fp16": TensorProto.FLOAT16}
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((1, 2, 3, 3), dtype=np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, 0.5 * np.maximum(x.sum(1, keepdims=True).repeat(2, 1) * 0.5, 0).sum(1, keepdims=True).repeat(2, 1),
+                               rtol=1e-3)
 
 
 def _resnet_bundle(tmp_path: Path) -> Path:

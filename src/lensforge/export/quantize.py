@@ -10,7 +10,7 @@
 
 Detectors: int8 quantises the backbone + FPN, the RPN's shared convolution and the box head's
 two fully connected layers (``auto`` also tries those heads in float); proposals, RoIAlign,
-the class / box predictors and NMS stay float32. fp16 is refused for detectors (its converter breaks their If subgraphs).
+the class / box predictors and NMS stay float32. fp16 converts the backbone + FPN.
 
 Both are judged on the same images (:func:`check_records`): the saved test split (else val),
 up to :data:`CHECK_IMAGES`, and the record says which (``"checked_on": {"split": "test",
@@ -46,6 +46,7 @@ from lensforge.data.records import Record
 from lensforge.errors import DataError, ExportError, ImageError
 from lensforge.evaluation import headline_metric
 from lensforge.export import DEFAULT_CALIB
+from lensforge.export.half import HALF_OPS, half_island
 from lensforge.hardware import describe, has_int8_dot
 from lensforge.heldout import held_out, saved_splits
 from lensforge.runtime.bundle import (
@@ -105,8 +106,8 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
     """Write an fp16 copy of ``bundle`` to ``out``; returns ``out``.
 
     The graph's weights and arithmetic are float16; its input ``images`` and outputs stay
-    float32, so the bundle loads in :class:`Predictor` unchanged. Detectors are refused (see
-    the comment in the body): their int8 export is the faster format that works.
+    float32, so the bundle loads in :class:`Predictor` unchanged. Detectors: the backbone + FPN
+    only (:func:`~lensforge.export.half.half_island`), the box decoding and NMS stay float32.
     Verified right away on :func:`check_records` (the saved test, else val, split, up to
     :data:`CHECK_IMAGES` images): the max absolute score difference (classifiers), the
     accuracy (or mAP, mAP50 for detectors) of each model on those images, which images
@@ -120,12 +121,6 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
 
     src = as_bundle(bundle)
     out = Path(out)
-    if src.task == "detect":
-        # tried: converting the backbone + FPN only (every other node blocked) still breaks the
-        # graph: the converter retypes the If subgraphs' outer-scope inputs to fp16 while their
-        # nodes stay fp32, and ORT refuses to load it (type mismatch in If/Add)
-        raise ExportError(f"{src.path} is a detector: fp16 conversion breaks its box-decoding subgraphs; "
-                          "export it with --to onnx-int8 (backbone + FPN int8, checked on held-out mAP50)")
     _check_out(src, out, overwrite)
     records, split_name, split_size = check_records(src)
     # the check serve and predict make: a truncated or hostile model.onnx (external data
@@ -134,14 +129,20 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model = onnx.load(str(src.model_path))
         try:
-            half = convert_float_to_float16(model, keep_io_types=True)
-        except Exception as e:  # the converter raises plain ValueError/KeyError on graphs it cannot handle
+            if src.task == "detect":  # ORT's converter breaks the box-decoding If subgraphs: see export.half
+                half = half_island(model, {n.name for n in model.graph.node
+                                           if _BACKBONE in n.name and n.op_type in HALF_OPS})
+                converter = "lensforge.export.half (backbone + FPN in float16, the rest float32)"
+            else:
+                half = convert_float_to_float16(model, keep_io_types=True)
+                converter = "onnxruntime.transformers.float16 (keep_io_types=True)"
+        except Exception as e:  # the converters raise plain ValueError/KeyError/ValidationError on graphs they cannot handle
             raise ExportError(f"fp16 conversion of {src.model_path} failed: {type(e).__name__}: {e}") from e
         onnx.save(half, str(tmp / MODEL_FILE))
         _copy_files(src, tmp)
         new = _meta_for(src, tmp, "fp16")
         cand = Predictor(Bundle(tmp, new))
-        record: dict[str, Any] = {"converter": "onnxruntime.transformers.float16 (keep_io_types=True)", "cpu": describe()}
+        record: dict[str, Any] = {"converter": converter, "cpu": describe()}
         if records:
             record.update(_compare(src, ref, cand, records, "fp16"))
             record["checked_on"] = checked_on(split_name, record.pop("images"), split_size)
