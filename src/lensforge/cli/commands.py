@@ -359,7 +359,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "onnx-fp16":
         from lensforge.export.quantize import export_fp16
 
-        written = export_fp16(bundle.path, out, max_drop=args.max_drop, force=args.force, overwrite=args.overwrite)
+        written = export_fp16(bundle.path, out, max_drop=args.max_drop, force=args.force, overwrite=args.overwrite,
+                              reporter=ui)
     elif args.to == "onnx-int8":
         from lensforge.export.quantize import export_int8
 

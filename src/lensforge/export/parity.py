@@ -140,7 +140,7 @@ def export_all(
         raise ExportError("torch-model-archiver is not installed: pip install torch-model-archiver")
 
     ui.step(f"Exporting fp16 to {out_root / 'fp16'}")
-    fp16 = export_fp16(src, out_root / "fp16", overwrite=overwrite)
+    fp16 = export_fp16(src, out_root / "fp16", overwrite=overwrite, reporter=ui)
     ui.step(f"Exporting int8 to {out_root / 'int8'}")
     int8: Path | None = None
     int8_note = None

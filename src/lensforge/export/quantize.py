@@ -102,7 +102,7 @@ def _ort_method(name: str) -> Any:
 
 
 def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[str], *, max_drop: float | None = None,
-                force: bool = False, overwrite: bool = False) -> Path:
+                force: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> Path:
     """Write an fp16 copy of ``bundle`` to ``out``; returns ``out``.
 
     The graph's weights and arithmetic are float16; its input ``images`` and outputs stay
@@ -144,7 +144,7 @@ def export_fp16(bundle: str | os.PathLike[str] | Bundle, out: str | os.PathLike[
         cand = Predictor(Bundle(tmp, new))
         record: dict[str, Any] = {"converter": converter, "cpu": describe()}
         if records:
-            record.update(_compare(src, ref, cand, records, "fp16"))
+            record.update(_compare(src, ref, cand, records, "fp16", reporter))
             record["checked_on"] = checked_on(split_name, record.pop("images"), split_size)
             _guard(record, "fp16", max_drop, force, hint="serve the fp32 model")
         else:
