@@ -6,7 +6,8 @@ median step counts; a shared machine is noisy). Rows:
 
 - plain fp32 PyTorch: the loop people write by hand, NCHW, fp32 (the baseline, 1.00x)
 - lensforge fp32: Lightning ``fit``, channels_last, fp32 (what every CPU gets by default)
-- lensforge bf16: Lightning ``fit``, channels_last, bf16 autocast (``--precision bf16``, opt-in:
+- lensforge bf16: Lightning ``fit``, channels_last, bf16 autocast with the depthwise convolutions
+  in fp32 (``--precision bf16``, opt-in:
   faster on CPUs with AMX / AVX512-BF16 but lower held-out accuracy in our seeds; not run where
   bf16 is emulated, ~10x slower there)
 - + compile: the row lensforge picks for this CPU with ``--compile`` (torch.compile, inductor)

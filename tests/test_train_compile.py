@@ -70,6 +70,27 @@ def test_bf16_when_asked_runs_under_bf16_autocast(tmp_path: Path, monkeypatch: p
     assert result.precision == "bf16-mixed" and module.autocast == [True, True]
 
 
+def test_bf16_on_a_cpu_keeps_depthwise_convolutions_in_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bf16 depthwise kernels were the slow and the inaccurate part (see depthwise_in_float32)
+    monkeypatch.setattr(finetune.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(finetune, "has_native_bf16", lambda: True)
+    net = _Net()
+    net.body.insert(3, nn.Conv2d(8, 8, 3, padding=1, groups=8))  # depthwise, after the dense conv's ReLU
+    keys = list(net.state_dict())
+    dtypes: dict[str, list[torch.dtype]] = {"dense": [], "depthwise": []}
+    net.body[0].register_forward_hook(lambda m, i, o: dtypes["dense"].append(o.dtype))
+    net.body[3].register_forward_hook(lambda m, i, o: dtypes["depthwise"].append(o.dtype))
+    config = TrainConfig(data="x", epochs=1, max_steps=2, lr=1e-2, weight_decay=0.0, patience=0, precision="bf16")
+    module = _Recording(net, False, config, steps_per_epoch=2)
+    module.autocast = []
+    module, result = fit(module, _loader(), None, config, tmp_path, monitor="val_acc", channels_last=True)
+    assert result.precision == "bf16-mixed" and module.autocast == [True, True]
+    assert dtypes == {"dense": [torch.bfloat16] * 2, "depthwise": [torch.float32] * 2}
+    # afterwards the model is plain again: same classes, same state-dict keys, for export
+    assert type(net.body[3]) is nn.Conv2d and list(net.state_dict()) == keys
+    assert finetune.depthwise_in_float32(net) == 1 and finetune.depthwise_in_float32(net, undo=True) == 1
+
+
 def test_explicit_precision_beats_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(finetune, "has_native_bf16", lambda: True)
     module, result = _fit(tmp_path, precision="32")
