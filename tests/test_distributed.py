@@ -166,12 +166,21 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _foreground_signals() -> None:
+    """In the child, before exec: SIGINT at its default, as a terminal's foreground job has it.
+    A test run started as a background shell job (``cmd &``) inherits SIGINT ignored (shells do
+    that for ``&`` jobs), Python then installs no KeyboardInterrupt handler, and the Ctrl-C
+    this test sends did nothing: the run trained to the end (CI from ``nohup ... &``: exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cmd: list[str], logs: Path, name: str, *, own_group: bool = False) -> subprocess.Popen[bytes]:
     """Start ``cmd`` with its output in files (never an unread pipe); ``own_group``: in a process
     group of its own, which the DDP processes it launches join, as in a terminal's foreground job."""
     out, err = (logs / f"{name}.out").open("wb"), (logs / f"{name}.err").open("wb")
     with out, err:
-        return subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=logs, start_new_session=own_group)
+        return subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=logs, start_new_session=own_group,
+                                preexec_fn=_foreground_signals if own_group else None)
 
 
 def _finished(proc: subprocess.Popen[bytes], logs: Path, name: str) -> str:
