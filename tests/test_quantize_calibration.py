@@ -288,3 +288,29 @@ def test_int8_export_reports_progress_of_each_stage(colour_bundle: Path, tmp_pat
     assert [t[0] for t in ui.tracks] == ["calibrating (minmax)", "checking: fp32", "checking: int8"]
     assert ui.tracks[0][1:] == (13, 13)
     assert all(total == done > 0 for _, total, done in ui.tracks)
+
+
+def test_plan_keeps_the_stem_pool_float_and_still_finds_the_first_block(tmp_path: Path) -> None:
+    """stem conv → relu → max-pool → conv: the pool joins the float stem, and the first-block
+    candidate is still found past it (it looked for exactly one stem node)."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lensforge.export.quantize import _plan
+
+    def w(name: str, cin: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.ones((4, cin, 3, 3), np.float32), name)
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w1"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["a"], ["b"], name="act"),
+         helper.make_node("MaxPool", ["b"], ["c"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Conv", ["c", "w2"], ["d"], name="block", pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["d", "w3"], ["y"], name="later", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], [w("w1", 3), w("w2", 4), w("w3", 4)])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    plan = _plan(SimpleNamespace(task="classify"), path)  # type: ignore[arg-type]
+    assert plan.float_nodes == ["stem", "pool"] and plan.first_block == ["block"]

@@ -417,8 +417,9 @@ def _plan(src: Bundle, model_path: Path) -> _Plan:
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    stem = _input_convs(graph)
-    stem += _stem_pools(graph, stem)
+    convs = _input_convs(graph)
+    consumers = _consumers(graph)
+    stem = convs + _stem_pools(graph, convs, consumers)  # the float nodes
     if src.task == "detect":
         # backbone + FPN (~all of a Faster R-CNN's FLOPs at 800 px), and the heads' inner layers
         # (_DETECTOR_HEADS); the rest is proposal / RoIAlign / NMS bookkeeping ORT has no int8
@@ -427,7 +428,7 @@ def _plan(src: Bundle, model_path: Path) -> _Plan:
         backbone = [n.name for n in ops if _BACKBONE in n.name]
         heads = [n.name for n in ops if any(h in n.name for h in _DETECTOR_HEADS)]
         return _Plan(sorted(_DETECTOR_OPS), backbone + heads, stem, heads)
-    return _Plan(None, None, stem, _head_nodes(graph), _first_block(graph, stem))
+    return _Plan(None, None, stem, _head_nodes(graph), _first_block(graph, convs, consumers))
 
 
 def _quantize(
@@ -581,7 +582,16 @@ def _input_convs(graph: Any) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "Conv" and n.input and n.input[0] in inputs]
 
 
-def _stem_pools(graph: Any, stem: list[str]) -> list[str]:
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    """Tensor name → the nodes that read it."""
+    out: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _stem_pools(graph: Any, stem: list[str], consumers: dict[str, list[Any]]) -> list[str]:
     """The max/average pools right after the float stem (a ResNet's 3x3 max-pool): kept float
     with it, so the int8 graph quantises after the pool, on a quarter of the pixels.
 
@@ -593,10 +603,6 @@ def _stem_pools(graph: Any, stem: list[str]) -> list[str]:
     """
     if len(stem) != 1:
         return []
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
     pools: list[str] = []
     out = next(n for n in graph.node if n.name == stem[0]).output[0]
     for _ in range(8):  # stem → activation(s) → pool: a short, single-consumer chain
@@ -652,7 +658,7 @@ _CHAIN = {"Relu", "Clip", "BatchNormalization", "MaxPool", "AveragePool", "HardS
           "Identity"}
 
 
-def _first_block(graph: Any, stem: list[str]) -> list[str]:
+def _first_block(graph: Any, stem: list[str], consumers: dict[str, list[Any]] | None = None) -> list[str]:
     """The convolutions that follow the stem up to and including the first dense one (group
     1): for MobileNet/EfficientNet the first block's depthwise + pointwise pair, for a ResNet
     the first 1x1/3x3 after the max-pool. Found by walking the graph from the stem's output
@@ -670,10 +676,7 @@ def _first_block(graph: Any, stem: list[str]) -> list[str]:
     if len(stem) != 1:
         return []
     nodes = {n.name: n for n in graph.node}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers if consumers is not None else _consumers(graph)
     found: list[str] = []
     node = nodes[stem[0]]
     for _ in range(16):  # a few activations and at most a couple of convolutions: bounded walk
