@@ -25,7 +25,7 @@ from torch.nn import functional as F  # noqa: N812
 from lensforge.errors import ModelError
 from lensforge.runtime.bundle import Bundle, as_bundle
 from lensforge.runtime.draw import draw_detections
-from lensforge.runtime.explain import ALPHA, colorize, label_index
+from lensforge.runtime.explain import ALPHA, colorize_image, label_index
 from lensforge.runtime.predictor import Predictor
 from lensforge.runtime.results import DetectionResult
 from lensforge.runtime.runners import DetectorInput
@@ -69,7 +69,7 @@ class BoxExplanation:
         """A new RGB image: inside each box its map in the turbo colour map blended with
         ``alpha``, the image untouched outside the boxes, and the boxes with their labels drawn."""
         base = self.image.convert("RGB")
-        blended = Image.blend(base, Image.fromarray(colorize(self.maps()), "RGB"), alpha)
+        blended = Image.blend(base, colorize_image(self.maps()), alpha)
         mask = np.zeros(self.cam.shape, np.uint8)
         for box in self.result.boxes:
             x1, y1, x2, y2 = _pixel_box(box, self.cam.shape)
