@@ -36,35 +36,34 @@ def half_island(model: Any, island: set[str]) -> Any:
     types = _float_types(model)
     outside_readers = _names_read_outside(graph, island)
 
-    half_of: dict[str, str] = {}  # float32 tensor → its float16 twin
+    # float32 tensor → its float16 twin: an input's (a weight copy or a Cast), or, for an island
+    # tensor read outside, the island's own (renamed, and cast back under the old name)
+    half_of: dict[str, str] = {}
     order: list[Any] = []
     for n in nodes:
-        if n.name in island:
-            for k, name in enumerate(n.input):
-                if not name or name in inside or (n.op_type == "Resize" and k > 0):
+        if n.name not in island:
+            order.append(n)
+            continue
+        for k, name in enumerate(n.input):
+            if not name or (n.op_type == "Resize" and k > 0):
+                continue
+            if name not in half_of:
+                if name in inside:
                     continue
-                if name not in half_of:
-                    if name in inits and inits[name].data_type == _FLOAT:
-                        twin = numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16),
-                                                       f"{name}__fp16")
-                        graph.initializer.append(twin)
-                    elif name not in inits and types.get(name) == _FLOAT:
-                        order.append(helper.make_node("Cast", [name], [f"{name}__fp16"], to=_HALF,
-                                                      name=f"{name}__to_fp16"))
-                    else:
-                        continue
-                    half_of[name] = f"{name}__fp16"
-                n.input[k] = half_of[name]
-            order.append(n)
-            for k, out in enumerate(n.output):
-                if out in outside_readers:  # back to float32 under the old name, right after it is made
-                    n.output[k] = f"{out}__fp16"
-                    order.append(helper.make_node("Cast", [f"{out}__fp16"], [out], to=_FLOAT, name=f"{out}__to_fp32"))
-                    for reader in nodes:
-                        if reader.name in island:
-                            reader.input[:] = [f"{out}__fp16" if i == out else i for i in reader.input]
-        else:
-            order.append(n)
+                if name in inits and inits[name].data_type == _FLOAT:
+                    graph.initializer.append(numpy_helper.from_array(
+                        numpy_helper.to_array(inits[name]).astype(np.float16), f"{name}__fp16"))
+                elif name not in inits and types.get(name) == _FLOAT:
+                    order.append(helper.make_node("Cast", [name], [f"{name}__fp16"], to=_HALF, name=f"{name}__to_fp16"))
+                else:
+                    continue
+                half_of[name] = f"{name}__fp16"
+            n.input[k] = half_of[name]
+        order.append(n)
+        for k, out in enumerate(n.output):
+            if out in outside_readers:  # back to float32 under the old name, right after it is made
+                half_of[out] = n.output[k] = f"{out}__fp16"
+                order.append(helper.make_node("Cast", [half_of[out]], [out], to=_FLOAT, name=f"{out}__to_fp32"))
     del graph.node[:]
     graph.node.extend(order)
     # shape inference recorded the island's tensors as float32: drop those stale entries
