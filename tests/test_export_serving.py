@@ -118,6 +118,9 @@ def test_torchserve_archive_and_handler_match_the_predictor(
     context = FakeContext(model_dir, manifest)
     handler = load_handler(model_dir, manifest)
     handler.initialize(context)
+    # one worker per core, each with a session: spinning idle threads would steal the others' cores
+    assert handler.predictor.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
     requests = [{"data": jpegs[0].read_bytes()}, {"body": bytearray(jpegs[1].read_bytes())}, {"body": b"not an image"}]
     answers = handler.handle(requests, context)
     assert len(answers) == 3

@@ -162,3 +162,20 @@ def test_a_refused_save_runs_uncached(
     assert p.optimized_path is None and not _cached(bundle_copy) and not list(bundle_copy.glob(".*tmp"))
     assert "could not be saved" in caplog.text and "compiled nodes" in caplog.text
     np.testing.assert_array_equal(p.run(batch), reference)
+
+
+def _spinning(p: Predictor) -> str:
+    return p.session.get_session_options().get_session_config_entry(predictor_module.SPIN_OPTION)
+
+
+def test_spin_off_reaches_the_session_also_through_the_optimised_model_cache(
+    bundle_copy: Path, batch: np.ndarray, reference: np.ndarray
+) -> None:
+    """The server and the TorchServe handler turn onnxruntime's busy-waiting off (their other
+    threads need the cores); the option must reach the session on every path that opens one."""
+    assert _spinning(Predictor(bundle_copy, threads=1)) == "1"  # onnxruntime's default kept
+    assert _spinning(Predictor(bundle_copy, threads=1, spin=False)) == "0"
+    saved = Predictor(bundle_copy, cache_optimized=True, threads=1, spin=False)  # saves the optimised graph
+    loaded = Predictor(bundle_copy, cache_optimized=True, threads=1, spin=False)  # loads it
+    assert loaded.optimized_path is not None and _spinning(saved) == _spinning(loaded) == "0"
+    np.testing.assert_allclose(loaded.run(batch), reference, atol=1e-5)

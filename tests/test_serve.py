@@ -262,6 +262,13 @@ def test_content_length_checked_before_reading(length: str, status: bytes, live:
     assert ok.status_code == 200
 
 
+def test_served_models_do_not_busy_wait(live: LiveServer) -> None:
+    """onnxruntime's idle threads would spin on the cores the decode pool needs."""
+    for model in live.server.config.app.state.server.models.values():
+        options = model.predictor.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_model_failure_is_generic_500_and_worker_survives(live: LiveServer, jpegs: list[bytes],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     model = live.server.config.app.state.server.models["second"]

@@ -257,7 +257,9 @@ class Server:
         await memory.release()  # what loading and warm-up freed: the baseline RSS starts low
 
     def _load(self, bundle: Bundle) -> Predictor:
-        predictor = Predictor(bundle, threads=self.settings.threads)
+        # no spinning: between batches the decode pool needs the cores onnxruntime's idle
+        # threads would busy-wait on (16 clients, 2 cores: +10-15 % req/s, bench/serve_load.py)
+        predictor = Predictor(bundle, threads=self.settings.threads, spin=False)
         predictor.run_many([smallest_input(predictor)])  # warm-up: first run allocates
         return predictor
 
