@@ -17,7 +17,15 @@ a warm-up (the machine may be shared):
   ``.mar`` (``lensforge export --format torchserve``: the same ONNX model through the same
   Predictor in lensforge's handler) with TorchServe's defaults, raw JPEG, N = 16;
 - the ceiling: the in-process Predictor at its best batch size, end to end (decode +
-  preprocess + run from JPEG bytes, ``predict_many``) and model only (``run`` on tensors).
+  preprocess + run from JPEG bytes, ``predict_many``) and model only (``run`` on tensors);
+- not ``--smoke``: the int8 copy of the model (``export_int8``, minmax on 32 generated images;
+  its accuracy on real data is the export's business, recorded in its bundle) served by
+  lensforge and, when installed, by TorchServe from its own ``.mar``, N = 16. The seed app has
+  no int8 path: those rows show what a user gains by exporting, not the same precision.
+
+Every server here is bounded by the end-to-end ceiling (2 cores do all of it), so the
+goals' reachable part is printed too: ceiling / best seed app is the most any server of
+this model could get against the seed app, TorchServe / ceiling how close TorchServe is.
 
 Reports req/s, p50/p95/p99 latency, errors and the server's peak RSS per row, then the goals:
 serve at 16 clients >= 85 % of the end-to-end ceiling, that ceiling >= 70 % of model only,
@@ -57,6 +65,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lensforge.export.onnx import export_onnx
+from lensforge.export.quantize import export_int8
 from lensforge.export.torchserve import export_torchserve
 from lensforge.hardware import cpu_count, describe
 from lensforge.models import Classifier, ScoresModel, create_backbone
@@ -67,6 +76,8 @@ HERE = Path(__file__).resolve().parent
 BACKBONE, SIZE = "efficientnet_lite0", 224
 SEED_TUNED = "seed app, 2w x 1 torch thread"
 TORCHSERVE = "TorchServe, defaults"
+TORCHSERVE_INT8 = "TorchServe, defaults, int8"
+INT8 = "lensforge int8, raw JPEG"
 
 
 # -- the model and the input --------------------------------------------------------------
@@ -83,6 +94,18 @@ def make_bundle(dest: Path) -> Path:
     write_meta(dest, {"task": "classify", "classes": [f"class_{i}" for i in range(10)], "input": spec.to_dict(),
                       "model": {"backbone": BACKBONE, "head": "linear"}})
     return dest
+
+
+def make_int8(bundle: Path, dest: Path) -> Path:
+    """The int8 copy (minmax on 32 smooth random images: speed does not depend on the
+    calibration; random weights make the accuracy check meaningless, hence ``force``)."""
+    calib = dest.with_name(dest.name + "-calib")
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((SIZE + 32, SIZE + 32), Image.BICUBIC).save(calib / f"{i}.jpg")
+    return export_int8(bundle, dest, calib_dir=calib, calib=32, method="minmax", force=True)
 
 
 def photo() -> bytes:
@@ -424,12 +447,21 @@ def main() -> None:
                                      max(warmup, 4.0), 1.5 * window))
             finally:
                 seed.stop()
+        int8 = make_int8(bundle, Path(tmp) / "int8")
+        server = lensforge_serve(int8)
+        try:
+            rows.append(load(server, INT8, "/predict", jpeg, "image/jpeg", 16, warmup, window))
+        finally:
+            server.stop()
         if torchserve_exe() is not None:
-            ts = torchserve(bundle, Path(tmp) / "torchserve", jpeg)
-            try:
-                rows.append(load(ts, TORCHSERVE, "/predictions/model", jpeg, "image/jpeg", 16, max(warmup, 4.0), window))
-            finally:
-                ts.stop()
+            for label, served in ((TORCHSERVE, bundle), (TORCHSERVE_INT8, int8)):
+                # TorchServe leaves its pid file behind and will not start again while it is there
+                Path(tempfile.gettempdir(), ".model_server.pid").unlink(missing_ok=True)
+                ts = torchserve(served, Path(tmp) / label.replace(" ", "_").replace(",", ""), jpeg)
+                try:
+                    rows.append(load(ts, label, "/predictions/model", jpeg, "image/jpeg", 16, max(warmup, 4.0), window))
+                finally:
+                    ts.stop()
 
     print_rows(rows, window, warmup, e2e, e2e_batch, model_only, model_batch, load_start)
     if torchserve_exe() is None:
@@ -464,6 +496,14 @@ def main() -> None:
     if ts16:
         lines += [(f"serve / {TORCHSERVE} (raw JPEG both)", ratio(serve16.rps, ts16[0].rps), "x  goal >= 2x"),
                   ("serve p99 / TorchServe p99", ratio(serve16.pct(99), ts16[0].pct(99)), "   goal <= 1")]
+    lines += [(f"ceiling end to end / {seed16.name}", ratio(e2e, seed16.rps), "x  (the most any server of this model gets)")]
+    if ts16:
+        lines += [(f"{TORCHSERVE} / ceiling (end to end)", ratio(ts16[0].rps, e2e), "")]
+    int8_16 = row(INT8, 16)
+    lines += [(f"{INT8} / {seed16.name}", ratio(int8_16.rps, seed16.rps), "x  (int8 vs the seed's fp32)")]
+    ts8 = [r for r in rows if r.name == TORCHSERVE_INT8]
+    if ts8:
+        lines += [(f"{INT8} / {TORCHSERVE_INT8}", ratio(int8_16.rps, ts8[0].rps), "x")]
     lines += [
         ("p99 / p50", ratio(serve16.pct(99), serve16.pct(50)), "   goal <= 2"),
         ("batching on / off", ratio(serve16.rps, off16.rps), "x"),
