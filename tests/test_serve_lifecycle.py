@@ -655,3 +655,33 @@ def test_slowloris_head_is_cut_at_the_deadline(shapes_bundle: Path, after_a_requ
                     closed = True
             assert closed and time.monotonic() - started < 3.5
         assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_accepted_connections_get_tcp_nodelay() -> None:
+    """``serve`` binds its port itself; asyncio sets TCP_NODELAY only on sockets whose proto
+    says TCP, and accepted ones inherit the listener's. Without it every answer (uvicorn writes
+    the head and the body apart) waited for the client's delayed ACK: ~40 ms each."""
+    import asyncio
+
+    sock = lifecycle.bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    seen: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted = transport.get_extra_info("socket")
+            seen.append(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)  # as uvicorn serves it
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(200):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0

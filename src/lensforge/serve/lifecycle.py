@@ -263,7 +263,10 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket on ``host:port``, as uvicorn binds it (SO_REUSEADDR,
     inheritable for workers); a :class:`ConfigError` line when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto TCP, not 0: accepted connections inherit it, and asyncio sets TCP_NODELAY only on
+    # sockets whose proto says TCP. Without it every answer (head and body written apart)
+    # waited for the client's delayed ACK: ~40 ms each, /healthz 44 ms instead of 4 ms
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
