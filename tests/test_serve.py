@@ -323,6 +323,40 @@ def test_batcher_refuses_expired_inputs_without_running_them() -> None:
     assert ran == [1, 1]  # the expired input never ran
 
 
+def test_batcher_waits_for_company_only_while_other_requests_are_in_flight() -> None:
+    """With max_wait 60 s: a lone request runs at once; with a second request in flight the
+    first waits for it and both run as one batch."""
+    import asyncio
+
+    from lensforge.serve.batching import Batcher
+
+    ran: list[int] = []
+    in_flight = [1]
+
+    def double(batch: list[np.ndarray]) -> list[np.ndarray]:
+        ran.append(len(batch))
+        return [x * 2 for x in batch]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(double, pool, max_batch=8, max_wait_ms=60_000, in_flight=lambda: in_flight[0])
+            batcher.start()
+            alone = await asyncio.wait_for(batcher.submit(np.ones(2, np.float32), loop.time() + 120), 10)
+            np.testing.assert_array_equal(alone, [2, 2])
+            in_flight[0] = 2  # another request is being read or decoded: worth waiting for
+            first = loop.create_task(batcher.submit(np.ones(2, np.float32), loop.time() + 120))
+            await asyncio.sleep(0.3)
+            assert not first.done() and ran == [1]
+            second = batcher.submit(np.full(2, 3, np.float32), loop.time() + 120)
+            out = await asyncio.wait_for(asyncio.gather(first, second), 10)
+            np.testing.assert_array_equal(out[1], [6, 6])
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert ran == [1, 2]
+
+
 def test_a_stalled_body_gets_408_at_the_deadline(shapes_bundle: Path, jpegs: list[bytes]) -> None:
     """B4: a client that promises more bytes than it sends is answered at the deadline and
     does not hold the server."""

@@ -40,6 +40,10 @@ class Batcher:
     max_batch: most inputs per call. max_wait_ms: how long the first input of a batch waits
     for company. max_queue: inputs that may wait; one more is refused with 503.
     on_batch: called with each batch's size (metrics).
+    in_flight: requests the server is working on now (each brings at most one input, or a
+        few at once). When the inputs at hand account for all of them, nothing else can join
+        the batch and it runs at once: a lone client no longer pays ``max_wait_ms`` on every
+        request. Under load there are always others, and the batch waits for company as before.
     """
 
     def __init__(
@@ -51,12 +55,13 @@ class Batcher:
         max_wait_ms: float = 5,
         max_queue: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError(
                 f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0; got {max_batch}, {max_queue}, {max_wait_ms}"
             )
-        self._run, self._executor, self._on_batch = run, executor, on_batch
+        self._run, self._executor, self._on_batch, self._in_flight = run, executor, on_batch, in_flight
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_queue)
         self._arrived = asyncio.Event()
@@ -127,7 +132,7 @@ class Batcher:
             except asyncio.QueueEmpty:
                 pass
             remaining = until - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or (self._in_flight is not None and self._in_flight() <= len(items)):
                 return
             # waiting on an event (not on queue.get) so a timeout can never lose an item
             self._arrived.clear()

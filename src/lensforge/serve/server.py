@@ -164,6 +164,7 @@ class Server:
         self._decoding = 0  # images in or waiting for the decode pool
         self._draining = False  # not ready, new requests 503, accepted ones finish
         self._activity = 0  # starts and ends of requests past health/metrics; the memory trim watches it
+        self._inflight = 0  # requests past health/metrics not yet answered: the batchers wait only for these
         self._loader: asyncio.Task | None = None
         if settings.detections is not None:
             self._check_detections(settings.detections)
@@ -200,9 +201,11 @@ class Server:
 
     def request_started(self) -> None:
         self._activity += 1
+        self._inflight += 1
 
     def request_ended(self) -> None:
         self._activity += 1
+        self._inflight -= 1
 
     def ready(self) -> bool:
         """Every model loaded and warmed up, and not shutting down (``/readyz``, KServe ready)."""
@@ -248,6 +251,7 @@ class Server:
             model.batcher = Batcher(
                 model.predictor.run_many, model.executor, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue, on_batch=self.metrics.batch_size.labels(model.name).observe,
+                in_flight=lambda: self._inflight,
             )
             model.batcher.start()
             self.metrics.watch_queue(model.name, lambda b=model.batcher: b.depth)
