@@ -163,6 +163,11 @@ def seed_image(payload: dict[str, Any], cap: int, *, local_roots: Sequence[Path]
     return fetch.fetch_remote_limited(value, cap=cap, timeout_s=timeout_s)
 
 
+def seed_body_image(body: bytes, cap: int, local_roots: Sequence[Path] = ()) -> bytes:
+    """:func:`seed_image` of a seed JSON body, remote URLs disabled (a ``remote_url`` is 403)."""
+    return seed_image(seed_payload(body), cap, local_roots=local_roots)
+
+
 async def seed_data(body: bytes, cap: int, pool: Executor | None, *, local_roots: Sequence[Path] = (),
                     allow_remote: bool = False, timeout_s: float = 10.0) -> bytes:
     """:func:`seed_image` of a seed JSON body, off the event loop: parsing, base64 and local

@@ -8,6 +8,7 @@ enabled, see :mod:`.fetch`), multipart ``file`` or a raw image body →
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,15 +39,21 @@ class Seed:
         server, s = self.server, self.server.settings
         model = server.model(request.path_params.get("model") or request.query_params.get("model"))
         body = await server.read_body(request)
+        unpack = None
         if inputs.is_multipart(request):
             data = await inputs.form_file(request, body, ("file",), s.max_body_bytes)
-        elif inputs.is_json(request):
-            # up to max_body_bytes of JSON and base64: parsed in the pool, never on the event loop
+        elif inputs.is_json(request) and s.allow_remote:
+            # a remote_url is fetched in the fetch pool (a slow upstream must not hold a decode
+            # thread), so the JSON is read first, in the pool, never on the event loop
             data = await inputs.seed_data(body, s.max_body_bytes, server.decode_pool, local_roots=s.local_roots,
-                                          allow_remote=s.allow_remote, timeout_s=s.timeout_s)
+                                          allow_remote=True, timeout_s=s.timeout_s)
+        elif inputs.is_json(request):
+            # JSON, base64 (or a local file) and the decode in one trip to the pool
+            data, unpack = body, functools.partial(inputs.seed_body_image, cap=s.max_body_bytes,
+                                                   local_roots=s.local_roots)
         else:
             data = body
-        result = await server.infer(model, data)
+        result = await server.infer(model, data, unpack)
         return JSONResponse({"preds": seed_preds(result, s.top_k), "status": "Success"})
 
 

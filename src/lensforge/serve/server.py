@@ -316,13 +316,16 @@ class Server:
         finally:
             self._decoding -= 1
 
-    async def infer(self, model: Model, data: bytes) -> Result:
-        """Encoded image → result: decode in the pool, then through the model's batcher."""
+    async def infer(self, model: Model, data: bytes, unpack: Callable[[bytes], bytes] | None = None) -> Result:
+        """Encoded image → result: decode in the pool, then through the model's batcher.
+
+        unpack: body → image bytes (a seed JSON body's base64), run in the same trip to the
+        pool as the decode: each trip is a hand-off to a thread and back to the event loop."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.timeout_s
         if model.predictor is None or model.batcher is None:
             raise unavailable(f"model {model.name!r} is not ready")
-        x = await self.decode_request_image(prepare_image, model.predictor, data)
+        x = await self.decode_request_image(prepare_image, model.predictor, data, unpack)
         if loop.time() >= deadline:
             raise unavailable("deadline exceeded while decoding")
         output = await model.batcher.submit(x, deadline)
@@ -370,6 +373,9 @@ def decoded_image(predictor: Predictor, data: bytes) -> Image.Image:
     return predictor.load(data)
 
 
-def prepare_image(predictor: Predictor, data: bytes) -> np.ndarray:
-    """Encoded image → the model input (runs in the decode pool), after :func:`decoded_image`'s checks."""
+def prepare_image(predictor: Predictor, data: bytes, unpack: Callable[[bytes], bytes] | None = None) -> np.ndarray:
+    """Encoded image (``unpack(data)`` when given) → the model input (runs in the decode pool),
+    after :func:`decoded_image`'s checks."""
+    if unpack is not None:
+        data = unpack(data)
     return predictor.prepare(decoded_image(predictor, data))  # a decoded image: no second decode
