@@ -91,6 +91,29 @@ def test_bf16_on_a_cpu_keeps_depthwise_convolutions_in_float32(tmp_path: Path, m
     assert finetune.depthwise_in_float32(net) == 1 and finetune.depthwise_in_float32(net, undo=True) == 1
 
 
+def test_a_fit_that_fails_leaves_the_model_as_it_came(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp32 depthwise classes and channels_last are for the fit only: after an error the
+    model (still the caller's in a Python session) is plain again, ready to export or retrain."""
+    monkeypatch.setattr(finetune.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(finetune, "has_native_bf16", lambda: True)
+    net = _Net()
+    net.body.insert(3, nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    seen: list[type] = []
+
+    def failing_fit(self: Any, module: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append(type(net.body[3]))
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(finetune.L.Trainer, "fit", failing_fit)
+    config = TrainConfig(data="x", epochs=1, max_steps=2, lr=1e-2, weight_decay=0.0, patience=0, precision="bf16")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit(_Recording(net, False, config, steps_per_epoch=2), _loader(), None, config, tmp_path, monitor="val_acc",
+            channels_last=True)
+    assert seen == [finetune._Float32Conv2d]  # swapped during the fit ...
+    assert type(net.body[3]) is nn.Conv2d  # ... and back after it failed
+    assert all(p.is_contiguous() for p in net.parameters())  # channels_last undone
+
+
 def test_explicit_precision_beats_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(finetune, "has_native_bf16", lambda: True)
     module, result = _fit(tmp_path, precision="32")

@@ -444,57 +444,61 @@ def fit(
     returned to the default layout afterwards for export.
     """
     model = module.model
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    ckpt_dir = run_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
-                                 enable_version_counter=False)
-    reporter = reporter or Reporter()
-    epochs = EpochReport(reporter, monitor, batch_size=train_loader.batch_size or 1,
-                         dataset_size=_sized(train_loader.dataset), drop_last=train_loader.drop_last)
-    callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), epochs, CpuContention(reporter)]
-    if world_size(cfg) > 1:
-        callbacks.append(SameData(data_digest(train_loader.dataset, val_loader.dataset if val_loader else None)))
-    if val_loader is not None and cfg.patience > 0:
-        # checked after validation: a max_steps stop mid-epoch ends the epoch without one
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
     precision = precision or choose_precision(cfg.precision)
     float_depthwise = precision == "bf16-mixed" and not torch.cuda.is_available()
-    if float_depthwise:
-        depthwise_in_float32(model)
-    if cfg.compile and isinstance(module, ClassifierModule):  # detectors' varying image sizes would recompile
-        module.compile_training()
-    tracker = active_tracker()
-    trainer = L.Trainer(
-        **trainer_settings(cfg),  # one process, or DDP (README "Scaling out")
-        max_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        precision=precision,  # type: ignore[arg-type]
-        callbacks=callbacks,
-        # run_dir/logs/version_N/metrics.csv (a resume adds a version), then the --track loggers
-        logger=[CSVLogger(str(run_dir), name="logs"), *(tracker.lightning_loggers() if tracker else [])],
-        default_root_dir=str(run_dir),
-        enable_model_summary=False,
-        enable_progress_bar=False,  # EpochReport draws progress through the reporter
-        num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, len(train_loader))),
-        limit_val_batches=1.0 if val_loader is not None else 0,
-    )
+    # whatever ends the fit (an error, Ctrl-C), the model leaves it as it came: default memory
+    # layout, plain Conv2d classes, no compiled forward; it may still be exported or trained again
     try:
-        with _sigint_kept():
-            trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
-    except SystemExit:
-        # Lightning turns Ctrl-C into a graceful shutdown then exit(1); SaveOnInterrupt kept a checkpoint
-        if trainer.interrupted:
-            raise TrainingInterrupted(interrupted_message(cfg, run_dir, trainer.current_epoch + 1, epochs.history)) from None
-        raise
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-    if best is not None and best.is_file():
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    model.to(memory_format=torch.contiguous_format)
-    if float_depthwise:
-        depthwise_in_float32(model, undo=True)
-    if isinstance(module, ClassifierModule):
-        object.__setattr__(module, "train_forward", None)  # frees the compiled graphs; export runs eager
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        ckpt_dir = run_dir / "checkpoints"
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
+                                     enable_version_counter=False)
+        reporter = reporter or Reporter()
+        epochs = EpochReport(reporter, monitor, batch_size=train_loader.batch_size or 1,
+                             dataset_size=_sized(train_loader.dataset), drop_last=train_loader.drop_last)
+        callbacks: list[Callback] = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), epochs, CpuContention(reporter)]
+        if world_size(cfg) > 1:
+            callbacks.append(SameData(data_digest(train_loader.dataset, val_loader.dataset if val_loader else None)))
+        if val_loader is not None and cfg.patience > 0:
+            # checked after validation: a max_steps stop mid-epoch ends the epoch without one
+            callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
+        if float_depthwise:
+            depthwise_in_float32(model)
+        if cfg.compile and isinstance(module, ClassifierModule):  # detectors' varying image sizes would recompile
+            module.compile_training()
+        tracker = active_tracker()
+        trainer = L.Trainer(
+            **trainer_settings(cfg),  # one process, or DDP (README "Scaling out")
+            max_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            precision=precision,  # type: ignore[arg-type]
+            callbacks=callbacks,
+            # run_dir/logs/version_N/metrics.csv (a resume adds a version), then the --track loggers
+            logger=[CSVLogger(str(run_dir), name="logs"), *(tracker.lightning_loggers() if tracker else [])],
+            default_root_dir=str(run_dir),
+            enable_model_summary=False,
+            enable_progress_bar=False,  # EpochReport draws progress through the reporter
+            num_sanity_val_steps=0,
+            log_every_n_steps=max(1, min(50, len(train_loader))),
+            limit_val_batches=1.0 if val_loader is not None else 0,
+        )
+        try:
+            with _sigint_kept():
+                trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
+        except SystemExit:
+            # Lightning turns Ctrl-C into a graceful shutdown then exit(1); SaveOnInterrupt kept a checkpoint
+            if trainer.interrupted:
+                raise TrainingInterrupted(interrupted_message(cfg, run_dir, trainer.current_epoch + 1, epochs.history)) from None
+            raise
+        best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+        if best is not None and best.is_file():
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+        if float_depthwise:
+            depthwise_in_float32(model, undo=True)
+        if isinstance(module, ClassifierModule):
+            object.__setattr__(module, "train_forward", None)  # frees the compiled graphs; export runs eager
     return module, FitResult(best, epochs.history, precision, trainer.current_epoch)
