@@ -290,7 +290,7 @@ def add_serve(sub: Any) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=positive_int, default=8000)
     sv.add_argument("--max-batch", type=positive_int, default=16, help="dynamic batching: images per model call (default 16)")
-    sv.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="dynamic batching: wait this long to fill a batch (default 5)")
+    sv.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="dynamic batching: wait up to this long to fill a batch while other requests are on their way (default 5; a lone request runs at once)")
     sv.add_argument("--max-queue", type=positive_int, default=64, help="queued images per model before 503 (default 64)")
     sv.add_argument("--max-inflight", type=positive_int, metavar="N",
                     help="requests inside each worker at once; one more gets 503 + Retry-After before its body is "

@@ -55,7 +55,8 @@ def create_app(
     """The ASGI app serving ``bundles`` (the first is the default model).
 
     bundles: bundle directories, named by :func:`lensforge.runtime.bundle.display_name`, or a ``{name: directory}`` map.
-    max_batch / max_wait_ms: dynamic batching per model. max_queue: inputs that may wait per
+    max_batch / max_wait_ms: dynamic batching per model (a batch waits up to max_wait_ms for
+    company while other requests are in flight, not at all when there are none). max_queue: inputs that may wait per
     model (and images being decoded at once); more are refused with 503 + Retry-After.
     max_body_bytes: request body cap (413 above it). timeout_s: per-request deadline; a
     request still queued when it passes gets 503 and is not run. threads: onnxruntime
