@@ -60,7 +60,7 @@ def test_startup_text_names_models_urls_and_the_limits_in_force(shapes_bundle: P
     for where in (f"{url}/docs", f"{url}/healthz", f"{url}/readyz"):
         assert where in text, (where, text)
     limits = next(line for line in text.splitlines() if "limits" in line)
-    for fact in ("max batch 3", "wait 2 ms", "queue 9", "in flight 7", "body 4 MB", "timeout 6 s", "1 worker x 1 thread"):
+    for fact in ("max batch 3", "waits up to 2 ms while busy", "queue 9", "in flight 7", "body 4 MB", "timeout 6 s", "1 worker x 1 thread"):
         assert fact in limits, (fact, limits)
     assert "Traceback" not in text
 

@@ -632,7 +632,7 @@ def print_serve_start(started: Started, console: Console | None = None) -> None:
     out.print(f"[bold cyan]›[/] docs    {url}/docs")
     out.print(f"[bold cyan]›[/] health  {url}/healthz   ready: {url}/readyz   metrics: {url}/metrics")
     workers = f"{started.workers} worker{'s' if started.workers > 1 else ''}"
-    out.print(f"[bold cyan]›[/] limits  max batch {s.max_batch}, wait {s.max_wait_ms:g} ms, queue {s.max_queue} per model, "
+    out.print(f"[bold cyan]›[/] limits  max batch {s.max_batch} (waits up to {s.max_wait_ms:g} ms while busy), queue {s.max_queue} per model, "
               f"in flight {s.max_inflight} per worker, body {s.max_body_bytes / 2**20:g} MB, timeout {s.timeout_s:g} s, "
               f"{workers} x {started.threads} thread{'s' if started.threads > 1 else ''} per model")
     d = s.detections
