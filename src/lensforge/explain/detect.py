@@ -50,25 +50,26 @@ class BoxExplanation:
     result: the detections shown (at or above the threshold, boxes in the image's pixels).
     cam: float32 (H, W) in [0, 1], EigenCAM over the whole image at its resolution.
     image: the RGB image.
-    local: per box, float32 in [0, 1] over the box's pixels (:func:`_pixel_box`): the box's
-        own EigenCAM (:func:`local_eigencam`), shown where ``cam`` is flat inside the box.
+    local: per box where ``cam`` is flat inside it (:func:`_flat`), float32 in [0, 1] over the
+        box's pixels (:func:`_pixel_box`): the box's own EigenCAM (:func:`local_eigencam`);
+        None for the other boxes (their map is ``cam``'s).
     """
 
     result: DetectionResult
     cam: np.ndarray
     image: Image.Image = field(repr=False)
-    local: list[np.ndarray] = field(repr=False)
+    local: list[np.ndarray | None] = field(repr=False)
     method: str = "eigencam"
 
     def box_map(self, i: int) -> np.ndarray:
         """float32 (H, W): box ``i``'s map, 0 outside the box. Inside: ``cam`` rescaled to
-        [0, 1] there (min → 0, max → 1), or the box's own map where ``cam`` is flat (< :data:`FLAT`)."""
+        [0, 1] there (min → 0, max → 1), or the box's own map where ``cam`` is flat (:func:`_flat`)."""
         out = np.zeros_like(self.cam)
         x1, y1, x2, y2 = _pixel_box(self.result.boxes[i], self.cam.shape)
         inside = self.cam[y1:y2, x1:x2]
         if inside.size:
             lo, hi = float(inside.min()), float(inside.max())
-            out[y1:y2, x1:x2] = (inside - lo) / (hi - lo) if hi - lo >= FLAT else self.local[i]
+            out[y1:y2, x1:x2] = self.local[i] if _flat(inside) else (inside - lo) / (hi - lo)
         return out
 
     def maps(self) -> np.ndarray:
@@ -96,6 +97,11 @@ def _pixel_box(box: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int, 
     x1, y1 = int(np.clip(math.floor(box[0]), 0, w)), int(np.clip(math.floor(box[1]), 0, h))
     x2, y2 = int(np.clip(math.ceil(box[2]), x1, w)), int(np.clip(math.ceil(box[3]), y1, h))
     return x1, y1, x2, y2
+
+
+def _flat(inside: np.ndarray) -> bool:
+    """Whether the whole-image map tells nothing inside a box: it varies by less than :data:`FLAT` there."""
+    return float(inside.max()) - float(inside.min()) < FLAT
 
 
 def local_eigencam(activations: np.ndarray, cells: tuple[int, int, int, int]) -> np.ndarray:
@@ -233,5 +239,10 @@ class DetectionExplainer:
         result = DetectionResult(result.boxes[keep] * scale, result.scores[keep], result.class_ids[keep], result.classes,
                                  result.threshold, img.size)
         full = np.asarray(Image.fromarray(np.asarray(grid, np.float32), "F").resize(img.size, Image.Resampling.BILINEAR))
-        local = [_box_map(activations, box, img.size) for box in result.boxes]
-        return BoxExplanation(result, np.clip(full, 0, 1).astype(np.float32), img, local, self.method)
+        cam = np.clip(full, 0, 1).astype(np.float32)
+        local: list[np.ndarray | None] = []
+        for box in result.boxes:  # only where it is shown: a box as large as the image takes seconds
+            x1, y1, x2, y2 = _pixel_box(box, cam.shape)
+            inside = cam[y1:y2, x1:x2]
+            local.append(_box_map(activations, box, img.size) if inside.size and _flat(inside) else None)
+        return BoxExplanation(result, cam, img, local, self.method)
