@@ -58,7 +58,6 @@ class Admission:
         if limit < 1:
             raise ValueError(f"the in-flight limit must be at least 1, got {limit}")
         self.app, self.server, self.limit = app, server, limit
-        self.inflight = 0  # requests inside the app now (one event loop: no lock needed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,18 +84,16 @@ class Admission:
         if exempt(path):
             await self.app(scope, tracked_receive, closing_send)
             return
-        if self.inflight >= self.limit:
+        if self.server.inflight >= self.limit:
             self.server.metrics.refused.labels("inflight_limit").inc()
             refusal = error_response(dialect_of(path), 503, "unavailable",
                                      f"server busy: {self.limit} requests in flight; retry later")
             await refusal(scope, tracked_receive, closing_send)
             return
-        self.inflight += 1
-        self.server.request_started()  # starts and ends of requests: the idle memory trim watches them (serve/memory.py)
+        self.server.request_started()  # counted: the cap above, the batchers, the idle memory trim (serve/memory.py)
         try:
             await self.app(scope, tracked_receive, closing_send)
         finally:
-            self.inflight -= 1
             self.server.request_ended()
 
     async def _drop_body(self, receive: Receive) -> None:

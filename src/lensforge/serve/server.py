@@ -164,7 +164,7 @@ class Server:
         self._decoding = 0  # images in or waiting for the decode pool
         self._draining = False  # not ready, new requests 503, accepted ones finish
         self._activity = 0  # starts and ends of requests past health/metrics; the memory trim watches it
-        self._inflight = 0  # requests past health/metrics not yet answered: the batchers wait only for these
+        self._inflight = 0  # requests past health/metrics not yet answered (admission caps them, batchers wait for them)
         self._loader: asyncio.Task | None = None
         if settings.detections is not None:
             self._check_detections(settings.detections)
@@ -193,6 +193,11 @@ class Server:
     def activity(self) -> int:
         """Starts and ends of requests so far (the idle memory trim watches it move)."""
         return self._activity
+
+    @property
+    def inflight(self) -> int:
+        """Requests past health/metrics not yet answered (one event loop: no lock needed)."""
+        return self._inflight
 
     def start_draining(self) -> bool:
         """Stop being ready and refuse new requests (503); False when already draining."""
@@ -251,7 +256,7 @@ class Server:
             model.batcher = Batcher(
                 model.predictor.run_many, model.executor, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue, on_batch=self.metrics.batch_size.labels(model.name).observe,
-                in_flight=lambda: self._inflight,
+                in_flight=lambda: self.inflight,
             )
             model.batcher.start()
             self.metrics.watch_queue(model.name, lambda b=model.batcher: b.depth)
